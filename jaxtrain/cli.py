@@ -1,0 +1,77 @@
+"""The `jaxtrain` command. Errors are printed as one line, without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import JaxtrainError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments in one line and exits with code 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def cmd_demo(args) -> int:
+    from .demo import format_table, run_demo
+
+    summary = run_demo(out=args.out, seed=args.seed, steps=args.steps,
+                       progress=not args.quiet)
+    print(format_table(summary))
+    print(f"\n{summary['devices']} device(s); fine-tune load: {summary['finetune_load']}")
+    print(f"wrote {args.out}/curves.png, {args.out}/log.jsonl, {args.out}/results.json")
+    return 0
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="jaxtrain", description="Functional training for JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    demo = sub.add_parser("demo", help="pretrain on digits 0-4, fine-tune on 5-9")
+    demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--steps", type=positive_int, default=300,
+                      help="steps per training stage (default: 300)")
+    demo.add_argument("--quiet", action="store_true", help="no progress output")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Keep Orbax's and absl's informational chatter out of the user's terminal."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    try:
+        return args.func(args)
+    except JaxtrainError as err:
+        print(f"jaxtrain {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jaxtrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Initialisers that attach logical axis names to params (Flax NNX partitioning metadata)."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+
+def kernel_init(axes: tuple, init=None):
+    """LeCun-normal (or `init`) with logical axis names `axes`."""
+    return nnx.with_partitioning(init or nnx.initializers.lecun_normal(), axes)
+
+
+def zeros_init(axes: tuple):
+    """Zeros with logical axis names `axes`."""
+    return nnx.with_partitioning(nnx.initializers.zeros_init(), axes)
+
+
+def logical_axes(params: nnx.State) -> dict:
+    """Pure-dict tree of logical-axis tuples (empty tuple: no annotation) for `params`."""
+    import jax
+
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(params))
+    return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))

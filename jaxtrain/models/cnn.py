@@ -1,0 +1,61 @@
+"""The digits CNN: a small convolutional backbone and a linear classification head.
+
+Param paths: `backbone/conv1/*`, `backbone/conv2/*`, `backbone/dense/*`, `head/*`, so that
+a fine-tune can load `backbone/*`, replace `head`, and freeze by glob.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .annotate import kernel_init, zeros_init
+
+
+class Backbone(nnx.Module):
+    """Two 3x3 convolutions and a dense layer: 8x8x1 images -> `features` vectors."""
+
+    def __init__(self, channels: int = 16, features: int = 64, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(
+            1, channels, (3, 3), rngs=rngs,
+            kernel_init=kernel_init(("conv_h", "conv_w", "conv_in", "conv_out")),
+            bias_init=zeros_init(("conv_out",)),
+        )
+        self.conv2 = nnx.Conv(
+            channels, 2 * channels, (3, 3), rngs=rngs,
+            kernel_init=kernel_init(("conv_h", "conv_w", "conv_in", "conv_out")),
+            bias_init=zeros_init(("conv_out",)),
+        )
+        self.dense = nnx.Linear(
+            2 * channels * 16, features, rngs=rngs,
+            kernel_init=kernel_init(("embed", "mlp")),
+            bias_init=zeros_init(("mlp",)),
+        )
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.conv1(x))
+        x = jax.nn.relu(self.conv2(x))
+        x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[0], -1)
+        return jax.nn.relu(self.dense(x))
+
+
+class CNN(nnx.Module):
+    """Digits classifier: `Backbone` then a linear `head` to `num_classes` logits."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 16, features: int = 64,
+                 *, rngs: nnx.Rngs):
+        self.config = {"name": "CNN", "num_classes": num_classes, "channels": channels,
+                       "features": features}
+        self.backbone = Backbone(channels, features, rngs=rngs)
+        self.head = nnx.Linear(
+            features, num_classes, rngs=rngs,
+            kernel_init=kernel_init(("mlp", "classes")),
+            bias_init=zeros_init(("classes",)),
+        )
+
+    def __call__(self, x):
+        if x.ndim == 3:
+            x = x[..., None]
+        return self.head(self.backbone(x.astype(jnp.float32)))

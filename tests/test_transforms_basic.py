@@ -1,0 +1,95 @@
+"""The foundation transforms: Optax parity, torch parity, freeze, groups, hyperparams."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxtrain import transforms as T
+
+
+def _params():
+    return {"backbone": {"w": jnp.arange(6.0).reshape(2, 3) / 7}, "head": {"b": jnp.ones(3)}}
+
+
+def _run(tx, params, grads_seq):
+    state = tx.init(params)
+    for g in grads_seq:
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def _grads(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+                         _params()) for _ in range(n)]
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (T.adam(0.01), optax.adam(0.01)),
+    (T.sgd(0.1, momentum=0.9, nesterov=True), optax.sgd(0.1, momentum=0.9, nesterov=True)),
+    (T.adamw(0.01, weight_decay=0.1), optax.adamw(0.01, weight_decay=0.1)),
+])
+def test_matches_optax(ours, theirs):
+    grads = _grads(20)
+    a, _ = _run(ours, _params(), grads)
+    b, _ = _run(theirs, _params(), grads)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
+def test_adam_matches_torch():
+    torch = pytest.importorskip("torch")
+    grads = _grads(50)
+    ours, _ = _run(T.adam(0.05), _params(), grads)
+    w = torch.tensor(np.asarray(_params()["backbone"]["w"]), requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.05)
+    for g in grads:
+        w.grad = torch.tensor(np.asarray(g["backbone"]["w"]))
+        opt.step()
+    np.testing.assert_allclose(ours["backbone"]["w"], w.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_zeroes_only_matching_paths():
+    tx = optax.chain(T.adamw(0.1, weight_decay=0.5), T.freeze("backbone/*"))
+    params = _params()
+    new, _ = _run(tx, params, _grads(3))
+    np.testing.assert_array_equal(new["backbone"]["w"], params["backbone"]["w"])
+    assert not np.allclose(new["head"]["b"], params["head"]["b"])
+
+
+def test_per_group_learning_rates():
+    grads = _grads(5)
+    tx = T.per_group({"backbone/*": T.sgd(0.01)}, default=T.sgd(0.1))
+    new, state = _run(tx, _params(), grads)
+    total = jax.tree.map(lambda *g: sum(g), *grads)
+    expect_w = _params()["backbone"]["w"] - 0.01 * total["backbone"]["w"]
+    expect_b = _params()["head"]["b"] - 0.1 * total["head"]["b"]
+    np.testing.assert_allclose(new["backbone"]["w"], expect_w, rtol=1e-6)
+    np.testing.assert_allclose(new["head"]["b"], expect_b, rtol=1e-6)
+    assert {"learning_rate", "default/learning_rate"} <= set(T.current_hyperparams(state))
+
+
+def test_current_hyperparams_reads_learning_rate_through_chain():
+    tx = optax.chain(optax.clip_by_global_norm(1.0), T.adam(0.02))
+    hp = T.current_hyperparams(tx.init(_params()))
+    assert float(hp["learning_rate"]) == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_bad_learning_rate_is_refused(bad):
+    with pytest.raises(ValueError, match="learning_rate"):
+        T.adam(bad)
+
+
+def test_bad_beta_is_refused():
+    with pytest.raises(ValueError, match="b2"):
+        T.adam(0.1, b2=1.0)
+
+
+def test_paths_globs_and_regexes():
+    assert T.matches("backbone/conv1/kernel", "backbone/*")
+    assert not T.matches("head/kernel", "backbone/*")
+    assert T.matches("head/kernel", "re:head/(kernel|bias)")
+    assert T.path_list(_params()) == ["backbone/w", "head/b"]
