@@ -1,0 +1,22 @@
+"""Models by name, for configs: `build('cnn', seed=0, num_classes=10)`."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from ..errors import JaxtrainError
+from .cnn import CNN
+
+MODELS = {"cnn": CNN}
+
+
+def build(name: str, seed: int = 0, **kwargs) -> nnx.Module:
+    """A model of the named kind, built with `kwargs`; params are not placed on devices
+    (eager sharding is off), so the sharding module decides where they go."""
+    if name not in MODELS:
+        raise JaxtrainError(f"unknown model {name!r} (valid: {', '.join(sorted(MODELS))})")
+    try:
+        with nnx.use_eager_sharding(False):
+            return MODELS[name](**kwargs, rngs=nnx.Rngs(seed))
+    except TypeError as err:
+        raise JaxtrainError(f"model {name!r}: {err}") from None

@@ -1,0 +1,34 @@
+"""Tasks: what a model is trained for, as a loss, held-out metrics and an end-of-run hook.
+
+`loss_fn(model, batch, rng) -> (loss, aux)`; `metric_fn(model, batch) -> per-example
+values`; `monitor`/`mode` name the held-out metric that "best" refers to;
+`after_fit(model, data) -> str` (optional) gives text to show at the end (a sample).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from ..errors import JaxtrainError
+from .step import classification_loss, classification_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    loss_fn: Callable
+    metric_fn: Callable
+    monitor: str = "loss"
+    mode: str = "min"
+    after_fit: Callable | None = None
+
+
+TASKS = {
+    "classification": Task(classification_loss, classification_metrics, "accuracy", "max"),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise JaxtrainError(f"unknown task {name!r} (valid: {', '.join(sorted(TASKS))})")
+    return TASKS[name]
