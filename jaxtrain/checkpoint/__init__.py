@@ -1,5 +1,16 @@
-"""Orbax checkpoints of TrainStates."""
+"""Orbax checkpoints of TrainStates: save, keep policies, restore (latest, a step, the
+best; onto any mesh), partial restore, and a listing for `jaxtrain ckpt ls`."""
 
-from .manager import Manager, check_same_model, model_signature, signature_mismatch
+from .listing import format_listing, list_checkpoints
+from .manager import Manager, check_same_model
+from .structure import model_signature, shape_mismatch, signature_mismatch
 
-__all__ = ["Manager", "check_same_model", "model_signature", "signature_mismatch"]
+__all__ = [
+    "Manager",
+    "check_same_model",
+    "format_listing",
+    "list_checkpoints",
+    "model_signature",
+    "shape_mismatch",
+    "signature_mismatch",
+]
