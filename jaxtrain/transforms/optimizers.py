@@ -2,24 +2,135 @@
 
 Each is built on Optax where Optax is exact, wrapped in `optax.inject_hyperparams`
 so that the learning rate in force is visible in the state (see
-`current_hyperparams`). Hyperparameter names follow Optax.
+`current_hyperparams`). Hyperparameter names follow Optax. Where Optax's formula
+differs from torch.optim, an argument selects torch's (docs/transforms.md says which).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
-from .validate import check_learning_rate, check_unit_interval
+from .validate import (
+    check_learning_rate,
+    check_nonnegative,
+    check_positive,
+    check_unit_interval,
+    with_mask_check,
+)
+
+# Arguments that are never hyperparameters to inject: masks (callables would be taken
+# for schedules) and integers that shape the computation.
+_STATIC = {
+    "mask",
+    "weight_decay_mask",
+    "trust_ratio_mask",
+    "min_dim_size_to_factor",
+    "ns_steps",
+    "ns_coeffs",
+    "warmup_steps",
+    "max_of",
+    "momentum_decay",
+    "muon_weight_dimension_numbers",
+}
+
+
+class _TorchAdamState(NamedTuple):
+    """Moments of the torch-formula Adam variants; `extra` is nu_max (AMSGrad) or the
+    running product of the momentum schedule (NAdam)."""
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    extra: optax.Updates
+
+
+def _scale_by_rss_torch(initial_accumulator_value, eps):
+    """torch.optim.Adagrad's scaling: g / (sqrt(sum of g^2) + eps)."""
+
+    def init(params):
+        return jax.tree.map(lambda p: jnp.full_like(p, initial_accumulator_value), params)
+
+    def update(updates, state, params=None):
+        del params
+        state = jax.tree.map(lambda s, g: s + g * g, state, updates)
+        return jax.tree.map(lambda g, s: g / (jnp.sqrt(s) + eps), updates, state), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _adam_moments(updates, state, b1, b2):
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    return mu, nu, optax.safe_increment(state.count)
+
+
+def _scale_by_amsgrad_torch(b1, b2, eps):
+    """torch.optim.Adam(amsgrad=True): max of the raw second moment, bias-corrected after."""
+
+    def init(params):
+        zeros = optax.tree.zeros_like(params)
+        return _TorchAdamState(jnp.zeros([], jnp.int32), zeros, zeros, zeros)
+
+    def update(updates, state, params=None):
+        del params
+        mu, nu, count = _adam_moments(updates, state, b1, b2)
+        nu_max = jax.tree.map(jnp.maximum, state.extra, nu)
+        t = count.astype(jnp.float32)
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        out = jax.tree.map(lambda m, v: (m / bc1) / (jnp.sqrt(v / bc2) + eps), mu, nu_max)
+        return out, _TorchAdamState(count, mu, nu, nu_max)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _scale_by_nadam_torch(b1, b2, eps, momentum_decay):
+    """torch.optim.NAdam: momentum schedule mu_t = b1*(1 - 0.5*0.96^(t*momentum_decay))."""
+
+    def init(params):
+        zeros = optax.tree.zeros_like(params)
+        return _TorchAdamState(jnp.zeros([], jnp.int32), zeros, zeros, jnp.ones([], jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        mu, nu, count = _adam_moments(updates, state, b1, b2)
+        t = count.astype(jnp.float32)
+        mu_t = b1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
+        mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1.0) * momentum_decay))
+        product = state.extra * mu_t
+        bc2 = 1 - b2**t
+        out = jax.tree.map(
+            lambda g, m, v: (
+                ((1.0 - mu_t) / (1.0 - product) * g + mu_next / (1.0 - product * mu_next) * m)
+                / (jnp.sqrt(v / bc2) + eps)
+            ),
+            updates,
+            mu,
+            nu,
+        )
+        return out, _TorchAdamState(count, mu, nu, product)
+
+    return optax.GradientTransformation(init, update)
 
 
 def _injected(factory, **hyperparams):
-    return optax.inject_hyperparams(factory)(**hyperparams)
+    static = tuple(k for k in hyperparams if k in _STATIC)
+    return optax.inject_hyperparams(factory, static_args=static)(**hyperparams)
+
+
+def _betas(name, **betas):
+    check_unit_interval(name, **{k: v for k, v in betas.items() if v is not None})
 
 
 def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False):
-    """SGD, optionally with heavy-ball or Nesterov momentum (torch.optim.SGD semantics)."""
+    """SGD, optionally with heavy-ball or Nesterov momentum (torch.optim.SGD semantics).
+
+    Full-batch gradient descent is this fed the gradient of the whole data set.
+    """
     check_learning_rate(learning_rate)
     if not (momentum >= 0.0 and math.isfinite(momentum)):
         raise ValueError(f"sgd: momentum must be a finite number >= 0, got {momentum!r}")
@@ -28,10 +139,84 @@ def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False):
     )
 
 
+def _ema_momentum(learning_rate, beta):
+    return optax.chain(optax.ema(beta, debias=False), optax.scale_by_learning_rate(learning_rate))
+
+
+def ema_momentum(learning_rate, beta: float = 0.9):
+    """EMA-form momentum: v <- beta*v + (1-beta)*g, theta <- theta - lr*v (no debiasing)."""
+    check_learning_rate(learning_rate)
+    _betas("ema_momentum", beta=beta)
+    return _injected(_ema_momentum, learning_rate=learning_rate, beta=beta)
+
+
+def _adagrad(learning_rate, initial_accumulator_value, eps, eps_in_sqrt):
+    if eps_in_sqrt:
+        return optax.adagrad(learning_rate, initial_accumulator_value, eps)
+    return optax.chain(
+        _scale_by_rss_torch(initial_accumulator_value, eps),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adagrad(
+    learning_rate,
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
+    eps_in_sqrt: bool = True,
+):
+    """Adagrad: g / sqrt(sum g^2 + eps) (Optax); `eps_in_sqrt=False` gives torch's
+    g / (sqrt(sum g^2) + eps)."""
+    check_learning_rate(learning_rate)
+    check_nonnegative("adagrad", initial_accumulator_value=initial_accumulator_value, eps=eps)
+    return _injected(
+        _adagrad,
+        learning_rate=learning_rate,
+        initial_accumulator_value=initial_accumulator_value,
+        eps=eps,
+        eps_in_sqrt=eps_in_sqrt,
+    )
+
+
+def adadelta(learning_rate=1.0, rho: float = 0.9, eps: float = 1e-6):
+    """Adadelta (Zeiler, 2012), as torch.optim.Adadelta (whose default lr, 1.0, we share)."""
+    check_learning_rate(learning_rate)
+    _betas("adadelta", rho=rho)
+    check_nonnegative("adadelta", eps=eps)
+    return _injected(optax.adadelta, learning_rate=learning_rate, rho=rho, eps=eps)
+
+
+def rmsprop(
+    learning_rate,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum: float | None = None,
+    nesterov: bool = False,
+):
+    """RMSprop (Tieleman & Hinton), Optax's. torch.optim.RMSprop is `decay=alpha` (0.99
+    there) with `eps_in_sqrt=False`."""
+    check_learning_rate(learning_rate)
+    _betas("rmsprop", decay=decay)
+    check_nonnegative("rmsprop", eps=eps, momentum=momentum)
+    return _injected(
+        optax.rmsprop,
+        learning_rate=learning_rate,
+        decay=decay,
+        eps=eps,
+        eps_in_sqrt=eps_in_sqrt,
+        centered=centered,
+        momentum=momentum or None,
+        nesterov=nesterov,
+    )
+
+
 def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
     """Adam (Kingma & Ba, 2015); the same update as torch.optim.Adam."""
     check_learning_rate(learning_rate)
-    check_unit_interval("adam", b1=b1, b2=b2)
+    _betas("adam", b1=b1, b2=b2)
+    check_nonnegative("adam", eps=eps)
     return _injected(optax.adam, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
@@ -46,8 +231,9 @@ def adamw(
     """AdamW (Loshchilov & Hutter): decay decoupled from the gradient and scaled by the
     learning rate, as torch.optim.AdamW (whose default weight_decay, 1e-2, we share)."""
     check_learning_rate(learning_rate)
-    check_unit_interval("adamw", b1=b1, b2=b2)
-    return _injected(
+    _betas("adamw", b1=b1, b2=b2)
+    check_nonnegative("adamw", eps=eps, weight_decay=weight_decay)
+    tx = _injected(
         optax.adamw,
         learning_rate=learning_rate,
         b1=b1,
@@ -56,3 +242,331 @@ def adamw(
         weight_decay=weight_decay,
         mask=mask,
     )
+    return with_mask_check(tx, mask, "adamw: mask")
+
+
+def adamax(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+    """Adamax (Adam with the infinity norm), as torch.optim.Adamax."""
+    check_learning_rate(learning_rate)
+    _betas("adamax", b1=b1, b2=b2)
+    check_nonnegative("adamax", eps=eps)
+    return _injected(optax.adamax, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+def _amsgrad(learning_rate, b1, b2, eps, max_of):
+    if max_of == "corrected":
+        return optax.amsgrad(learning_rate, b1, b2, eps)
+    return optax.chain(
+        _scale_by_amsgrad_torch(b1, b2, eps), optax.scale_by_learning_rate(learning_rate)
+    )
+
+
+def amsgrad(
+    learning_rate,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    max_of: str = "corrected",
+):
+    """AMSGrad: Adam dividing by the running max of the second moment. `max_of="corrected"`
+    (Optax) takes the max of the bias-corrected moment; `"raw"` takes it of the raw moment
+    and corrects afterwards, as torch.optim.Adam(amsgrad=True)."""
+    check_learning_rate(learning_rate)
+    _betas("amsgrad", b1=b1, b2=b2)
+    check_nonnegative("amsgrad", eps=eps)
+    if max_of not in ("corrected", "raw"):
+        raise ValueError(f"amsgrad: max_of must be 'corrected' or 'raw', got {max_of!r}")
+    return _injected(_amsgrad, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, max_of=max_of)
+
+
+def _nadamw(learning_rate, b1, b2, eps, weight_decay, mask, momentum_decay):
+    if momentum_decay is None:
+        return optax.nadamw(learning_rate, b1, b2, eps, weight_decay=weight_decay, mask=mask)
+    return optax.chain(
+        _scale_by_nadam_torch(b1, b2, eps, momentum_decay),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def _check_nadam(name, learning_rate, b1, b2, eps, momentum_decay):
+    check_learning_rate(learning_rate)
+    _betas(name, b1=b1, b2=b2)
+    check_nonnegative(name, eps=eps, momentum_decay=momentum_decay)
+
+
+def nadam(
+    learning_rate,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    momentum_decay: float | None = None,
+):
+    """NAdam (Dozat, 2016). `momentum_decay=None`: Optax's form (constant b1);
+    `momentum_decay=4e-3` is torch.optim.NAdam's schedule b1*(1 - 0.5*0.96^(t*psi))."""
+    _check_nadam("nadam", learning_rate, b1, b2, eps, momentum_decay)
+    return _injected(
+        _nadamw,
+        learning_rate=learning_rate,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        weight_decay=0.0,
+        mask=None,
+        momentum_decay=momentum_decay,
+    )
+
+
+def nadamw(
+    learning_rate,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    mask=None,
+    momentum_decay: float | None = None,
+):
+    """NAdam with decoupled weight decay scaled by the learning rate (torch.optim.NAdam
+    with `decoupled_weight_decay=True` when `momentum_decay=4e-3`)."""
+    _check_nadam("nadamw", learning_rate, b1, b2, eps, momentum_decay)
+    check_nonnegative("nadamw", weight_decay=weight_decay)
+    tx = _injected(
+        _nadamw,
+        learning_rate=learning_rate,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        weight_decay=weight_decay,
+        mask=mask,
+        momentum_decay=momentum_decay,
+    )
+    return with_mask_check(tx, mask, "nadamw: mask")
+
+
+def radam(
+    learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, threshold: float = 5.0
+):
+    """RAdam (Liu et al., 2020): Adam with the variance rectification term, plain momentum
+    SGD while the approximated SMA length is below `threshold`."""
+    check_learning_rate(learning_rate)
+    _betas("radam", b1=b1, b2=b2)
+    check_nonnegative("radam", eps=eps, threshold=threshold)
+    return _injected(
+        optax.radam, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, threshold=threshold
+    )
+
+
+def _normalized_sgd(learning_rate, beta, eps):
+    def step_size(count):
+        return 1.0 / jnp.sqrt(1.0 + beta * count)
+
+    def normalize(updates, state, params=None):
+        del params
+        scale = lambda g: g * (eps / jnp.maximum(jnp.abs(g) + eps, eps))  # noqa: E731
+        return jax.tree.map(scale, updates), state
+
+    return optax.chain(
+        optax.stateless(normalize),
+        optax.scale_by_schedule(step_size),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def normalized_sgd(beta: float, eps: float, learning_rate=1.0):
+    """The 'adaptive learning rate' rule: theta <- theta - lr * g * 1/sqrt(1 + beta*t) *
+    eps / max(|g| + eps, eps), elementwise; t counts previous steps (0 at the first)."""
+    check_learning_rate(learning_rate)
+    check_nonnegative("normalized_sgd", beta=beta)
+    check_positive("normalized_sgd", eps=eps)
+    return _injected(_normalized_sgd, learning_rate=learning_rate, beta=beta, eps=eps)
+
+
+def lion(
+    learning_rate,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 1e-3,
+    mask=None,
+):
+    """Lion (Chen et al., 2023): sign of an interpolated momentum, decoupled weight decay."""
+    check_learning_rate(learning_rate)
+    _betas("lion", b1=b1, b2=b2)
+    check_nonnegative("lion", weight_decay=weight_decay)
+    tx = _injected(
+        optax.lion,
+        learning_rate=learning_rate,
+        b1=b1,
+        b2=b2,
+        weight_decay=weight_decay,
+        mask=mask,
+    )
+    return with_mask_check(tx, mask, "lion: mask")
+
+
+def lamb(
+    learning_rate,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    mask=None,
+):
+    """LAMB (You et al., 2020): the Adam step plus decay, scaled per leaf by the trust
+    ratio ||theta|| / ||step||."""
+    check_learning_rate(learning_rate)
+    _betas("lamb", b1=b1, b2=b2)
+    check_nonnegative("lamb", eps=eps, weight_decay=weight_decay)
+    tx = _injected(
+        optax.lamb,
+        learning_rate=learning_rate,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        weight_decay=weight_decay,
+        mask=mask,
+    )
+    return with_mask_check(tx, mask, "lamb: mask")
+
+
+def lars(
+    learning_rate,
+    weight_decay: float = 0.0,
+    trust_coefficient: float = 1e-3,
+    eps: float = 0.0,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    mask=None,
+):
+    """LARS (You et al., 2017): per-leaf trust ratio eta*||theta|| / (||g + wd*theta|| + eps)
+    on the decayed gradient, then heavy-ball momentum. `mask` selects the leaves that get
+    decay and trust ratio (all by default)."""
+    check_learning_rate(learning_rate)
+    check_nonnegative(
+        "lars",
+        weight_decay=weight_decay,
+        trust_coefficient=trust_coefficient,
+        eps=eps,
+        momentum=momentum,
+    )
+    tx = _injected(
+        optax.lars,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        weight_decay_mask=True if mask is None else mask,
+        trust_coefficient=trust_coefficient,
+        eps=eps,
+        trust_ratio_mask=True if mask is None else mask,
+        momentum=momentum,
+        nesterov=nesterov,
+    )
+    return with_mask_check(tx, mask, "lars: mask")
+
+
+def adafactor(
+    learning_rate,
+    min_dim_size_to_factor: int = 128,
+    decay_rate: float = 0.8,
+    clipping_threshold: float | None = 1.0,
+    multiply_by_parameter_scale: bool = True,
+    momentum: float | None = None,
+    eps: float = 1e-30,
+):
+    """Adafactor (Shazeer & Stern, 2018), Optax's: factored second moment for leaves with two
+    dims >= `min_dim_size_to_factor`, beta2_t = 1 - t^-decay_rate, update clipping, relative
+    step scaled by max(1e-3, RMS(theta))."""
+    check_learning_rate(learning_rate)
+    check_nonnegative(
+        "adafactor", decay_rate=decay_rate, eps=eps, clipping_threshold=clipping_threshold
+    )
+    if momentum is not None:
+        _betas("adafactor", momentum=momentum)
+    return _injected(
+        optax.adafactor,
+        learning_rate=learning_rate,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+        decay_rate=decay_rate,
+        clipping_threshold=clipping_threshold,
+        multiply_by_parameter_scale=multiply_by_parameter_scale,
+        momentum=momentum,
+        eps=eps,
+    )
+
+
+def muon(
+    learning_rate,
+    beta: float = 0.95,
+    ns_steps: int = 5,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    nesterov: bool = True,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.999,
+    adam_learning_rate=None,
+):
+    """Muon (Jordan et al., 2024), Optax's: momentum orthogonalized by `ns_steps` Newton-Schulz
+    iterations on 2-D leaves, scaled by sqrt(max(1, fan_out/fan_in)); every other leaf
+    (biases, norms, conv kernels) falls back to AdamW with `adam_*` settings."""
+    check_learning_rate(learning_rate)
+    if adam_learning_rate is not None:
+        check_learning_rate(adam_learning_rate, "muon: adam_learning_rate")
+    _betas("muon", beta=beta, adam_b1=adam_b1, adam_b2=adam_b2)
+    check_nonnegative("muon", eps=eps, weight_decay=weight_decay)
+    return _injected(
+        optax.contrib.muon,
+        learning_rate=learning_rate,
+        beta=beta,
+        ns_steps=ns_steps,
+        eps=eps,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        adam_b1=adam_b1,
+        adam_b2=adam_b2,
+        adam_learning_rate=adam_learning_rate,
+    )
+
+
+def schedule_free_adamw(
+    learning_rate=2.5e-3,
+    warmup_steps: int | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+):
+    """Schedule-free AdamW (Defazio et al., 2024), Optax's. The params it trains are the
+    'y' sequence; evaluate with `schedule_free_eval_params(opt_state, params)`."""
+    check_learning_rate(learning_rate)
+    _betas("schedule_free_adamw", b1=b1, b2=b2)
+    check_nonnegative("schedule_free_adamw", eps=eps, weight_decay=weight_decay)
+    return _injected(
+        optax.contrib.schedule_free_adamw,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        weight_decay=weight_decay,
+    )
+
+
+def schedule_free_eval_params(opt_state, params):
+    """The params to evaluate (the 'x' sequence) of a schedule-free run, found anywhere in
+    `opt_state` (through chains and `inject_hyperparams`)."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, optax.contrib.ScheduleFreeState):
+            found.append(node)
+        elif isinstance(node, tuple | list):
+            for item in node:
+                visit(item)
+        elif hasattr(node, "inner_state"):
+            visit(node.inner_state)
+
+    visit(opt_state)
+    if len(found) != 1:
+        raise ValueError(
+            f"schedule_free_eval_params: expected one schedule-free state in opt_state, "
+            f"found {len(found)}"
+        )
+    return optax.contrib.schedule_free_eval_params(found[0], params)

@@ -1,27 +1,95 @@
-"""Argument checks shared by the transforms: fail at construction, naming the argument."""
+"""Argument checks shared by the transforms: fail at construction or init, naming the argument."""
 
 from __future__ import annotations
 
 import math
 
+import jax
+import numpy as np
+import optax
 
-def check_learning_rate(learning_rate) -> None:
-    """A learning rate is a finite float >= 0, or a schedule (any callable)."""
+from ..errors import JaxtrainError
+
+
+def _concrete(value):
+    """`value` as a numpy array, or None when it is traced (inside jit / vmap)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_learning_rate(learning_rate, name: str = "learning_rate") -> None:
+    """A learning rate is finite and >= 0 (a float, or an array of them under vmap), or a
+    schedule (any callable). Traced values cannot be inspected and are let through."""
     if callable(learning_rate):
         return
-    try:
-        value = float(learning_rate)
-    except TypeError:
-        # An array of learning rates (e.g. under vmap) is checked by the caller's data.
+    value = _concrete(learning_rate)
+    if value is None:
         return
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(
-            f"learning_rate must be a finite number >= 0 or a schedule, got {learning_rate!r}"
+    if not (np.all(np.isfinite(value)) and np.all(value >= 0.0)):
+        raise JaxtrainError(
+            f"{name} must be a finite number >= 0 or a schedule, got {learning_rate!r}"
         )
 
 
-def check_unit_interval(name: str, **values: float) -> None:
-    """Each of `values` (b1, b2, decay...) must lie in [0, 1)."""
+def check_unit_interval(name: str, **values) -> None:
+    """Each of `values` (b1, b2, decay, rho...) must lie in [0, 1)."""
     for key, value in values.items():
-        if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
-            raise ValueError(f"{name}: {key} must be in [0, 1), got {value!r}")
+        arr = _concrete(value)
+        if arr is None:
+            continue
+        if arr.shape != () or not 0.0 <= float(arr) < 1.0:
+            raise JaxtrainError(f"{name}: {key} must be a number in [0, 1), got {value!r}")
+
+
+def check_nonnegative(name: str, **values) -> None:
+    """Each of `values` (eps, weight_decay, momentum...) must be a finite number >= 0."""
+    for key, value in values.items():
+        if value is None or callable(value):
+            continue
+        arr = _concrete(value)
+        if arr is None:
+            continue
+        if arr.shape != () or not (math.isfinite(float(arr)) and float(arr) >= 0.0):
+            raise JaxtrainError(f"{name}: {key} must be a finite number >= 0, got {value!r}")
+
+
+def check_positive(name: str, **values) -> None:
+    """Each of `values` must be a finite number > 0."""
+    for key, value in values.items():
+        check_nonnegative(name, **{key: value})
+        if float(value) == 0.0:
+            raise JaxtrainError(f"{name}: {key} must be > 0, got {value!r}")
+
+
+def check_mask(mask, params, name: str = "mask") -> None:
+    """A mask (tree of bools, or `params -> tree of bools`) must have the params' structure
+    or a prefix of it."""
+    if mask is None:
+        return
+    tree = mask(params) if callable(mask) else mask
+    try:
+        jax.tree.map(lambda m, p: None, tree, params)
+    except (ValueError, TypeError) as err:
+        from .paths import path_list
+
+        raise JaxtrainError(
+            f"{name} does not match the params: its structure must equal the params' (or a "
+            f"prefix of it); mask leaves {path_list(tree)[:8]}, params leaves "
+            f"{path_list(params)[:8]} ({err.__class__.__name__})"
+        ) from None
+
+
+def with_mask_check(tx, mask, name: str = "mask"):
+    """`tx` whose `init` first checks `mask` against the params."""
+    if mask is None:
+        return tx
+
+    def init(params):
+        check_mask(mask, params, name)
+        return tx.init(params)
+
+    return optax.GradientTransformationExtraArgs(init, tx.update)
