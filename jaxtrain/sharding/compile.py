@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import jax
+from jax.sharding import Sharding
 
 from .place import batch_sharding
-from .rules import replicated
+from .rules import replicated, state_shardings
 
 
-def compile_step(step_fn, mesh, state_shardings, donate: bool = True):
+def compile_step(step_fn, mesh, state_shardings, donate: bool = True, *, logical_axes=None):
     """`jax.jit` with explicit shardings: state in and out as `state_shardings`, the batch
-    split over the batch axes, metrics replicated. With `donate`, the input state's
-    buffers are reused for the output (the caller must not touch the old state)."""
-    return jax.jit(
-        step_fn,
-        in_shardings=(state_shardings, batch_sharding(mesh)),
-        out_shardings=(state_shardings, replicated(mesh)),
-        donate_argnums=(0,) if donate else (),
-    )
+    split over the batch axes, metrics replicated. The output state has exactly the
+    input's shardings, so feeding it back never reshards. With `donate`, the input
+    state's buffers are reused for the output (the caller must not touch the old state).
+
+    `state_shardings` is a tree of shardings like the state, or rules (a preset name or
+    a rules table): then the shardings are worked out by `state_shardings(state, mesh,
+    rules, logical_axes)` from the first state the step sees.
+    """
+    if _is_shardings(state_shardings):
+        return _jit(step_fn, mesh, state_shardings, donate)
+    return _LazyStep(step_fn, mesh, state_shardings, logical_axes, donate)
 
 
 def compile_eval(eval_fn, mesh, state_shardings):
@@ -27,3 +31,39 @@ def compile_eval(eval_fn, mesh, state_shardings):
         in_shardings=(state_shardings, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )
+
+
+def _jit(step_fn, mesh, shardings, donate):
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_sharding(mesh)),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,) if donate else (),
+    )
+
+
+def _is_shardings(tree) -> bool:
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Sharding))
+    return bool(leaves) and all(isinstance(x, Sharding) for x in leaves)
+
+
+class _LazyStep:
+    """A step compiled on first call, with shardings from the rules and that state."""
+
+    def __init__(self, step_fn, mesh, rules, logical_axes, donate):
+        self.step_fn, self.mesh, self.rules = step_fn, mesh, rules
+        self.logical_axes, self.donate = logical_axes, donate
+        self.shardings = None
+        self._jitted = None
+
+    def _ready(self, state):
+        if self._jitted is None:
+            self.shardings = state_shardings(state, self.mesh, self.rules, self.logical_axes)
+            self._jitted = _jit(self.step_fn, self.mesh, self.shardings, self.donate)
+        return self._jitted
+
+    def __call__(self, state, batch):
+        return self._ready(state)(state, batch)
+
+    def lower(self, state, batch):
+        return self._ready(state).lower(state, batch)

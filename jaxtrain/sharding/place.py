@@ -1,4 +1,4 @@
-"""Put state and batches on a mesh."""
+"""Put state and batches on a mesh, on one host or many."""
 
 from __future__ import annotations
 
@@ -16,19 +16,57 @@ def batch_sharding(mesh) -> NamedSharding:
 
 
 def shard_batch(batch, mesh):
-    """Place a host batch (a pytree of arrays with a common leading dim) across the mesh."""
+    """Place a host batch (a pytree of arrays with a common leading dim) across the mesh.
+
+    On one process `batch` is the global batch. On many, each process passes only its
+    own slice (`local_batch_rows` says which rows of the global batch that is), and the
+    result is the global array of all the slices in process order
+    (`jax.make_array_from_process_local_data`); no process ever holds the whole batch.
+    """
     ways = batch_parallelism(mesh)
+    procs = jax.process_count()
     for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
         size = np.shape(leaf)[0] if np.ndim(leaf) else None
-        if size is None or size % ways:
+        if size is None or (size * procs) % ways:
             name = jax.tree_util.keystr(path) or "batch"
+            glob = "" if procs == 1 else f" (x {procs} processes = {(size or 0) * procs})"
             raise JaxtrainError(
-                f"batch {name} has leading size {size}, not divisible by the "
+                f"batch {name} has leading size {size}{glob}, not divisible by the "
                 f"{ways}-way data parallelism of the mesh {dict(mesh.shape)}"
             )
-    return jax.device_put(batch, batch_sharding(mesh))
+    sharding = batch_sharding(mesh)
+    if procs == 1:
+        return jax.device_put(batch, sharding)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+    )
+
+
+def local_batch_rows(mesh, global_size: int) -> slice:
+    """The rows of a global batch of `global_size` that this process feeds to
+    `shard_batch` (everything on one process)."""
+    sharding = batch_sharding(mesh)
+    rows = sorted({
+        (index[0].start or 0, global_size if index[0].stop is None else index[0].stop)
+        for index in sharding.addressable_devices_indices_map((global_size,)).values()
+    })
+    start, stop = rows[0][0], rows[-1][1]
+    covered = sum(b - a for a, b in rows)
+    if covered != stop - start:
+        raise JaxtrainError(
+            f"process {jax.process_index()} holds non-contiguous batch rows {rows} on mesh "
+            f"{dict(mesh.shape)}: order the mesh so each process's devices are adjacent"
+        )
+    return slice(start, stop)
 
 
 def place(tree, shardings):
-    """Put `tree` on the devices with the matching tree of `shardings`."""
-    return jax.device_put(tree, shardings)
+    """Put `tree` on the devices with the matching tree of `shardings` (on many processes,
+    every process passes the same full values; each keeps only its own shards)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s,
+                                                  lambda idx, x=x: np.asarray(x)[idx]),
+        tree, shardings,
+    )
