@@ -360,10 +360,9 @@ def _normalized_sgd(learning_rate, beta, eps):
     def step_size(count):
         return 1.0 / jnp.sqrt(1.0 + beta * count)
 
-    def normalize(updates, state, params=None):
+    def normalize(updates, params=None):
         del params
-        scale = lambda g: g * (eps / jnp.maximum(jnp.abs(g) + eps, eps))  # noqa: E731
-        return jax.tree.map(scale, updates), state
+        return jax.tree.map(lambda g: g * (eps / jnp.maximum(jnp.abs(g) + eps, eps)), updates)
 
     return optax.chain(
         optax.stateless(normalize),
