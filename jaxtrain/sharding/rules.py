@@ -24,13 +24,14 @@ PRESETS: dict[str, dict] = {
     "dp": {},
     # ZeRO-3: params (and so gradients and optimizer state) split over `fsdp`, gathered
     # per layer when used. `embed` (or the channel/mlp dim where there is no `embed`).
-    "fsdp": {"embed": "fsdp", "mlp": "fsdp", "conv_out": "fsdp"},
+    "fsdp": {"embed": "fsdp", "mlp": "fsdp", "norm": "fsdp", "conv_out": "fsdp"},
     # Megatron: attention split by heads, MLP by hidden units. Column-parallel first
     # matmul (`embed, mlp` / `embed, heads, kv` split on the output), row-parallel second
     # (`mlp, embed` / `heads, kv, embed` split on the input): one all-reduce per block.
     "tp": {"mlp": "tensor", "heads": "tensor"},
     # Both: Megatron inside a layer over `tensor`, ZeRO-3 over `fsdp` on `embed`.
-    "fsdp+tp": {"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "conv_out": "fsdp"},
+    "fsdp+tp": {"embed": "fsdp", "norm": "fsdp", "mlp": "tensor", "heads": "tensor",
+                "conv_out": "fsdp"},
 }
 
 
