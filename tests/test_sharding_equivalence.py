@@ -3,8 +3,9 @@ dp, fsdp, tp, fsdp+tp through `compile_step`, and the pmap path; digits CNN and 
 
 import jax
 import numpy as np
+import optax
 import pytest
-from _sharding_models import train
+from _sharding_models import build, train
 
 PLACEMENTS = {
     "dp": ("dp", dict(data=8)),
@@ -43,10 +44,6 @@ def test_placement_matches_one_device(devices, kind, name):
 def test_pmap_sum_is_devices_times_mean(devices):
     """reduce='sum' sums the 8 devices' gradients: with SGD the first update is 8x the
     mean's (the sum of 8 slice means vs their mean)."""
-    import optax
-
-    from _sharding_models import build
-
     tx = optax.sgd(0.1)
     init = jax.device_get(build("cnn", tx)[0].params)
     mean = jax.device_get(train("cnn", "pmap", steps=1, tx=tx)[0].params)
