@@ -131,7 +131,9 @@ def lbfgs(
     if not (isinstance(memory_size, int) and memory_size > 0):
         raise JaxtrainError(f"lbfgs: memory_size must be a positive int, got {memory_size!r}")
     if linesearch is None:
-        linesearch = optax.scale_by_zoom_linesearch(max_linesearch_steps=20)
+        linesearch = optax.scale_by_zoom_linesearch(
+            max_linesearch_steps=20, initial_guess_strategy="one"
+        )
     return optax.inject_hyperparams(optax.lbfgs, static_args=("memory_size",))(
         learning_rate=learning_rate,
         memory_size=memory_size,
