@@ -104,11 +104,12 @@ def test_optax_contrib_version_decides_differently():
 
     values = _sequences()["plateaus"]
     tx = contrib.reduce_on_plateau(factor=0.5, patience=3, rtol=1e-4)
-    state = tx.init(jnp.zeros(()))
-    scales = []
-    for v in values:
+
+    def body(state, v):
         _, state = tx.update(jnp.ones(()), state, value=v)
-        scales.append(float(state.scale))
+        return state, state.scale
+
+    _, scales = jax.lax.scan(body, tx.init(jnp.zeros(())), jnp.asarray(values, jnp.float32))
     torch_scales = _torch_scales(values, factor=0.5, patience=3)
     assert not np.allclose(scales, torch_scales)
     np.testing.assert_allclose(_our_scales(values, factor=0.5, patience=3), torch_scales,
