@@ -51,7 +51,7 @@ def test_newton_damping_is_levenberg_marquardt():
     loss, _, a, b = _quadratic()
     tx = T.newton(learning_rate=0.5, damping=3.0)
     x0 = _flat(_start())
-    params, _ = _step(tx, loss, _start(), tx.init(_start()))
+    params, _ = jax.jit(lambda p, s: _step(tx, loss, p, s))(_start(), tx.init(_start()))
     expected = x0 - 0.5 * np.linalg.solve(a + 3.0 * np.eye(len(b)), a @ x0 - b)
     np.testing.assert_allclose(_flat(params), expected, rtol=1e-5, atol=1e-6)
 
@@ -71,7 +71,7 @@ def test_newton_cg_handles_a_model_newton_refuses():
     with pytest.raises(JaxtrainError, match="max_params=4096"):
         T.newton().init(params)
     tx = T.newton_cg(max_cg_steps=100, tol=1e-8)
-    params, _ = _step(tx, loss, params, tx.init(params))
+    params, _ = jax.jit(lambda p, s: _step(tx, loss, p, s))(params, tx.init(params))
     np.testing.assert_allclose(params["w"], 1.0, atol=1e-5)
 
 
@@ -80,7 +80,7 @@ def test_second_order_chains_with_optax_and_reports_learning_rate():
     tx = optax.chain(optax.clip_by_global_norm(1e6), T.newton(learning_rate=1.0))
     state = tx.init(_start())
     assert float(T.current_hyperparams(state)["learning_rate"]) == 1.0
-    params, _ = _step(tx, loss, _start(), state)
+    params, _ = jax.jit(lambda p, s: _step(tx, loss, p, s))(_start(), state)
     np.testing.assert_allclose(_flat(params), xstar, atol=1e-5)
 
 
