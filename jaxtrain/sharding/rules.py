@@ -148,15 +148,16 @@ def tree_shardings(logical_tree, mesh, rules: dict):
 def state_shardings(state, mesh, rules="dp", logical_axes=None, params=None):
     """NamedShardings for a whole train state (a TrainState or any pytree).
 
-    Params (`params`, default `state.params`, else the whole tree) are placed by the
-    rules. Every other leaf whose path ends with a param's path (the optimizer's
+    Params (`params`, default `state.params` or `state["params"]`, else the whole tree)
+    are placed by the rules. Every other leaf whose path ends with a param's path (the optimizer's
     `mu/<path>`, `nu/<path>`, EMA copies, ...) follows that param: same shape, same
     spec; the shape with one dimension removed (factored second moments such as
     Adafactor's `v_row` / `v_col`), the spec without that dimension. Everything else
     (step counts, scalars, RNG keys, model statistics) is replicated.
     """
     if params is None:
-        params = getattr(state, "params", state)
+        params = state.get("params", state) if isinstance(state, dict) else getattr(
+            state, "params", state)
     specs = {
         path_str(kp): (tuple(_shape(leaf)), spec)
         for kp, leaf, spec in _zip_with_path(params, param_specs(params, mesh, rules,
