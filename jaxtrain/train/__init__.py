@@ -1,21 +1,42 @@
 """TrainState, step builders and the loop."""
 
-from .logs import JsonlLogger, plot_curves
+from .callbacks import Callback, Checkpointer, EarlyStopping
+from .logs import JsonlLogger, TensorBoardLogger, plot_curves, plot_history
 from .loop import evaluate, fit
+from .precision import LossScale, Policy, get_policy
 from .progress import Progress
 from .state import TrainState, param_logical_axes
-from .step import classification_loss, classification_metrics, make_eval_step, make_train_step
+from .step import (
+    classification_loss,
+    classification_metrics,
+    make_eval_step,
+    make_multi_step,
+    make_train_step,
+)
+from .trainer import Batches, NonFiniteError, Trainer
 
 __all__ = [
+    "Batches",
+    "Callback",
+    "Checkpointer",
+    "EarlyStopping",
     "JsonlLogger",
+    "LossScale",
+    "NonFiniteError",
+    "Policy",
     "Progress",
+    "TensorBoardLogger",
+    "Trainer",
     "TrainState",
     "classification_loss",
     "classification_metrics",
     "evaluate",
     "fit",
+    "get_policy",
     "make_eval_step",
+    "make_multi_step",
     "make_train_step",
     "param_logical_axes",
     "plot_curves",
+    "plot_history",
 ]

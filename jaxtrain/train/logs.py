@@ -48,3 +48,54 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path,
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+class TensorBoardLogger:
+    """Scalars to TensorBoard event files (tensorboardX), one tag per `run/metric`."""
+
+    def __init__(self, logdir: str | Path):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(logdir))
+
+    def log(self, run: str, step: int, metrics: dict) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"{run}/{name}", float(value), int(step))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def plot_history(series: dict[str, list[tuple[int, dict]]], path: str | Path,
+                 title: str = "") -> Path:
+    """One panel per metric name, one line per series (`train`, `eval`, ...), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({k for records in series.values() for _, m in records for k in m},
+                   key=lambda k: (k != "loss", k))
+    cols = min(3, max(1, len(names)))
+    rows = -(-len(names) // cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        for label, records in series.items():
+            points = [(s, m[name]) for s, m in records if name in m]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=label, marker="." if len(points) < 30
+                        else None)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

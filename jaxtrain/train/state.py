@@ -1,8 +1,9 @@
 """TrainState: everything a run needs to continue, as one pytree.
 
 Params and the model's other state (BatchNorm statistics, ...) are kept as plain nested
-dicts of arrays, which Optax, Orbax and the sharding rules all take as they are; the
-Flax NNX module structure (`graphdef`) is static and rebuilt with `model()`.
+dicts of arrays, which Optax, Orbax and the sharding rules all take as they are. How the
+params become a model is static: a Flax NNX `graphdef`, a Flax Linen module, or a plain
+`apply(params, batch)` function (see `adapters.py`).
 """
 
 from __future__ import annotations
@@ -10,10 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from ..errors import JaxtrainError
 from ..models.annotate import logical_axes
+from .adapters import ApplyAdapter, LinenAdapter, NnxAdapter, cast_floats
+
+# No non-finite step seen yet: (first step, first bad leaf index, count of bad steps).
+NO_NONFINITE = (-1, -1, 0)
 
 
 class TrainState(struct.PyTreeNode):
@@ -22,51 +29,115 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     rng: jax.Array
     model_state: Any
-    graphdef: Any = struct.field(pytree_node=False)
-    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    data_position: jax.Array  # batches consumed: the data order is a function of it
+    nonfinite: jax.Array  # int32[3], see NO_NONFINITE
+    ema_params: Any = None
+    loss_scale: Any = None  # a `precision.LossScale` when training in float16
+    adapter: Any = struct.field(pytree_node=False, default=None)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
+    ema_decay: float | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
-    def create(cls, model: nnx.Module, tx: optax.GradientTransformation, rng) -> TrainState:
-        """From a Flax NNX model (its params are trained, everything else carried along)."""
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        params = nnx.to_pure_dict(params)
+    def create(cls, model, tx: optax.GradientTransformation, rng, *, params=None,
+               sample=None, ema_decay: float | None = None, param_dtype=None,
+               loss_scale=None) -> TrainState:
+        """A fresh state from a Flax NNX model, a Flax Linen module (with `sample`, an
+        input to initialise it, or its `params`), or an `apply(params, batch)` function
+        with its `params`.
+
+        `ema_decay` keeps an exponential moving average of the params; `param_dtype`
+        (e.g. `jnp.bfloat16`) stores params, and so the optimizer state, in that dtype.
+        """
+        if isinstance(model, nnx.Module):
+            if params is not None:
+                raise JaxtrainError("an NNX model carries its own params; do not pass params")
+            graphdef, nnx_params, rest = nnx.split(model, nnx.Param, ...)
+            adapter, params = NnxAdapter(graphdef), nnx.to_pure_dict(nnx_params)
+            model_state = nnx.to_pure_dict(rest)
+        elif _is_linen(model):
+            adapter = LinenAdapter(model)
+            params, model_state = adapter.init(rng, params, sample)
+        elif callable(model):
+            if params is None:
+                raise JaxtrainError("an apply(params, batch) function needs its params=")
+            adapter, model_state = ApplyAdapter(model), {}
+        else:
+            raise JaxtrainError(
+                f"cannot train a {type(model).__name__}: give a Flax NNX model, a Flax Linen "
+                "module or an apply(params, batch) function"
+            )
+        if param_dtype is not None:
+            params = cast_floats(params, param_dtype)
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise JaxtrainError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
         return cls(
-            step=jax.numpy.zeros((), jax.numpy.int32),
+            step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
             rng=rng,
-            model_state=nnx.to_pure_dict(rest),
-            graphdef=graphdef,
+            model_state=model_state,
+            data_position=jnp.zeros((), jnp.int32),
+            nonfinite=jnp.asarray(NO_NONFINITE, jnp.int32),
+            ema_params=None if ema_decay is None else jax.tree.map(jnp.copy, params),
+            loss_scale=loss_scale,
+            adapter=adapter,
             tx=tx,
+            ema_decay=ema_decay,
         )
 
-    def model(self, params=None) -> nnx.Module:
-        """The Flax NNX model with these (or the given) params."""
-        return nnx.merge(self.graphdef, self.params if params is None else params,
-                         self.model_state)
+    @property
+    def graphdef(self):
+        """The Flax NNX graph definition (NNX states only)."""
+        return self.adapter.graphdef
+
+    @property
+    def apply_fn(self):
+        """A `(params, *args) -> output` function for this state's model."""
+        return self.adapter.apply_fn
+
+    def model(self, params=None, train: bool = True):
+        """What the loss function receives: the NNX module, a Linen callable, or params
+        (for an `apply` function), with these (or the given) params."""
+        return self.adapter.bind(self.params if params is None else params,
+                                 self.model_state, train)
 
     def apply_gradients(self, grads, **extra_args) -> TrainState:
-        """One optimizer step: transform the gradients and add them to the params."""
+        """One optimizer step: transform the gradients, add them to the params, move the
+        EMA, advance the step."""
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra_args)
-        return self.replace(
-            step=self.step + 1,
-            params=optax.apply_updates(self.params, updates),
-            opt_state=opt_state,
-        )
+        params = optax.apply_updates(self.params, updates)
+        ema = self.ema_params
+        if ema is not None:
+            ema = optax.incremental_update(params, ema, 1.0 - self.ema_decay)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state,
+                            ema_params=ema)
 
     def saveable(self) -> dict:
         """The arrays of the state as a plain dict (what checkpoints hold)."""
-        return {
+        saved = {
             "step": self.step,
             "params": self.params,
             "opt_state": self.opt_state,
             "rng": self.rng,
             "model_state": self.model_state,
+            "data_position": self.data_position,
+            "nonfinite": self.nonfinite,
         }
+        if self.ema_params is not None:
+            saved["ema_params"] = self.ema_params
+        if self.loss_scale is not None:
+            saved["loss_scale"] = self.loss_scale
+        return saved
 
     def with_saved(self, saved: dict) -> TrainState:
         """This state with its arrays replaced by a `saveable()` dict."""
         return self.replace(**saved)
+
+
+def _is_linen(model) -> bool:
+    from flax import linen
+
+    return isinstance(model, linen.Module)
 
 
 def param_logical_axes(model: nnx.Module) -> dict:

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable
 
 from ..errors import JaxtrainError
+from .language_model import lm_loss, lm_metrics, lm_sample
 from .step import classification_loss, classification_metrics
 
 
@@ -25,6 +26,7 @@ class Task:
 
 TASKS = {
     "classification": Task(classification_loss, classification_metrics, "accuracy", "max"),
+    "language_model": Task(lm_loss, lm_metrics, "loss", "min", after_fit=lm_sample),
 }
 
 

@@ -1,0 +1,141 @@
+"""Callbacks of the `Trainer`: early stopping and checkpointing, and the protocol for more.
+
+A callback's hooks run on the host between compiled calls. `on_step_end` runs after every
+call, so it must not read device values (that would sync the hot path); `on_log` and
+`on_eval` receive metrics already on the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from ..checkpoint import Manager
+from ..errors import JaxtrainError
+
+MODES = ("min", "max")
+
+
+def crossed(before: int, after: int, every: int | None) -> bool:
+    """Whether a multiple of `every` lies in (before, after]."""
+    return bool(every) and after // every > before // every
+
+
+def better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` improves on `best` by more than `min_delta` in direction `mode`."""
+    if best is None:
+        return math.isfinite(value)
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise JaxtrainError(f"unknown mode {mode!r} (valid: {', '.join(MODES)})")
+    return mode
+
+
+class Callback:
+    def on_fit_start(self, trainer, state) -> None: ...
+
+    def on_step_end(self, trainer, before: int, step: int, state) -> None: ...
+
+    def on_log(self, trainer, step: int, metrics: dict) -> None: ...
+
+    def on_eval(self, trainer, step: int, metrics: dict, state) -> None: ...
+
+    def on_fit_end(self, trainer, state) -> None: ...
+
+
+class EarlyStopping(Callback):
+    """Stop when the held-out `monitor` has not improved by `min_delta` for `patience`
+    evaluations; at the end the params (and model state, EMA) of the best one are restored."""
+
+    def __init__(self, monitor: str | None = None, mode: str | None = None, patience: int = 5,
+                 min_delta: float = 0.0, restore_best: bool = True):
+        if not isinstance(patience, int) or patience < 1:
+            raise JaxtrainError(f"early stopping patience must be a positive integer, got "
+                                f"{patience!r}")
+        self.monitor, self.mode = monitor, None if mode is None else check_mode(mode)
+        self.patience, self.min_delta, self.restore_best = patience, min_delta, restore_best
+
+    def on_fit_start(self, trainer, state) -> None:
+        self.monitor = self.monitor or trainer.monitor
+        self.mode = self.mode or trainer.mode
+        self.best, self.best_step, self.best_arrays, self.waited = None, None, None, 0
+
+    def on_eval(self, trainer, step, metrics, state) -> None:
+        if self.monitor not in metrics:
+            raise JaxtrainError(f"early stopping monitors {self.monitor!r}, but evaluation "
+                                f"gives only {', '.join(sorted(metrics))}")
+        value = metrics[self.monitor]
+        if better(value, self.best, self.mode, self.min_delta):
+            self.best, self.best_step, self.waited = value, step, 0
+            if self.restore_best:  # a host copy: the device state is donated to the next step
+                self.best_arrays = jax.device_get(
+                    (state.params, state.model_state, state.ema_params))
+        else:
+            self.waited += 1
+            if self.waited >= self.patience:
+                trainer.stop(f"early stopping: no improvement of {self.monitor} for "
+                             f"{self.patience} evaluations (best {self.best:.6g} at step "
+                             f"{self.best_step})")
+
+    def restore(self, state):
+        """`state` with the best params put back (same placement)."""
+        if self.best_arrays is None:
+            return state
+        params, model_state, ema = jax.device_put(
+            self.best_arrays,
+            jax.tree.map(lambda x: x.sharding, (state.params, state.model_state,
+                                                state.ema_params)),
+        )
+        return state.replace(params=params, model_state=model_state, ema_params=ema)
+
+
+class Checkpointer(Callback):
+    """Orbax checkpoints every `every` steps, on each new best evaluation, at the end."""
+
+    def __init__(self, directory, every: int | None = None, best: bool = False,
+                 at_end: bool = True, max_to_keep: int | None = 3, async_save: bool = True):
+        self.directory, self.every, self.best, self.at_end = directory, every, best, at_end
+        self.max_to_keep, self.async_save = max_to_keep, async_save
+        self.manager = None
+
+    def open(self) -> Manager:
+        if self.manager is None:
+            self.manager = Manager(self.directory, max_to_keep=self.max_to_keep,
+                                   async_save=self.async_save)
+        return self.manager
+
+    def restore_latest(self, like, signature):
+        """The latest checkpoint restored onto `like`, or None when there is none."""
+        mngr = self.open()
+        if mngr.latest_step() is None:
+            return None
+        return mngr.restore(like, signature)
+
+    def save(self, trainer, step: int, state, metrics: dict | None = None) -> None:
+        mngr = self.open()
+        if step in mngr.steps():
+            return
+        mngr.save(step, state, trainer.signature, metrics=metrics, config=trainer.run_config)
+
+    def on_step_end(self, trainer, before, step, state) -> None:
+        if crossed(before, step, self.every):
+            self.save(trainer, step, state)
+
+    def on_eval(self, trainer, step, metrics, state) -> None:
+        if self.best and trainer.improved:
+            self.save(trainer, step, state, metrics)
+
+    def on_fit_end(self, trainer, state) -> None:
+        if self.at_end or trainer.interrupted:
+            self.save(trainer, trainer.step, state, trainer.last_eval)
+        self.close()
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.wait()
+            self.manager.close()
+            self.manager = None

@@ -1,0 +1,371 @@
+"""`Trainer(...).fit(train_data, steps)`: the loop long runs can trust.
+
+The hot path only dispatches compiled calls and puts the next batch on the devices;
+metrics are copied to the host asynchronously every `log_every` steps and read one log
+interval later. The data order is a pure function of (seed, position) and the position is
+part of the state, so a run resumed from a checkpoint continues bit for bit. SIGTERM and
+SIGINT save a checkpoint and end `fit` cleanly (`trainer.interrupted` names the signal).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from .. import sharding
+from ..checkpoint import model_signature
+from ..data import epoch_order, eval_batches
+from ..errors import JaxtrainError
+from ..transforms.paths import path_list
+from .callbacks import Checkpointer, EarlyStopping, better, check_mode, crossed
+from .logs import JsonlLogger, TensorBoardLogger, plot_history
+from .precision import LossScale, get_policy
+from .progress import Progress
+from .step import make_eval_step, make_multi_step, make_train_step
+
+
+class NonFiniteError(JaxtrainError):
+    """A step produced a non-finite loss, gradient or param under `nan_policy='raise'`."""
+
+
+class Batches:
+    """The batch of a data position: `batch_at(data, batch_size, seed, position)` for a
+    dict of arrays (with the epoch's order cached), or a user's `position -> batch`."""
+
+    def __init__(self, data, batch_size: int | None, seed: int):
+        if callable(data):
+            self.fn = data
+            return
+        if not isinstance(data, dict) or not data:
+            raise JaxtrainError("train_data must be a dict of equal-length arrays or a "
+                                f"function position -> batch, got {type(data).__name__}")
+        sizes = {k: len(v) for k, v in data.items()}
+        if len(set(sizes.values())) != 1:
+            raise JaxtrainError(f"train_data arrays differ in length: {sizes}")
+        self.n = next(iter(sizes.values()))
+        if not isinstance(batch_size, int) or not 0 < batch_size <= self.n:
+            raise JaxtrainError(f"batch_size must be an integer in 1..{self.n} (the examples "
+                                f"in train_data), got {batch_size!r}")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.per_epoch = self.n // batch_size
+        self.epoch, self.order = None, None
+        self.fn = self._batch_at
+
+    def _batch_at(self, position: int) -> dict:
+        epoch, index = divmod(position, self.per_epoch)
+        if epoch != self.epoch:
+            self.epoch, self.order = epoch, epoch_order(self.n, self.seed, epoch)
+        idx = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def get(self, position: int, count: int):
+        """One batch (`count == 1`) or `count` consecutive batches stacked."""
+        if count == 1:
+            return self.fn(position)
+        many = [self.fn(position + i) for i in range(count)]
+        return jax.tree.map(lambda *xs: np.stack(xs), *many)
+
+
+class Trainer:
+    """Train a `TrainState` with `loss_fn(model_or_params, batch, rng) -> (loss, aux)`.
+
+    `metric_fn(model, batch) -> per-example values` is evaluated on `eval_data`;
+    `monitor`/`mode` name the held-out metric "best" refers to. Checkpoints go to
+    `checkpoint_dir` (a folder that already holds checkpoints is resumed from its latest);
+    logs (JSONL, TensorBoard, `curves.png`) to `log_dir`.
+    """
+
+    def __init__(self, state, loss_fn, *, metric_fn=None, mesh=None, param_shardings=None,
+                 batch_size: int | None = None, seed: int = 0, precision="auto",
+                 microbatches: int = 1, steps_per_call: int = 1, nan_policy: str = "raise",
+                 log_every: int = 10, log_dir=None, tensorboard: bool = True,
+                 plots: bool = True, progress: bool = True, run: str = "train",
+                 checkpoint_dir=None, checkpoint_every: int | None = None,
+                 checkpoint_best: bool = False, checkpoint_at_end: bool = True,
+                 max_to_keep: int | None = 3, async_checkpoint: bool = True,
+                 model_config: dict | None = None, run_config: dict | None = None,
+                 monitor: str = "loss", mode: str = "min", early_stopping=None,
+                 callbacks=(), eval_batch_size: int = 256, eval_ema: bool = True,
+                 handle_signals: bool = True):
+        for name, value in (("log_every", log_every), ("steps_per_call", steps_per_call)):
+            if not isinstance(value, int) or value < 1:
+                raise JaxtrainError(f"{name} must be a positive integer, got {value!r}")
+        self.policy = get_policy(precision)
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(data=-1)
+        self.loss_fn, self.metric_fn = loss_fn, metric_fn
+        self.batch_size, self.seed = batch_size, seed
+        self.steps_per_call, self.log_every = steps_per_call, log_every
+        self.monitor, self.mode = monitor, check_mode(mode)
+        self.run, self.progress, self.plots = run, progress, plots
+        self.eval_batch_size, self.handle_signals = eval_batch_size, handle_signals
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        self.tensorboard = tensorboard
+        self.run_config = run_config or {}
+        self.signature = model_signature(model_config or {}, state.params)
+        self.early_stopping = early_stopping
+        if isinstance(early_stopping, dict):
+            self.early_stopping = EarlyStopping(**early_stopping)
+        self.checkpointer = None if checkpoint_dir is None else Checkpointer(
+            checkpoint_dir, checkpoint_every, checkpoint_best, checkpoint_at_end, max_to_keep,
+            async_checkpoint)
+        self.callbacks = [c for c in (self.checkpointer, self.early_stopping) if c is not None]
+        self.callbacks += list(callbacks)
+        self.param_shardings, self._nan_raise = param_shardings, nan_policy == "raise"
+        step_fn = make_train_step(loss_fn, precision=self.policy, microbatches=microbatches,
+                                  nan_policy=nan_policy)
+        self.state = self._prepare(state)
+        self._compile(step_fn, metric_fn, eval_ema)
+        self.history: list[tuple[int, dict]] = []
+        self.eval_history: list[tuple[int, dict]] = []
+        self.interrupted: str | None = None
+        self.stop_reason: str | None = None
+        self.last_eval: dict | None = None
+        self.improved, self.best = False, None
+        self.step = int(self.state.step)
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def _prepare(self, state):
+        """Apply the precision policy to a fresh state and place it on the mesh."""
+        dtype = jnp.dtype(self.policy.param_dtype)
+        floats = [x for x in jax.tree.leaves(state.params) if jnp.issubdtype(x.dtype,
+                                                                             jnp.floating)]
+        if floats and floats[0].dtype != dtype:
+            if int(state.step) != 0:
+                raise JaxtrainError(f"precision wants {dtype.name} params but the state, at "
+                                    f"step {int(state.step)}, holds {floats[0].dtype.name}")
+            params = jax.tree.map(lambda x: x.astype(dtype) if x in floats else x,
+                                  state.params)
+            state = state.replace(params=params, opt_state=state.tx.init(params))
+        if self.policy.needs_loss_scale and state.loss_scale is None:
+            state = state.replace(loss_scale=LossScale.create())
+        self.state_shardings = self._state_shardings(state)
+        return sharding.place(state, self.state_shardings)
+
+    def _state_shardings(self, state):
+        """Params by `param_shardings` (default replicated); the optimizer state as
+        `tx.init` of the placed params would put it; everything else replicated."""
+        rep = sharding.replicated(self.mesh)
+        param_sh = self.param_shardings or jax.tree.map(lambda _: rep, state.params)
+        placed = jax.eval_shape(lambda p: p, state.params)
+        placed = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              placed, param_sh)
+        opt_sh = jax.jit(state.tx.init).lower(placed).compile().output_shardings
+        full = jax.tree.map(lambda _: rep, state)
+        return full.replace(params=param_sh, opt_state=opt_sh)
+
+    def _compile(self, step_fn, metric_fn, eval_ema: bool):
+        rep = sharding.replicated(self.mesh)
+        self.single = sharding.compile_step(step_fn, self.mesh, self.state_shardings)
+        self.multi = None
+        if self.steps_per_call > 1:
+            stacked = NamedSharding(self.mesh, PartitionSpec(None, sharding.BATCH_AXES))
+            self.multi = jax.jit(make_multi_step(step_fn, self.steps_per_call),
+                                 in_shardings=(self.state_shardings, stacked),
+                                 out_shardings=(self.state_shardings, rep),
+                                 donate_argnums=(0,))
+            self.stacked_sharding = stacked
+        self.eval_fn = None
+        if metric_fn is not None:
+            self.eval_fn = sharding.compile_eval(
+                make_eval_step(metric_fn, precision=self.policy, use_ema=eval_ema),
+                self.mesh, self.state_shardings)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        """Ask the loop to end after the current call (callbacks use this)."""
+        self.stop_reason = reason
+
+    def fit(self, train_data, steps: int, eval_data=None, eval_every: int | None = None):
+        """Train until the state's step reaches `steps` (a total, so a resumed run ends
+        where an uninterrupted one would) and return the final state."""
+        if not isinstance(steps, int) or steps < 1:
+            raise JaxtrainError(f"steps must be a positive integer, got {steps!r}")
+        if eval_data is not None and self.eval_fn is None:
+            raise JaxtrainError("eval_data needs a metric_fn")
+        feed = Batches(train_data, self.batch_size, self.seed)
+        state = self.state
+        self.state = None  # donated below: only the returned state is valid
+        if self.checkpointer is not None:
+            restored = self.checkpointer.restore_latest(state, self.signature)
+            state = restored if restored is not None else state
+        step, position = int(state.step), int(state.data_position)
+        self.step, self.start_step = step, step
+        self._open_logs(steps)
+        for cb in self.callbacks:
+            cb.on_fit_start(self, state)
+        previous = self._install_signals()
+        try:
+            state = self._loop(state, feed, step, position, steps, eval_data, eval_every)
+        except BaseException:
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+            raise
+        finally:
+            self._restore_signals(previous)
+            self._close_logs()
+        for cb in self.callbacks:
+            cb.on_fit_end(self, state)
+        if self.early_stopping is not None and self.early_stopping.restore_best:
+            state = self.early_stopping.restore(state)
+        self.state = state
+        return state
+
+    def _count(self, step: int, steps: int) -> int:
+        return self.steps_per_call if steps - step >= self.steps_per_call else 1
+
+    def _put(self, feed: Batches, position: int, count: int):
+        host = feed.get(position, count)
+        if count == 1:
+            if not self._checked:
+                self._checked = True
+                return sharding.shard_batch(host, self.mesh)  # validates the shapes once
+            return jax.device_put(host, self.batch_sharding)
+        return jax.device_put(host, self.stacked_sharding)
+
+    def _loop(self, state, feed, step, position, steps, eval_data, eval_every):
+        self._checked, self.batch_sharding = False, sharding.batch_sharding(self.mesh)
+        count = self._count(step, steps)
+        batch = self._put(feed, position, count) if step < steps else None
+        while step < steps:
+            stacked = count > 1
+            state, metrics = (self.multi if stacked else self.single)(state, batch)
+            before, step, position = step, step + count, position + count
+            self.step = step
+            if step < steps:  # prefetch: the host prepares the next batch meanwhile
+                count = self._count(step, steps)
+                batch = self._put(feed, position, count)
+            if crossed(before, step, self.log_every) or step == steps:
+                self._log(step, metrics, stacked)
+            if eval_data is not None and (crossed(before, step, eval_every) or step == steps):
+                self._evaluate(state, eval_data, step)
+            for cb in self.callbacks:
+                cb.on_step_end(self, before, step, state)
+            if self._signal is not None:
+                self.interrupted = signal.Signals(self._signal).name
+                break
+            if self.stop_reason is not None:
+                break
+        self._drain()
+        return state
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def _log(self, step: int, metrics: dict, stacked: bool) -> None:
+        if stacked:
+            metrics = jax.tree.map(lambda x: x[-1], metrics)
+        for leaf in jax.tree.leaves(metrics):
+            leaf.copy_to_host_async()
+        self._drain()
+        self._pending.append((step, metrics, time.perf_counter()))
+
+    def _drain(self) -> None:
+        """Read the metrics copied to the host at earlier log points (and raise on a
+        non-finite step)."""
+        pending, self._pending = self._pending, []
+        for step, metrics, stamp in pending:
+            values = jax.device_get(metrics)
+            record = values.pop("nonfinite", None)
+            if record is not None and record[0] >= 0 and self._nan_raise:
+                raise NonFiniteError(self._nonfinite_message(record))
+            values = {k: float(v) for k, v in values.items()}
+            elapsed = stamp - self._last_stamp
+            if elapsed > 0:
+                values["steps_per_second"] = (step - self._last_step) / elapsed
+            self._last_step, self._last_stamp = step, stamp
+            self.history.append((step, values))
+            self._write(self.run, step, values)
+            self.bar.update(step - self.start_step, _shown(values, self.batch_size))
+            for cb in self.callbacks:
+                cb.on_log(self, step, values)
+
+    def _nonfinite_message(self, record) -> str:
+        first_step, leaf, count = (int(x) for x in record)
+        paths = path_list(self._params_like)
+        if leaf == 0:
+            what = "the loss"
+        elif leaf <= len(paths):
+            what = f"gradient {paths[leaf - 1]}"
+        else:
+            what = f"param {paths[leaf - 1 - len(paths)]}"
+        return (f"non-finite value at step {first_step}: first non-finite is {what} "
+                f"({count} bad step(s); the state holds the last finite step; "
+                "nan_policy='skip' skips such steps instead)")
+
+    def _evaluate(self, state, data, step: int) -> dict:
+        totals: dict = {}
+        multiple = sharding.batch_parallelism(self.mesh)
+        for batch in eval_batches(data, self.eval_batch_size, multiple_of=multiple):
+            sums = self.eval_fn(state, sharding.shard_batch(batch, self.mesh))
+            for k, v in jax.device_get(sums).items():
+                totals[k] = totals.get(k, 0.0) + np.float64(v)
+        count = totals.pop("count")
+        metrics = {k: float(v / count) for k, v in totals.items()}
+        self.last_eval = metrics
+        value = metrics.get(self.monitor)
+        self.improved = value is not None and better(value, self.best, self.mode)
+        if self.improved:
+            self.best = value
+        self.eval_history.append((step, metrics))
+        self._write("eval", step, metrics)
+        for cb in self.callbacks:
+            cb.on_eval(self, step, metrics, state)
+        return metrics
+
+    # -- logs and signals ----------------------------------------------------------------
+
+    def _open_logs(self, steps: int) -> None:
+        self._pending, self._last_step, self._last_stamp = [], self.step, time.perf_counter()
+        self._params_like = self.state_shardings.params
+        self.bar = Progress(steps - self.step, self.run, enabled=self.progress)
+        self.loggers = []
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.loggers.append(JsonlLogger(self.log_dir / "log.jsonl"))
+            if self.tensorboard:
+                self.loggers.append(TensorBoardLogger(self.log_dir / "tensorboard"))
+
+    def _write(self, run: str, step: int, values: dict) -> None:
+        for logger in self.loggers:
+            logger.log(run, step, values)
+
+    def _close_logs(self) -> None:
+        self.bar.close()
+        for logger in self.loggers:
+            logger.close()
+        if self.plots and self.log_dir is not None and (self.history or self.eval_history):
+            plot_history({"train": self.history, "eval": self.eval_history},
+                         self.log_dir / "curves.png", title=self.run)
+
+    def _install_signals(self):
+        self._signal = None
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            self._signal = signum
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _restore_signals(self, previous) -> None:
+        for s, h in (previous or {}).items():
+            signal.signal(s, h)
+
+
+def _shown(values: dict, batch_size: int | None) -> dict:
+    """What the progress bar shows: loss, learning rate, throughput."""
+    shown = {k: values[k] for k in ("loss", "learning_rate") if k in values}
+    if "steps_per_second" in values:
+        rate = values["steps_per_second"]
+        shown["it/s"] = rate
+        if batch_size:
+            shown["ex/s"] = rate * batch_size
+    return shown
