@@ -1,5 +1,7 @@
 """Pure gradient transformations in the Optax protocol: optimizers, schedules, wrappers."""
 
+from . import masks, schedules
+from .decay import add_decoupled_weight_decay, add_l1, add_l2
 from .hyperparams import current_hyperparams
 from .optimizers import (
     adadelta,
@@ -24,12 +26,18 @@ from .optimizers import (
     sgd,
 )
 from .paths import matches, path_list, path_mask, path_str, tree_paths
+from .plateau import reduce_on_plateau
 from .privacy import dp_aggregate, dp_sgd
 from .pruning import magnitude_prune, polynomial_sparsity, sparsity_report
 from .second_order import lbfgs, newton, newton_cg
 from .wrappers import freeze, per_group
 
 __all__ = [
+    "add_decoupled_weight_decay",
+    "add_l1",
+    "add_l2",
+    "masks",
+    "schedules",
     "adadelta",
     "adafactor",
     "adagrad",
@@ -47,6 +55,7 @@ __all__ = [
     "newton_cg",
     "normalized_sgd",
     "radam",
+    "reduce_on_plateau",
     "rmsprop",
     "schedule_free_adamw",
     "schedule_free_eval_params",
