@@ -37,6 +37,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import json
+    import signal
+
+    from .train.config import load_config
+    from .train.run import run_config
+
+    summary = run_config(load_config(args.config, args.overrides))
+    sample = summary.pop("after_fit", None)
+    print(json.dumps(summary))
+    if sample:
+        print(sample)
+    if summary["interrupted"]:
+        print(f"jaxtrain train: stopped by {summary['interrupted']} at step {summary['step']}; "
+              "checkpoint saved, run the same command to resume", file=sys.stderr)
+        return 128 + signal.Signals[summary["interrupted"]].value
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="jaxtrain", description="Functional training for JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -47,6 +66,12 @@ def build_parser() -> Parser:
                       help="steps per training stage (default: 300)")
     demo.add_argument("--quiet", action="store_true", help="no progress output")
     demo.set_defaults(func=cmd_demo)
+    train = sub.add_parser("train", help="train from a YAML config (resumes from its "
+                                          "checkpoints)")
+    train.add_argument("config", help="the run's YAML config (see configs/)")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides, e.g. train.steps=100 optimizer.learning_rate=1e-3")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -77,12 +77,15 @@ class Trainer:
     """Train a `TrainState` with `loss_fn(model_or_params, batch, rng) -> (loss, aux)`.
 
     `metric_fn(model, batch) -> per-example values` is evaluated on `eval_data`;
-    `monitor`/`mode` name the held-out metric "best" refers to. Checkpoints go to
-    `checkpoint_dir` (a folder that already holds checkpoints is resumed from its latest);
-    logs (JSONL, TensorBoard, `curves.png`) to `log_dir`.
+    `monitor`/`mode` name the held-out metric "best" refers to. The state is placed on
+    `mesh` (default: all devices, data parallel) by the sharding `rules` (a preset name or
+    table) and the params' `logical_axes` (see `jaxtrain.sharding.state_shardings`).
+    Checkpoints go to `checkpoint_dir` (a folder that already holds checkpoints is resumed
+    from its latest); logs (JSONL, TensorBoard, `curves.png`) to `log_dir`.
     """
 
-    def __init__(self, state, loss_fn, *, metric_fn=None, mesh=None, param_shardings=None,
+    def __init__(self, state, loss_fn, *, metric_fn=None, mesh=None, rules="dp",
+                 logical_axes=None,
                  batch_size: int | None = None, seed: int = 0, precision="auto",
                  microbatches: int = 1, steps_per_call: int = 1, nan_policy: str = "raise",
                  log_every: int = 10, log_dir=None, tensorboard: bool = True,
@@ -117,7 +120,8 @@ class Trainer:
             async_checkpoint)
         self.callbacks = [c for c in (self.checkpointer, self.early_stopping) if c is not None]
         self.callbacks += list(callbacks)
-        self.param_shardings, self._nan_raise = param_shardings, nan_policy == "raise"
+        self.rules, self.logical_axes = rules, logical_axes
+        self._nan_raise = nan_policy == "raise"
         step_fn = make_train_step(loss_fn, precision=self.policy, microbatches=microbatches,
                                   nan_policy=nan_policy)
         self.state = self._prepare(state)
@@ -146,20 +150,9 @@ class Trainer:
             state = state.replace(params=params, opt_state=state.tx.init(params))
         if self.policy.needs_loss_scale and state.loss_scale is None:
             state = state.replace(loss_scale=LossScale.create())
-        self.state_shardings = self._state_shardings(state)
+        self.state_shardings = sharding.state_shardings(state, self.mesh, self.rules,
+                                                         self.logical_axes)
         return sharding.place(state, self.state_shardings)
-
-    def _state_shardings(self, state):
-        """Params by `param_shardings` (default replicated); the optimizer state as
-        `tx.init` of the placed params would put it; everything else replicated."""
-        rep = sharding.replicated(self.mesh)
-        param_sh = self.param_shardings or jax.tree.map(lambda _: rep, state.params)
-        placed = jax.eval_shape(lambda p: p, state.params)
-        placed = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              placed, param_sh)
-        opt_sh = jax.jit(state.tx.init).lower(placed).compile().output_shardings
-        full = jax.tree.map(lambda _: rep, state)
-        return full.replace(params=param_sh, opt_state=opt_sh)
 
     def _compile(self, step_fn, metric_fn, eval_ema: bool):
         rep = sharding.replicated(self.mesh)

@@ -1,0 +1,213 @@
+"""Run configs: a YAML file plus `key=value` overrides -> a checked dict -> a training run.
+
+Shape (every section but `model`, `data`, `task` and `optimizer` has defaults):
+
+    seed: 0
+    out: runs/NAME                       # logs, curves.png, checkpoints/
+    model: {name: cnn, ...kwargs}        # jaxtrain.models.registry.build
+    data: {name: digits, ...kwargs}      # jaxtrain.data.registry.load
+    task: classification                 # jaxtrain.train.tasks
+    optimizer: {name: adam, learning_rate: 0.003, ...}   # the transforms spec
+    train: {steps, batch_size, microbatches, steps_per_call, precision, nan_policy,
+            eval_every, eval_batch_size, log_every, ema_decay}
+    sharding: {preset: dp, mesh: {data: -1, fsdp: 1, tensor: 1}}
+    checkpoint: {dir, every, best, at_end, max_to_keep, async}
+    early_stopping: null | {patience, min_delta, monitor, mode}
+    logging: {tensorboard, plots, progress}
+
+Model kwargs the data set knows (`num_classes`, `vocab_size`, ...) are filled in from
+the data's `info` when the model takes them and the config does not set them.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+
+import yaml
+
+from ..errors import JaxtrainError
+
+ANY = object()  # a free-form section (kwargs of a registry entry)
+INT, FLOAT, BOOL, STR = (int,), (int, float), (bool,), (str,)
+OPT = (type(None),)
+
+# key -> (accepted types, default); a nested dict is a section.
+SCHEMA = {
+    "seed": (INT, 0),
+    "out": (STR, "runs/train"),
+    "model": (ANY, None),
+    "data": (ANY, None),
+    "task": (STR, None),
+    "optimizer": (ANY, None),
+    "train": {
+        "steps": (INT, 1000),
+        "batch_size": (INT, 64),
+        "microbatches": (INT, 1),
+        "steps_per_call": (INT, 1),
+        "precision": (STR, "auto"),
+        "nan_policy": (STR, "raise"),
+        "eval_every": (INT + OPT, None),
+        "eval_batch_size": (INT, 256),
+        "log_every": (INT, 10),
+        "ema_decay": (FLOAT + OPT, None),
+    },
+    "sharding": {
+        "preset": (STR + (dict,), "dp"),
+        "mesh": {"data": (INT, -1), "fsdp": (INT, 1), "tensor": (INT, 1)},
+    },
+    "checkpoint": {
+        "dir": (STR + OPT, None),
+        "every": (INT + OPT, None),
+        "best": (BOOL, False),
+        "at_end": (BOOL, True),
+        "max_to_keep": (INT + OPT, 3),
+        "async": (BOOL, True),
+    },
+    "early_stopping": ((dict, type(None)), None),
+    "logging": {"tensorboard": (BOOL, True), "plots": (BOOL, True), "progress": (BOOL, True)},
+}
+REQUIRED = ("model", "data", "task", "optimizer")
+EARLY_STOPPING = {"patience": (INT, 5), "min_delta": (FLOAT, 0.0), "monitor": (STR + OPT, None),
+                  "mode": (STR + OPT, None)}
+
+
+def _type_names(types) -> str:
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _check_value(key: str, value, types):
+    if isinstance(value, bool) and bool not in types:  # YAML true is not an int
+        raise JaxtrainError(f"config key {key!r} must be {_type_names(types)}, got {value!r}")
+    if not isinstance(value, types):
+        raise JaxtrainError(
+            f"config key {key!r} must be {_type_names(types)}, got {type(value).__name__} "
+            f"{value!r}"
+        )
+    return float(value) if types[0] is int and float in types and value is not None else value
+
+
+def _checked(section: dict, schema: dict, prefix: str) -> dict:
+    """`section` merged over the defaults of `schema`, every key and type checked."""
+    if not isinstance(section, dict):
+        raise JaxtrainError(f"config key {prefix.rstrip('.') or 'config'!r} must be a mapping, "
+                            f"got {type(section).__name__}")
+    unknown = sorted(set(section) - set(schema))
+    if unknown:
+        raise JaxtrainError(f"unknown config key {prefix + unknown[0]!r} (valid: "
+                            f"{', '.join(schema)})")
+    out = {}
+    for key, spec in schema.items():
+        full = prefix + key
+        if isinstance(spec, dict):
+            out[key] = _checked(section.get(key) or {}, spec, full + ".")
+            continue
+        types, default = spec
+        if key not in section:
+            out[key] = copy.deepcopy(default)
+        elif types is ANY:
+            out[key] = _named(full, section[key])
+        else:
+            out[key] = _check_value(full, section[key], types)
+    return out
+
+
+def _named(key: str, value) -> dict:
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise JaxtrainError(f"config key {key!r} must be a mapping with a 'name' (and its "
+                            f"keyword arguments), got {value!r}")
+    return value
+
+
+def check_config(raw: dict) -> dict:
+    """The full config: defaults filled in, unknown keys and wrong types refused."""
+    cfg = _checked(raw, SCHEMA, "")
+    for key in REQUIRED:
+        if cfg[key] is None:
+            raise JaxtrainError(f"config key {key!r} is missing")
+    if cfg["early_stopping"] is not None:
+        cfg["early_stopping"] = _checked(cfg["early_stopping"], EARLY_STOPPING,
+                                         "early_stopping.")
+    for key in ("steps", "batch_size", "microbatches", "steps_per_call", "log_every",
+                "eval_batch_size"):
+        if cfg["train"][key] < 1:
+            raise JaxtrainError(f"config key 'train.{key}' must be a positive integer, got "
+                                f"{cfg['train'][key]}")
+    return cfg
+
+
+def _set(tree: dict, key: str, value) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = tree.get(part)
+        if node is None:
+            node = tree[part] = {}
+        elif isinstance(node, str) and part in ("model", "data", "optimizer"):
+            node = tree[part] = {"name": node}
+        elif not isinstance(node, dict):
+            raise JaxtrainError(f"override {key}: {part!r} is not a section")
+        tree = node
+    tree[parts[-1]] = value
+
+
+def load_config(path: str | Path, overrides=()) -> dict:
+    """Read `path` (YAML), apply `key=value` overrides (values parsed as YAML), check."""
+    path = Path(path)
+    if not path.is_file():
+        raise JaxtrainError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise JaxtrainError(f"config file {path} is not valid YAML{line}: "
+                            f"{getattr(err, 'problem', None) or err}") from None
+    if not isinstance(raw, dict):
+        raise JaxtrainError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise JaxtrainError(f"override {item!r} must be key=value (e.g. train.steps=100)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        _set(raw, key.strip(), value)
+    return check_config(raw)
+
+
+def build_optimizer(spec: dict):
+    """The transform chain of the `optimizer` section: `jaxtrain.transforms.spec.build`
+    when present, else `{name, **kwargs}` of a `jaxtrain.transforms` optimizer."""
+    try:
+        from ..transforms import spec as spec_module
+    except ImportError:
+        spec_module = None
+    if spec_module is not None and hasattr(spec_module, "build"):
+        return spec_module.build(spec)
+    from .. import transforms
+
+    kwargs = dict(spec)
+    name = kwargs.pop("name")
+    factory = getattr(transforms, name, None)
+    if name.startswith("_") or not callable(factory) or name not in transforms.__all__:
+        raise JaxtrainError(f"unknown optimizer {name!r}")
+    try:
+        return factory(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise JaxtrainError(f"optimizer {name!r}: {err}") from None
+
+
+def model_kwargs(name: str, kwargs: dict, info: dict) -> dict:
+    """`kwargs` plus the data `info` entries the model's constructor takes."""
+    from ..models.registry import MODELS
+
+    cls = MODELS.get(name)
+    if cls is None:
+        return kwargs
+    accepted = inspect.signature(cls).parameters
+    filled = {k: v for k, v in info.items() if k in accepted and k not in kwargs}
+    return {**filled, **kwargs}
