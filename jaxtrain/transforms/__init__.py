@@ -3,6 +3,13 @@
 from . import masks, schedules
 from .decay import add_decoupled_weight_decay, add_l1, add_l2
 from .hyperparams import current_hyperparams
+from .loss_scale import dynamic_loss_scale, loss_scale_value
+from .low_precision import (
+    fp32_master,
+    low_precision_state,
+    stochastic_round_bf16,
+    stochastic_rounding,
+)
 from .optimizers import (
     adadelta,
     adafactor,
@@ -65,6 +72,12 @@ __all__ = [
     "dp_aggregate",
     "dp_sgd",
     "freeze",
+    "stochastic_rounding",
+    "stochastic_round_bf16",
+    "low_precision_state",
+    "fp32_master",
+    "loss_scale_value",
+    "dynamic_loss_scale",
     "magnitude_prune",
     "matches",
     "path_list",
