@@ -154,8 +154,8 @@ def test_structure_mismatch_lists_missing_extra_and_misshaped_paths(tmp_path):
     assert "missing opt_state/0/trace/backbone/conv1/bias" in text
     assert "extra opt_state/count, opt_state/hyperparams/b1" in text
     wider, _ = _state(channels=4)
-    with pytest.raises(JaxtrainError, match="mis-shaped opt_state/inner_state/0/mu/backbone/conv1/bias "
-                                            r"\[8\] vs \[4\]"):
+    with pytest.raises(JaxtrainError, match="mis-shaped opt_state/inner_state/0/mu/backbone/"
+                                            r"conv1/bias \[8\] vs \[4\]"):
         Manager(tmp_path, read_only=True).restore(wider, None)
 
 
