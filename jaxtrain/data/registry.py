@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from ..errors import JaxtrainError
 from .digits import digits_split
+from .synthetic import synthetic_classification, synthetic_regression
+from .text import load_text
 
 
 def _digits(classes=tuple(range(10)), test_fraction: float = 0.25, seed: int = 0) -> dict:
@@ -15,7 +17,12 @@ def _digits(classes=tuple(range(10)), test_fraction: float = 0.25, seed: int = 0
     return {"train": train, "valid": valid, "info": {"num_classes": len(classes)}}
 
 
-DATASETS = {"digits": _digits}
+DATASETS = {
+    "digits": _digits,
+    "text": load_text,
+    "synthetic_regression": synthetic_regression,
+    "synthetic_classification": synthetic_classification,
+}
 
 
 def load(name: str, **kwargs) -> dict:

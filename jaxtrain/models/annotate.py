@@ -21,3 +21,15 @@ def logical_axes(params: nnx.State) -> dict:
 
     specs = nnx.to_pure_dict(nnx.get_partition_spec(params))
     return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def ones_init(axes: tuple):
+    """Ones with logical axis names `axes` (norm scales)."""
+    return nnx.with_partitioning(nnx.initializers.ones_init(), axes)
+
+
+def param_count(model: nnx.Module) -> int:
+    """Number of trainable scalars (`nnx.Param` leaves) in `model`."""
+    import jax
+
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .annotate import kernel_init, zeros_init
+from .flops import conv2d
 
 
 class Backbone(nnx.Module):
@@ -59,3 +60,12 @@ class CNN(nnx.Module):
         if x.ndim == 3:
             x = x[..., None]
         return self.head(self.backbone(x.astype(jnp.float32)))
+
+    def flops_per_example(self, training: bool = True) -> float:
+        """Convolution and dense FLOPs (2 per multiply-add, padding excluded) for one 8x8
+        image; activations and pooling are not counted. `training`: 3x forward."""
+        c = self.config
+        ch, feats = c["channels"], c["features"]
+        total = conv2d(8, 8, 3, 1, 1, ch)[0] + conv2d(8, 8, 3, 1, ch, 2 * ch)[0]
+        total += 2 * (2 * ch * 16 * feats + feats * c["num_classes"])
+        return float(3 * total if training else total)

@@ -6,8 +6,11 @@ from flax import nnx
 
 from ..errors import JaxtrainError
 from .cnn import CNN
+from .gpt import GPT
+from .mlp import MLP
+from .resnet import ResNet
 
-MODELS = {"cnn": CNN}
+MODELS = {"cnn": CNN, "gpt": GPT, "mlp": MLP, "resnet": ResNet}
 
 
 def build(name: str, seed: int = 0, **kwargs) -> nnx.Module:

@@ -1,0 +1,209 @@
+"""A decoder-only transformer (GPT) with logical axis names on every param.
+
+Pre-norm blocks (LayerNorm or RMSNorm), rotary or learned positions, causal attention
+through `jax.nn.dot_product_attention` (the fused kernels on GPU), optional tied
+embeddings and optional rematerialisation of each block. Param paths:
+`embed/embedding`, `pos_embed/embedding` (learned positions), `blocks/<i>/{norm1,attn,
+norm2,mlp}/...`, `final_norm/*`, `lm_head/kernel` (untied).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..errors import JaxtrainError
+from .annotate import kernel_init, ones_init, zeros_init
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("rotary", "learned")
+
+
+def _normal(axes: tuple, std: float = 0.02):
+    return kernel_init(axes, nnx.initializers.normal(std))
+
+
+def _norm(kind: str, d: int, rngs: nnx.Rngs) -> nnx.Module:
+    if kind == "layernorm":
+        return nnx.LayerNorm(d, scale_init=ones_init(("norm",)), bias_init=zeros_init(("norm",)),
+                             rngs=rngs)
+    return nnx.RMSNorm(d, scale_init=ones_init(("norm",)), rngs=rngs)
+
+
+def rotary(x: jax.Array, base: float = 10000.0) -> jax.Array:
+    """Rotary position embedding of `x` (batch, time, heads, head_dim): each pair of
+    channels (i, i + head_dim/2) is rotated by the angle position * base^(-2i/head_dim)."""
+    t, h = x.shape[1], x.shape[-1]
+    freqs = base ** (-np.arange(0, h // 2, dtype=np.float32) * 2 / h)
+    angles = np.arange(t, dtype=np.float32)[:, None] * freqs[None, :]
+    cos, sin = jnp.asarray(np.cos(angles))[:, None, :], jnp.asarray(np.sin(angles))[:, None, :]
+    x1, x2 = x[..., : h // 2], x[..., h // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head causal self-attention; q/k/v kernels (embed, heads, kv)."""
+
+    def __init__(self, d: int, heads: int, head_dim: int, use_rotary: bool, out_std: float,
+                 *, rngs: nnx.Rngs):
+        self.use_rotary = use_rotary
+        shape_in, axes_in = (d, heads, head_dim), ("embed", "heads", "kv")
+        self.query = nnx.Einsum("btd,dnh->btnh", shape_in, kernel_init=_normal(axes_in),
+                                rngs=rngs)
+        self.key = nnx.Einsum("btd,dnh->btnh", shape_in, kernel_init=_normal(axes_in), rngs=rngs)
+        self.value = nnx.Einsum("btd,dnh->btnh", shape_in, kernel_init=_normal(axes_in),
+                                rngs=rngs)
+        self.out = nnx.Einsum("btnh,nhd->btd", (heads, head_dim, d),
+                              kernel_init=_normal(("heads", "kv", "embed"), out_std), rngs=rngs)
+
+    def __call__(self, x):
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.use_rotary:
+            q, k = rotary(q), rotary(k)
+        return self.out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
+
+
+class FeedForward(nnx.Module):
+    """Two-layer GELU MLP, kernels (embed, mlp) and (mlp, embed), no biases."""
+
+    def __init__(self, d: int, hidden: int, out_std: float, *, rngs: nnx.Rngs):
+        self.up = nnx.Linear(d, hidden, use_bias=False, kernel_init=_normal(("embed", "mlp")),
+                             rngs=rngs)
+        self.down = nnx.Linear(hidden, d, use_bias=False,
+                               kernel_init=_normal(("mlp", "embed"), out_std), rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.gelu(self.up(x)))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, d, heads, head_dim, hidden, norm, use_rotary, out_std, *, rngs):
+        self.norm1 = _norm(norm, d, rngs)
+        self.attn = Attention(d, heads, head_dim, use_rotary, out_std, rngs=rngs)
+        self.norm2 = _norm(norm, d, rngs)
+        self.mlp = FeedForward(d, hidden, out_std, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def _block_call(block: Block, x):
+    return block(x)
+
+
+class GPT(nnx.Module):
+    """Byte/token-level decoder-only transformer: tokens (batch, time) -> logits."""
+
+    def __init__(self, vocab_size: int = 256, d_model: int = 128, num_layers: int = 4,
+                 num_heads: int = 4, mlp_ratio: int = 4, max_len: int = 256,
+                 positions: str = "rotary", norm: str = "layernorm",
+                 tie_embeddings: bool = True, remat: bool = False, *, rngs: nnx.Rngs):
+        if positions not in POSITIONS:
+            raise JaxtrainError(f"GPT positions={positions!r}: valid are {', '.join(POSITIONS)}")
+        if norm not in NORMS:
+            raise JaxtrainError(f"GPT norm={norm!r}: valid are {', '.join(NORMS)}")
+        if d_model % num_heads or (d_model // num_heads) % 2:
+            raise JaxtrainError(
+                f"GPT d_model={d_model} must split into num_heads={num_heads} heads of an even "
+                "size"
+            )
+        self.config = {"name": "GPT", "vocab_size": vocab_size, "d_model": d_model,
+                       "num_layers": num_layers, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
+                       "max_len": max_len, "positions": positions, "norm": norm,
+                       "tie_embeddings": tie_embeddings, "remat": remat}
+        self.max_len, self.remat, self.tie_embeddings = max_len, remat, tie_embeddings
+        head_dim = d_model // num_heads
+        out_std = 0.02 / (2 * num_layers) ** 0.5  # GPT-2's scaled init of residual outputs
+        self.embed = nnx.Embed(vocab_size, d_model, embedding_init=_normal(("vocab", "embed")),
+                               rngs=rngs)
+        self.pos_embed = (
+            nnx.Embed(max_len, d_model, embedding_init=_normal(("pos", "embed")), rngs=rngs)
+            if positions == "learned" else None
+        )
+        self.blocks = nnx.List([
+            Block(d_model, num_heads, head_dim, mlp_ratio * d_model, norm,
+                  positions == "rotary", out_std, rngs=rngs)
+            for _ in range(num_layers)
+        ])
+        self.final_norm = _norm(norm, d_model, rngs)
+        self.lm_head = None if tie_embeddings else nnx.Linear(
+            d_model, vocab_size, use_bias=False, kernel_init=_normal(("embed", "vocab")),
+            rngs=rngs,
+        )
+
+    def __call__(self, tokens):
+        t = tokens.shape[1]
+        if t > self.max_len:
+            raise JaxtrainError(f"GPT input has {t} positions, more than max_len={self.max_len}")
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.embedding[...][:t]
+        call = nnx.remat(_block_call) if self.remat else _block_call
+        for block in self.blocks:
+            x = call(block, x)
+        x = self.final_norm(x)
+        return self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+
+    def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+        """Matmul FLOPs per token at sequence length `seq_len` (2 per multiply-add): every
+        weight matmul incl. the output projection, plus attention scores and values over
+        the full seq_len x seq_len matrix (as computed; causal masking does not skip work).
+        `training` counts forward + backward = 3x forward (the 6N rule)."""
+        c = self.config
+        d, layers, v = c["d_model"], c["num_layers"], c["vocab_size"]
+        per_layer = 4 * d * d + 2 * d * c["mlp_ratio"] * d  # q, k, v, out + up, down
+        forward = 2 * (layers * per_layer + d * v) + layers * 4 * seq_len * d
+        return float(3 * forward if training else forward)
+
+
+def generate(model: GPT, prompt, max_new_tokens: int, rng, temperature: float = 1.0,
+             top_k: int | None = None) -> np.ndarray:
+    """Sample `max_new_tokens` tokens after `prompt` ((time,) or (batch, time) ints).
+
+    Each new token is drawn from the model's distribution at the last position, over a
+    window of the last `max_len` tokens; `temperature` 0 is greedy, `top_k` keeps the k
+    most likely tokens. Returns prompt and continuation as a numpy array.
+    """
+    prompt = np.asarray(prompt, np.int32)
+    single = prompt.ndim == 1
+    prompt = prompt[None] if single else prompt
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise JaxtrainError(f"generate: prompt must be a non-empty (batch, time) array, got "
+                            f"shape {prompt.shape}")
+    batch, start = prompt.shape
+    total = start + max_new_tokens
+    window = min(model.max_len, total)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, prompt, rng):
+        buf = jnp.zeros((batch, total), jnp.int32).at[:, :start].set(prompt)
+
+        def body(i, carry):
+            buf, rng = carry
+            lo = jnp.maximum(i - window, 0)
+            ctx = jax.lax.dynamic_slice(buf, (0, lo), (batch, window))
+            net = nnx.merge(graphdef, state)
+            net.remat = False  # recomputation only pays off when differentiating
+            logits = jnp.take(net(ctx), i - 1 - lo, axis=1).astype(jnp.float32)
+            rng, key = jax.random.split(rng)
+            if temperature == 0:
+                token = jnp.argmax(logits, -1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+                    logits = jnp.where(logits < kth, -jnp.inf, logits)
+                token = jax.random.categorical(key, logits)
+            buf = jax.lax.dynamic_update_slice(buf, token[:, None].astype(jnp.int32), (0, i))
+            return buf, rng
+
+        return jax.lax.fori_loop(start, total, body, (buf, rng))[0]
+
+    out = np.asarray(run(state, prompt, rng))
+    return out[0] if single else out

@@ -1,0 +1,144 @@
+"""GPT: shapes, param counts, annotations, FLOPs against XLA, causality, rotary, remat,
+generation and the language-model task."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtrain.errors import JaxtrainError
+from jaxtrain.models import logical_axes
+from jaxtrain.models.annotate import param_count
+from jaxtrain.models.gpt import generate, rotary
+from jaxtrain.models.registry import build
+from jaxtrain.train.language_model import lm_loss, lm_metrics
+from jaxtrain.train.tasks import get_task
+
+KNOWN_AXES = {"vocab", "embed", "pos", "heads", "kv", "mlp", "norm"}
+
+
+def small(**kw):
+    cfg = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, max_len=16)
+    cfg.update(kw)
+    return build("gpt", seed=0, **cfg)
+
+
+def expected_params(v, d, layers, max_len, ratio=4, norm_size=2, tied=True, learned=False):
+    per_layer = 4 * d * d + 2 * ratio * d * d + 2 * norm_size * d
+    return (v * d + layers * per_layer + norm_size * d + (0 if tied else d * v)
+            + (max_len * d if learned else 0))
+
+
+@pytest.mark.parametrize("kw, count", [
+    ({}, expected_params(64, 32, 2, 16)),
+    ({"norm": "rmsnorm", "tie_embeddings": False, "positions": "learned"},
+     expected_params(64, 32, 2, 16, norm_size=1, tied=False, learned=True)),
+])
+def test_shapes_param_count_and_annotations(kw, count):
+    model = small(**kw)
+    assert model(jnp.zeros((3, 10), jnp.int32)).shape == (3, 10, 64)
+    assert param_count(model) == count
+    params = nnx.state(model, nnx.Param)
+    axes = jax.tree.leaves(logical_axes(params), is_leaf=lambda x: isinstance(x, tuple))
+    shapes = [x.shape for x in jax.tree.leaves(params)]
+    assert len(axes) == len(shapes)
+    for a, s in zip(axes, shapes, strict=True):
+        assert len(a) == len(s) and set(a) <= KNOWN_AXES, (a, s)
+
+
+def _cost(fn, *args):
+    return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+
+@pytest.mark.parametrize("positions", ["rotary", "learned"])
+def test_flops_match_xla_cost_analysis(positions):
+    model = build("gpt", seed=0, vocab_size=256, d_model=64, num_layers=2, num_heads=4,
+                  max_len=64, positions=positions)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tokens = jnp.zeros((4, 64), jnp.int32)
+    forward = lambda p, x: nnx.merge(graphdef, p, rest)(x)
+    per_token = _cost(forward, params, tokens) / tokens.size
+    assert per_token == pytest.approx(model.flops_per_token(64, training=False), rel=0.1)
+    grad = jax.grad(lambda p, x: forward(p, x).sum())
+    per_token = _cost(grad, params, tokens) / tokens.size
+    assert per_token == pytest.approx(model.flops_per_token(64), rel=0.1)
+
+
+def test_attention_is_causal():
+    model = small()
+    x = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
+    y = x.at[:, 7].set((x[:, 7] + 1) % 64)
+    a, b = model(x), model(y)
+    np.testing.assert_allclose(a[:, :7], b[:, :7], atol=1e-6)
+    assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
+    k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
+    t = 20
+    rq = rotary(jnp.broadcast_to(q, (1, t, 1, 8)))[0, :, 0]
+    rk = rotary(jnp.broadcast_to(k, (1, t, 1, 8)))[0, :, 0]
+    scores = rq @ rk.T
+    np.testing.assert_allclose(scores[3, 1], scores[15, 13], rtol=1e-5)
+    np.testing.assert_allclose(scores[0, 0], (q * k).sum(), rtol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(rq, axis=-1), jnp.linalg.norm(q), rtol=1e-5)
+
+
+def test_remat_recomputes_but_gives_the_same_gradients():
+    plain, remat = small(), small(remat=True)
+    tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 64)
+    batch = {"tokens": tokens}
+
+    def grads(model):
+        g, p, r = nnx.split(model, nnx.Param, ...)
+        f = lambda p: lm_loss(nnx.merge(g, p, r), batch, None)[0]
+        return jax.grad(f)(p), jax.make_jaxpr(jax.grad(f))(p)
+
+    g1, jaxpr1 = grads(plain)
+    g2, jaxpr2 = grads(remat)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
+    assert "remat" in str(jaxpr2) or "checkpoint" in str(jaxpr2)
+    assert "remat" not in str(jaxpr1) and "checkpoint" not in str(jaxpr1)
+
+
+def test_greedy_generate_matches_step_by_step_argmax_and_slides_past_max_len():
+    model = small()
+    prompt = np.array([3, 1, 4, 1, 5])
+    out = generate(model, prompt, 20, jax.random.key(0), temperature=0.0)
+    assert out.shape == (25,) and np.array_equal(out[:5], prompt)
+    seq = list(prompt)
+    for _ in range(20):
+        logits = model(jnp.asarray(seq[-16:])[None])
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    np.testing.assert_array_equal(out, seq)
+    sampled = generate(model, np.stack([prompt, prompt]), 8, jax.random.key(0), top_k=3)
+    assert sampled.shape == (2, 13) and sampled.max() < 64
+
+
+def test_bad_config_and_inputs_are_refused():
+    with pytest.raises(JaxtrainError, match="positions"):
+        small(positions="alibi")
+    with pytest.raises(JaxtrainError, match="num_heads"):
+        small(num_heads=5)
+    with pytest.raises(JaxtrainError, match="max_len=16"):
+        small()(jnp.zeros((1, 17), jnp.int32))
+
+
+def test_language_model_task_loss_is_nats_and_per_token():
+    model = small()
+    embed = model.embed.embedding
+    embed[...] = jnp.zeros_like(embed[...])  # tied head: every logit 0, uniform prediction
+    tokens = jax.random.randint(jax.random.key(3), (4, 9), 0, 64)
+    loss, aux = lm_loss(model, {"tokens": tokens}, None)
+    assert float(loss) == pytest.approx(math.log(64), rel=1e-6)
+    per_seq = lm_metrics(model, {"tokens": tokens})
+    assert per_seq["loss"].shape == (4,) and per_seq["accuracy"].shape == (4,)
+    task = get_task("language_model")
+    assert task.monitor == "loss" and task.mode == "min"
+    data = {"valid": {"tokens": np.asarray(tokens)}}
+    text = task.after_fit(small(), data)
+    assert isinstance(text, str) and len(text) > 0
