@@ -2,7 +2,7 @@
 
 from . import masks, schedules
 from .decay import add_decoupled_weight_decay, add_l1, add_l2
-from .hyperparams import current_hyperparams
+from .hyperparams import current_hyperparams, set_hyperparams
 from .loss_scale import dynamic_loss_scale, loss_scale_value
 from .low_precision import (
     fp32_master,
@@ -37,9 +37,29 @@ from .plateau import reduce_on_plateau
 from .privacy import dp_aggregate, dp_sgd
 from .pruning import magnitude_prune, polynomial_sparsity, sparsity_report
 from .second_order import lbfgs, newton, newton_cg
-from .wrappers import freeze, per_group
+from .wrappers import (
+    accumulate,
+    adaptive_grad_clip,
+    clip,
+    clip_by_global_norm,
+    ema,
+    ema_params,
+    freeze,
+    lookahead,
+    per_group,
+    skip_nonfinite,
+)
 
 __all__ = [
+    "accumulate",
+    "adaptive_grad_clip",
+    "clip",
+    "clip_by_global_norm",
+    "ema",
+    "ema_params",
+    "lookahead",
+    "set_hyperparams",
+    "skip_nonfinite",
     "add_decoupled_weight_decay",
     "add_l1",
     "add_l2",
