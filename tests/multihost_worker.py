@@ -1,0 +1,67 @@
+"""One process of the 2-process x 4-CPU-device test (see test_sharding_multihost.py).
+
+    python multihost_worker.py PROCESS_ID PORT OUT_DIR [--fail-at STEP]
+
+Joins the runtime through `sharding.initialize`, trains the digits CNN with the `fsdp`
+preset on the 8 global devices for 20 steps (each process feeding only its rows of every
+batch), saves an Orbax checkpoint from both processes, and, on process 0 only, writes
+`log.jsonl` (the losses) and `params.npz` (the gathered params). A failure ends the
+process at once (`os._exit`), so the launcher sees it and ends the other one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import jax
+
+STEPS = 20
+MESH = dict(data=2, fsdp=4)
+
+
+def main(argv: list[str]) -> None:
+    process_id, port, out = int(argv[0]), int(argv[1]), Path(argv[2])
+    fail_at = int(argv[argv.index("--fail-at") + 1]) if "--fail-at" in argv else None
+    jax.config.update("jax_num_cpu_devices", 4)
+
+    from jaxtrain import sharding
+
+    sharding.initialize(f"127.0.0.1:{port}", 2, process_id, timeout=60)
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from _sharding_models import train
+    from jax.experimental import multihost_utils
+
+    assert jax.device_count() == 8 and jax.local_device_count() == 4
+    if fail_at is not None and process_id == 1:
+        train("cnn", "fsdp", MESH, steps=fail_at)
+        raise SystemExit(f"process 1 fails on purpose after {fail_at} steps")
+    state, losses, _ = train("cnn", "fsdp", MESH, steps=STEPS)
+
+    saved = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out / "ckpt", saved)
+        ckptr.wait_until_finished()
+    params = multihost_utils.process_allgather(state.params, tiled=True)
+    if jax.process_index() == 0:
+        with open(out / "log.jsonl", "w") as f:
+            for step, loss in enumerate(losses, 1):
+                f.write(json.dumps({"step": step, "loss": loss, "process": process_id}) + "\n")
+        flat = {jax.tree_util.keystr(kp): np.asarray(x)
+                for kp, x in jax.tree_util.tree_leaves_with_path(params)}
+        np.savez(out / "params.npz", **flat)
+    jax.distributed.shutdown()
+    print(f"worker {process_id} done")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except BaseException:  # fail fast: JAX's exit hooks would wait for the other process
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)

@@ -1,0 +1,102 @@
+"""Two processes x 4 CPU devices on localhost through `sharding.initialize` match one
+process with 8 devices; only process 0 logs; their checkpoint restores in one process;
+both always exit."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from _sharding_models import train
+from multihost_worker import MESH, STEPS
+
+WORKER = Path(__file__).with_name("multihost_worker.py")
+TIMEOUT = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out: Path, *extra: str):
+    """Run both workers; when one ends badly, or at the timeout, end the other too.
+    Returns each process's (exit code, output without gloo's chatter)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKER.parent),
+                                                      env.get("PYTHONPATH")]))
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), port, str(out), *extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env) for i in range(2)]
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = any(p.poll() not in (None, 0) for p in procs)
+            if failed or time.monotonic() > deadline:
+                time.sleep(2 if failed else 0)  # a moment for the other to fail by itself
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                break
+            time.sleep(0.2)
+    finally:
+        results = []
+        for p in procs:
+            text = p.communicate(timeout=30)[0]
+            lines = [ln for ln in text.splitlines() if not ln.startswith("[Gloo]")]
+            results.append((p.returncode, "\n".join(lines)))
+    return results
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multihost")
+    return out, _launch(out)
+
+
+def test_two_processes_match_one_process(devices, two_process_run):
+    out, results = two_process_run
+    for i, (code, text) in enumerate(results):
+        assert code == 0, f"worker {i} exited {code}:\n{text[-3000:]}"
+        assert f"worker {i} done" in text
+    state, losses, _ = train("cnn", "fsdp", MESH, steps=STEPS)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["process"] for r in log] == [0] * STEPS  # only process 0 wrote
+    np.testing.assert_allclose([r["loss"] for r in log], losses, rtol=1e-6)
+    got = np.load(out / "params.npz")
+    for kp, x in jax.tree_util.tree_leaves_with_path(jax.device_get(state.params)):
+        np.testing.assert_allclose(got[jax.tree_util.keystr(kp)], x, rtol=1e-6, atol=1e-6)
+
+
+def test_checkpoint_of_both_processes_restores_in_one(devices, two_process_run):
+    out, results = two_process_run
+    assert all(code == 0 for code, _ in results)
+    one = jax.sharding.SingleDeviceSharding(devices[0])
+    state = train("cnn", "fsdp", MESH, steps=STEPS)[0]
+    saved = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), saved)
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(out / "ckpt", target)
+    assert int(restored["step"]) == STEPS
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(jax.device_get(saved)),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-6)
+    assert jax.tree.leaves(restored)[0].sharding == one
+
+
+def test_both_processes_exit_when_one_fails(tmp_path):
+    start = time.monotonic()
+    results = _launch(tmp_path, "--fail-at", "2")
+    assert time.monotonic() - start < TIMEOUT
+    assert "fails on purpose" in results[1][1]
+    assert results[1][0] != 0 and results[0][0] != 0  # process 0 did not carry on alone
+    assert not (tmp_path / "log.jsonl").exists()
