@@ -1,0 +1,186 @@
+"""Trainer.fit: logs (JSONL, TensorBoard, PNG), evaluation, callbacks, the non-finite
+policy, exact in-process resume and signals, and the data order of `batch_at`."""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxtrain import JaxtrainError, transforms
+from jaxtrain.checkpoint import Manager
+from jaxtrain.data import batch_at
+from jaxtrain.train import (
+    Batches,
+    Callback,
+    EarlyStopping,
+    NonFiniteError,
+    Trainer,
+    TrainState,
+    classification_loss,
+    classification_metrics,
+)
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(8, 16, rngs=rngs)
+        self.l2 = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jax.nn.relu(self.l1(x)))
+
+
+def _data(n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    return {"image": x, "label": (x[:, :3].argmax(1)).astype(np.int32)}
+
+
+def _trainer(**kw):
+    state = TrainState.create(MLP(nnx.Rngs(0)), transforms.adam(1e-2), jax.random.PRNGKey(0))
+    kw.setdefault("progress", False)
+    return Trainer(state, classification_loss, metric_fn=classification_metrics,
+                   batch_size=16, monitor="accuracy", mode="max", **kw)
+
+
+def test_fit_logs_jsonl_tensorboard_and_curves(tmp_path):
+    trainer = _trainer(log_dir=tmp_path, log_every=5)
+    state = trainer.fit(_data(), 20, eval_data=_data(48, 1), eval_every=10)
+    assert int(state.step) == 20 and [s for s, _ in trainer.history] == [5, 10, 15, 20]
+    assert {"loss", "grad_norm", "learning_rate", "accuracy"} <= set(trainer.history[-1][1])
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").open()]
+    assert [r["step"] for r in records if r["run"] == "eval"] == [10, 20]
+    assert trainer.history[-1][1]["loss"] == [r for r in records if r["run"] == "train"][-1][
+        "loss"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert trainer.eval_history[-1][1]["accuracy"] > 0.5
+
+
+def test_batches_are_batch_at():
+    data = _data(50)
+    feed = Batches(data, 16, seed=3)
+    for position in (0, 2, 3, 7, 3):
+        got, want = feed.get(position, 1), batch_at(data, 16, 3, position)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    stacked = feed.get(4, 3)
+    np.testing.assert_array_equal(stacked["label"][2], batch_at(data, 16, 3, 6)["label"])
+    with pytest.raises(JaxtrainError, match="batch_size"):
+        Batches(data, 51, 0)
+
+
+def test_resume_from_checkpoint_folder_is_bitwise_in_process(tmp_path):
+    straight = _trainer().fit(_data(), 14)
+    first = _trainer(checkpoint_dir=tmp_path, checkpoint_every=5, async_checkpoint=False)
+    first.fit(_data(), 7)  # saves 5 and 7 (the end)
+    assert Manager(tmp_path, read_only=True).steps() == [5, 7]
+    resumed = _trainer(checkpoint_dir=tmp_path).fit(_data(), 14)
+    assert int(resumed.step) == 14 and int(resumed.data_position) == 14
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
+    jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, straight.opt_state)
+
+
+def test_checkpoints_every_n_on_best_and_at_end(tmp_path):
+    trainer = _trainer(checkpoint_dir=tmp_path, checkpoint_every=4, checkpoint_best=True,
+                       max_to_keep=None, async_checkpoint=False)
+    trainer.fit(_data(), 10, eval_data=_data(48, 1), eval_every=3)
+    steps = Manager(tmp_path, read_only=True).steps()
+    assert {4, 8, 10} <= set(steps)  # every 4, the end
+    best = [s for s, m in trainer.eval_history
+            if m["accuracy"] == max(x["accuracy"] for _, x in trainer.eval_history)]
+    assert best[0] in steps  # the first best evaluation was saved
+
+
+class _FakeTrainer:
+    monitor, mode = "loss", "min"
+
+    def __init__(self):
+        self.reason = None
+
+    def stop(self, reason):
+        self.reason = reason
+
+
+def _fake_state(value):
+    return TrainState.create(lambda p, x: x, optax.sgd(0.1), jax.random.PRNGKey(0),
+                             params={"w": jnp.full((2,), value)})
+
+
+def test_early_stopping_stops_after_patience_and_restores_the_best():
+    stopper, trainer = EarlyStopping(patience=2, min_delta=0.05), _FakeTrainer()
+    stopper.on_fit_start(trainer, None)
+    for step, loss in enumerate([1.0, 0.5, 0.48, 0.6]):  # 0.48 is not 0.05 better than 0.5
+        stopper.on_eval(trainer, step, {"loss": loss}, _fake_state(float(step)))
+    assert trainer.reason is not None and "best 0.5 at step 1" in trainer.reason
+    restored = stopper.restore(_fake_state(9.0))
+    np.testing.assert_array_equal(restored.params["w"], [1.0, 1.0])
+    with pytest.raises(JaxtrainError, match="monitors 'loss'"):
+        stopper.on_eval(trainer, 5, {"accuracy": 1.0}, _fake_state(0.0))
+
+
+def test_fit_with_early_stopping_ends_early_with_best_params():
+    trainer = _trainer(early_stopping=EarlyStopping(monitor="loss", mode="max", patience=1))
+    # "max" of the held-out loss: the first evaluation is best, so the second one stops.
+    state = trainer.fit(_data(), 50, eval_data=_data(48, 1), eval_every=5)
+    assert int(state.step) == 10 and "early stopping" in trainer.stop_reason
+    first = trainer.early_stopping.best_arrays[0]
+    jax.tree.map(np.testing.assert_array_equal, state.params, first)
+
+
+def test_nan_raise_names_the_step_and_the_first_bad_path(devices):
+    def loss(params, batch, rng):
+        # finite value; d/db = 0 * inf = nan where the batch's p is 0 (position 7)
+        p = jnp.mean(batch["p"])
+        bad = 0.0 * jnp.sum(jnp.sqrt(jnp.abs(params["b"]) + p))
+        return jnp.mean((batch["x"] @ params["a"]) ** 2) + bad, {}
+
+    def data(position):
+        return {"x": np.ones((8, 3), np.float32),
+                "p": np.full(8, 0.0 if position == 7 else 1.0, np.float32)}
+
+    state = TrainState.create(lambda p, x: x, optax.sgd(0.01), jax.random.PRNGKey(0),
+                              params={"a": jnp.ones(3), "b": jnp.zeros(2)})
+    trainer = Trainer(state, loss, log_every=5, progress=False)
+    with pytest.raises(NonFiniteError, match=r"step 7: first non-finite is gradient b"):
+        trainer.fit(data, 30)
+    skipping = Trainer(TrainState.create(lambda p, x: x, optax.sgd(0.01),
+                                         jax.random.PRNGKey(0),
+                                         params={"a": jnp.ones(3), "b": jnp.zeros(2)}),
+                       loss, nan_policy="skip", progress=False)
+    final = skipping.fit(data, 10)
+    assert int(final.step) == 10 and final.nonfinite.tolist() == [7, 2, 1]
+
+
+class _SendSignal(Callback):
+    def __init__(self, at, signum):
+        self.at, self.signum = at, signum
+
+    def on_step_end(self, trainer, before, step, state):
+        if step == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_ends_cleanly(tmp_path, signum):
+    before = signal.getsignal(signum)
+    trainer = _trainer(checkpoint_dir=tmp_path, callbacks=[_SendSignal(6, signum)])
+    state = trainer.fit(_data(), 1000)
+    assert trainer.interrupted == signal.Signals(signum).name and int(state.step) == 6
+    assert Manager(tmp_path, read_only=True).steps() == [6]
+    assert signal.getsignal(signum) is before
+
+
+def test_steps_per_call_trains_like_single_steps():
+    single = _trainer().fit(_data(), 12)
+    multi_trainer = _trainer(steps_per_call=4, log_every=4)
+    multi = multi_trainer.fit(_data(), 14)  # 3 calls of 4, then 2 single steps
+    assert int(multi.step) == 14 and [s for s, _ in multi_trainer.history] == [4, 8, 12, 14]
+    again = _trainer(steps_per_call=4).fit(_data(), 12)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 again.params, single.params)
