@@ -13,9 +13,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from .checkpoint import Manager
-from .errors import JaxtrainError
-from .transforms.paths import matches, path_str
+from ..checkpoint import Manager
+from ..errors import JaxtrainError
+from ..transforms.paths import matches, path_str
 
 
 @dataclasses.dataclass
@@ -43,7 +43,7 @@ def load_pretrained(params, directory: str | Path, step: int | None = None,
         raise JaxtrainError(f"pretrained checkpoint folder {directory} does not exist")
     mngr = Manager(directory, read_only=True)
     try:
-        saved = _flat(mngr.restore_arrays(step)["params"])
+        saved = _flat(mngr.restore_arrays(step, items=["params"])["params"])
     finally:
         mngr.close()
     target = _flat(params)
@@ -69,9 +69,11 @@ def load_pretrained(params, directory: str | Path, step: int | None = None,
 
     def pick(kp, leaf):
         path = path_str(kp)
-        if path in values:
-            return jnp.asarray(values[path], leaf.dtype)
-        return leaf
+        if path not in values:
+            return leaf
+        value = jnp.asarray(values[path], leaf.dtype)
+        sharding = getattr(leaf, "sharding", None)  # keep the new model's placement
+        return value if sharding is None else jax.device_put(value, sharding)
 
     new_params = jax.tree_util.tree_map_with_path(pick, params)
     report = LoadReport(loaded=sorted(loaded), skipped=skipped,
