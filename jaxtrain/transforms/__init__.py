@@ -1,6 +1,6 @@
 """Pure gradient transformations in the Optax protocol: optimizers, schedules, wrappers."""
 
-from . import masks, schedules
+from . import masks, schedules, spec
 from .decay import add_decoupled_weight_decay, add_l1, add_l2
 from .hyperparams import current_hyperparams, set_hyperparams
 from .loss_scale import dynamic_loss_scale, loss_scale_value
@@ -65,6 +65,7 @@ __all__ = [
     "add_l2",
     "masks",
     "schedules",
+    "spec",
     "adadelta",
     "adafactor",
     "adagrad",

@@ -1,0 +1,339 @@
+"""A declarative description of a chain (a dict, or YAML text) -> the chain.
+
+    build({'optimizer': 'adamw',
+           'learning_rate': {'schedule': 'warmup_cosine', 'peak_value': 3e-4,
+                             'warmup_steps': 100, 'total_steps': 10000},
+           'weight_decay': {'rate': 0.1, 'exclude': ['*/bias', '*/scale']},
+           'clip_global_norm': 1.0, 'accumulate': 4})
+
+Keys (all but `optimizer` optional):
+  optimizer          a name, or {name: ..., <its keyword arguments>}: any optimizer of
+                     `jaxtrain.transforms` (looked up when `build` runs)
+  learning_rate      a number, or {schedule: <name in schedules.py>, <its arguments>};
+                     `join` takes {schedules: [<schedule>, ...], boundaries: [...]}
+  weight_decay       a number, or {rate, kind: decoupled | l2 | l1, exclude: [globs],
+                     include: [globs], min_ndim: int}; decoupled (the default) uses the
+                     optimizer's own `weight_decay`/`mask` when it has them
+  groups             {<glob>: {<optimizer arguments, learning_rate, optimizer>}}:
+                     parameter groups overriding the base optimizer (`per_group`)
+  clip_global_norm, clip, adaptive_grad_clip (a number or {clipping, eps}),
+  reduce_on_plateau ({factor, patience, rtol, atol, cooldown, min_scale}),
+  freeze ([globs]), ema (decay), lookahead ({sync_period, alpha}),
+  accumulate (k), skip_nonfinite (max_consecutive).
+
+The chain, inside out: clipping, coupled decay (l2/l1), the optimizer (per group, each
+with its decoupled decay), reduce_on_plateau, freeze; then lookahead around that, ema
+after it, accumulate around all of it and skip_nonfinite outermost. Mistakes raise a
+`JaxtrainError` naming the key: an unknown key or name with the closest valid one and
+the valid set, a wrong type with the type expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import math
+import re
+
+import optax
+import yaml
+
+from ..errors import JaxtrainError
+from . import decay, masks, plateau, schedules, wrappers
+
+OPTIMIZER_MODULES = ("optimizers", "second_order")
+TOP_KEYS = ("optimizer", "learning_rate", "weight_decay", "groups", "clip_global_norm",
+            "clip", "adaptive_grad_clip", "reduce_on_plateau", "freeze", "ema", "lookahead",
+            "accumulate", "skip_nonfinite")
+DECAY_KEYS = ("rate", "kind", "exclude", "include", "min_ndim")
+DECAY_KINDS = ("decoupled", "l2", "l1")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-4` (no dot) as a string; read it as the number it is."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN)$"),
+    list("-+0123456789."),
+)
+
+
+def _fail(where: str, message: str):
+    raise JaxtrainError(f"{where}: {message}")
+
+
+def _unknown(where: str, what: str, name, valid) -> None:
+    valid = sorted(valid)
+    folded = {v.lower(): v for v in valid}
+    close = difflib.get_close_matches(str(name).lower(), folded, n=1, cutoff=0.5)
+    hint = f" (did you mean '{folded[close[0]]}'?)" if close else ""
+    _fail(where, f"unknown {what} {name!r}{hint}; valid: {', '.join(valid)}")
+
+
+def _mapping(where: str, value) -> dict:
+    if not isinstance(value, dict):
+        _fail(where, f"expected a mapping, got {value!r} ({type(value).__name__})")
+    for key in value:
+        if not isinstance(key, str):
+            _fail(where, f"keys must be strings, got {key!r}")
+    return value
+
+
+def _check_keys(where: str, value: dict, valid, what: str = "key") -> None:
+    for key in value:
+        if key not in valid:
+            _unknown(where, what, key, valid)
+
+
+# -- types ------------------------------------------------------------------------------
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+_TYPES = {
+    "number": (_is_number, "a number"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list": (lambda v: isinstance(v, list | tuple), "a list"),
+}
+
+
+def _expect(where: str, value, kind: str, optional: bool = False):
+    test, words = _TYPES[kind]
+    if (value is None and optional) or test(value):
+        return value
+    _fail(where, f"expected {words}{' or null' if optional else ''}, got {value!r} "
+                 f"({type(value).__name__})")
+
+
+def _positive(where: str, value, kind: str = "number"):
+    _expect(where, value, kind)
+    if not (math.isfinite(value) and value > 0):
+        _fail(where, f"expected a positive {'integer' if kind == 'int' else 'number'}, "
+                     f"got {value!r}")
+    return value
+
+
+def _param_kind(param: inspect.Parameter):
+    """(kind, optional) of a factory argument, from its annotation or default."""
+    ann = param.annotation if isinstance(param.annotation, str) else ""
+    optional = "None" in ann or param.default is None
+    simple = re.fullmatch(r"(bool|int|float|str)( \| None)?", ann)
+    if simple:
+        return {"float": "number"}.get(simple[1], simple[1]), optional
+    default = param.default
+    for test, kind in ((lambda d: isinstance(d, bool), "bool"),
+                       (lambda d: isinstance(d, int), "int"),
+                       (lambda d: isinstance(d, float), "number"),
+                       (lambda d: isinstance(d, str), "str")):
+        if default is not inspect.Parameter.empty and test(default):
+            return kind, optional
+    return None, optional
+
+
+def _call(where: str, factory, kwargs: dict, passthrough=()):
+    """`factory(**kwargs)`, each argument checked against the factory's signature."""
+    params = inspect.signature(factory).parameters
+    for key, value in kwargs.items():
+        if key not in params:
+            _unknown(where, f"argument of {factory.__name__}", key, params)
+        if key in passthrough:
+            continue
+        kind, optional = _param_kind(params[key])
+        if kind is not None:
+            _expect(f"{where}.{key}", value, kind, optional)
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty
+               and p.kind is p.POSITIONAL_OR_KEYWORD and n not in kwargs]
+    if missing:
+        _fail(where, f"{factory.__name__} needs {', '.join(missing)}")
+    try:
+        return factory(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise JaxtrainError(f"{where}: {err}") from err
+
+
+# -- names ------------------------------------------------------------------------------
+
+def optimizer_factories() -> dict:
+    """Every optimizer of `jaxtrain.transforms`, by name, as it stands now."""
+    package = importlib.import_module("jaxtrain.transforms")
+    exported = set(getattr(package, "__all__", ()))
+    found = {}
+    for name in OPTIMIZER_MODULES:
+        try:
+            module = importlib.import_module(f"jaxtrain.transforms.{name}")
+        except ModuleNotFoundError:
+            continue
+        for attr, fn in vars(module).items():
+            if (attr in exported and inspect.isfunction(fn) and fn.__module__ == module.__name__
+                    and "learning_rate" in inspect.signature(fn).parameters):
+                found[attr] = fn
+    return found
+
+
+def _learning_rate(where: str, value):
+    if _is_number(value):
+        return value
+    if not isinstance(value, dict):
+        _fail(where, f"expected a number or a schedule mapping, got {value!r} "
+                     f"({type(value).__name__})")
+    spec = dict(_mapping(where, value))
+    if "schedule" not in spec:
+        _fail(where, f"expected a number or a mapping with 'schedule' (one of "
+                     f"{', '.join(sorted(schedules.SCHEDULES))}), got {value!r}")
+    name = _expect(f"{where}.schedule", spec.pop("schedule"), "str")
+    if name not in schedules.SCHEDULES:
+        _unknown(f"{where}.schedule", "schedule", name, schedules.SCHEDULES)
+    if name == "join":
+        _check_keys(where, spec, ("schedules", "boundaries"))
+        parts = _expect(f"{where}.schedules", spec.get("schedules"), "list")
+        spec["schedules"] = [_learning_rate(f"{where}.schedules[{i}]", p) if isinstance(p, dict)
+                             else _fail(f"{where}.schedules[{i}]", "expected a schedule "
+                                        f"mapping, got {p!r}") for i, p in enumerate(parts)]
+        return _call(where, schedules.join, spec, passthrough=("schedules",))
+    return _call(where, schedules.SCHEDULES[name], spec)
+
+
+def _optimizer(where: str, value, learning_rate):
+    """(factory, kwargs) of an `optimizer` entry, learning rate included."""
+    if isinstance(value, str):
+        name, kwargs = value, {}
+    else:
+        kwargs = dict(_mapping(where, value))
+        if "name" not in kwargs:
+            _fail(where, f"expected an optimizer name or a mapping with 'name', got {value!r}")
+        name = _expect(f"{where}.name", kwargs.pop("name"), "str")
+    factories = optimizer_factories()
+    if name not in factories:
+        _unknown(where, "optimizer", name, factories)
+    if "learning_rate" in kwargs:
+        kwargs["learning_rate"] = _learning_rate(f"{where}.learning_rate",
+                                                 kwargs["learning_rate"])
+    elif learning_rate is not None:
+        kwargs["learning_rate"] = learning_rate
+    return factories[name], kwargs
+
+
+def _decay_mask(where: str, spec: dict):
+    parts = []
+    if "exclude" in spec:
+        parts.append(masks.exclude(_patterns(f"{where}.exclude", spec["exclude"])))
+    if "include" in spec:
+        parts.append(masks.include(_patterns(f"{where}.include", spec["include"])))
+    if "min_ndim" in spec:
+        parts.append(masks.ndim_at_least(_expect(f"{where}.min_ndim", spec["min_ndim"], "int")))
+    if not parts:
+        return None
+    mask = parts[0]
+    for part in parts[1:]:
+        mask = mask & part
+    return mask
+
+
+def _patterns(where: str, value) -> list[str]:
+    value = [value] if isinstance(value, str) else _expect(where, value, "list")
+    for item in value:
+        _expect(where, item, "str")
+    return list(value)
+
+
+def _weight_decay(value):
+    if value is None:
+        return None
+    where = "weight_decay"
+    spec = {"rate": value} if _is_number(value) else dict(_mapping(where, value))
+    _check_keys(where, spec, DECAY_KEYS)
+    if "rate" not in spec:
+        _fail(where, "needs 'rate'")
+    rate = _expect(f"{where}.rate", spec["rate"], "number")
+    kind = _expect(f"{where}.kind", spec.get("kind", "decoupled"), "str")
+    if kind not in DECAY_KINDS:
+        _unknown(f"{where}.kind", "kind", kind, DECAY_KINDS)
+    return rate, kind, _decay_mask(where, spec)
+
+
+def _group_optimizer(where, factory, kwargs, decay_rule):
+    """The optimizer of one group, with its decoupled weight decay if any."""
+    params = inspect.signature(factory).parameters
+    if decay_rule is None or decay_rule[1] != "decoupled":
+        return _call(where, factory, kwargs)
+    rate, _, mask = decay_rule
+    if "weight_decay" in params and (mask is None or "mask" in params):
+        extra = {"weight_decay": rate, **({"mask": mask} if mask is not None else {})}
+        return _call(where, factory, {**kwargs, **extra}, passthrough=("mask",))
+    return optax.chain(
+        _call(where, factory, kwargs),
+        decay.add_decoupled_weight_decay(rate, kwargs.get("learning_rate", 1.0), mask),
+    )
+
+
+def build(config) -> optax.GradientTransformationExtraArgs:
+    """The chain described by `config`: a dict, or YAML text (see the module docstring)."""
+    if isinstance(config, str):
+        try:
+            config = yaml.load(config, Loader=_Loader)
+        except yaml.YAMLError as err:
+            raise JaxtrainError(f"spec: not valid YAML: {err}") from err
+    cfg = _mapping("spec", config)
+    _check_keys("spec", cfg, TOP_KEYS)
+    if "optimizer" not in cfg:
+        _fail("spec", "missing key 'optimizer' (e.g. optimizer: adamw)")
+    lr = (_learning_rate("learning_rate", cfg["learning_rate"])
+          if "learning_rate" in cfg else None)
+    decay_rule = _weight_decay(cfg.get("weight_decay"))
+    factory, kwargs = _optimizer("optimizer", cfg["optimizer"], lr)
+    core = _group_optimizer("optimizer", factory, kwargs, decay_rule)
+    if "groups" in cfg:
+        groups = {}
+        for pattern, override in _mapping("groups", cfg["groups"]).items():
+            where = f"groups.{pattern}"
+            override = dict(_mapping(where, override))
+            g_factory, g_kwargs = factory, dict(kwargs)
+            if "optimizer" in override:
+                g_factory, g_kwargs = _optimizer(f"{where}.optimizer", override.pop("optimizer"),
+                                                 g_kwargs.get("learning_rate"))
+            if "learning_rate" in override:
+                override["learning_rate"] = _learning_rate(f"{where}.learning_rate",
+                                                           override["learning_rate"])
+            groups[pattern] = _group_optimizer(where, g_factory, {**g_kwargs, **override},
+                                               decay_rule)
+        core = wrappers.per_group(groups, default=core)
+
+    chain = []
+    if "clip_global_norm" in cfg:
+        chain.append(wrappers.clip_by_global_norm(
+            _positive("clip_global_norm", cfg["clip_global_norm"])))
+    if "clip" in cfg:
+        chain.append(wrappers.clip(_positive("clip", cfg["clip"])))
+    if "adaptive_grad_clip" in cfg:
+        agc = cfg["adaptive_grad_clip"]
+        agc = {"clipping": agc} if _is_number(agc) else _mapping("adaptive_grad_clip", agc)
+        chain.append(_call("adaptive_grad_clip", wrappers.adaptive_grad_clip, agc))
+    if decay_rule is not None and decay_rule[1] != "decoupled":
+        rule = decay.add_l2 if decay_rule[1] == "l2" else decay.add_l1
+        chain.append(rule(decay_rule[0], mask=decay_rule[2]))
+    chain.append(core)
+    if "reduce_on_plateau" in cfg:
+        chain.append(_call("reduce_on_plateau", plateau.reduce_on_plateau,
+                           _mapping("reduce_on_plateau", cfg["reduce_on_plateau"])))
+    if "freeze" in cfg:
+        chain.append(wrappers.freeze(_patterns("freeze", cfg["freeze"])))
+    tx = optax.chain(*chain)
+    if "lookahead" in cfg:
+        def lookahead(sync_period: int = 5, alpha: float = 0.5):
+            return wrappers.lookahead(tx, sync_period, alpha)
+
+        tx = _call("lookahead", lookahead, _mapping("lookahead", cfg["lookahead"]))
+    if "ema" in cfg:
+        tx = optax.chain(tx, _call("ema", wrappers.ema, {"decay": cfg["ema"]}))
+    if "accumulate" in cfg:
+        tx = wrappers.accumulate(_positive("accumulate", cfg["accumulate"], "int"), tx)
+    if "skip_nonfinite" in cfg:
+        tx = wrappers.skip_nonfinite(_positive("skip_nonfinite", cfg["skip_nonfinite"], "int"),
+                                     tx)
+    return optax.with_extra_args_support(tx)
