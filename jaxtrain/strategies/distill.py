@@ -1,0 +1,72 @@
+"""Knowledge distillation (Hinton et al. 2015): a student learns from a frozen teacher.
+
+    loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+         + (1 - alpha) * cross_entropy(student, labels)
+
+The T^2 keeps the soft term's gradients on the scale of the hard term's as T grows.
+The teacher's params come from a checkpoint and are closed over as constants (no
+gradient flows into them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ..checkpoint import Manager
+from ..errors import JaxtrainError
+
+
+def distillation_loss(student_logits, teacher_logits, labels, temperature: float = 4.0,
+                      alpha: float = 0.9):
+    """Mean over the batch of the loss above; `labels` are integers."""
+    soft_teacher = jax.nn.softmax(teacher_logits / temperature, axis=-1)
+    log_student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+    kl = optax.kl_divergence(log_student, soft_teacher)
+    hard = optax.softmax_cross_entropy_with_integer_labels(student_logits, labels)
+    return jnp.mean(alpha * temperature**2 * kl + (1.0 - alpha) * hard)
+
+
+def load_teacher(model: nnx.Module, directory: str | Path, step: int | None = None):
+    """`model` (a fresh module of the teacher's architecture) with the params saved in the
+    checkpoint folder `directory`, in eval mode."""
+    if not Path(directory).is_dir():
+        raise JaxtrainError(f"teacher checkpoint folder {directory} does not exist")
+    mngr = Manager(directory, read_only=True)
+    try:
+        saved = mngr.restore_arrays(step)["params"]
+    finally:
+        mngr.close()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    expected = jax.tree.map(jnp.shape, nnx.to_pure_dict(params))
+    got = jax.tree.map(jnp.shape, saved)
+    if expected != got:
+        raise JaxtrainError(f"teacher checkpoint {directory} does not fit the teacher model: "
+                            f"saved shapes {got} vs model {expected}")
+    nnx.replace_by_pure_dict(params, saved)
+    teacher = nnx.merge(graphdef, params, rest)
+    teacher.eval()
+    return teacher
+
+
+def make_distill_loss(teacher: nnx.Module, temperature: float = 4.0, alpha: float = 0.9):
+    """A `loss_fn(student, batch, rng) -> (loss, aux)` for `make_train_step`."""
+    if not temperature > 0:
+        raise JaxtrainError(f"temperature must be > 0, got {temperature!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise JaxtrainError(f"alpha must be in [0, 1], got {alpha!r}")
+    graphdef, state = nnx.split(teacher)
+
+    def loss_fn(student, batch, rng):
+        del rng
+        teacher_logits = jax.lax.stop_gradient(nnx.merge(graphdef, state)(batch["image"]))
+        logits = student(batch["image"])
+        loss = distillation_loss(logits, teacher_logits, batch["label"], temperature, alpha)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        return loss, {"accuracy": accuracy}
+
+    return loss_fn
