@@ -7,7 +7,7 @@ Shape (every section but `model`, `data`, `task` and `optimizer` has defaults):
     model: {name: cnn, ...kwargs}        # jaxtrain.models.registry.build
     data: {name: digits, ...kwargs}      # jaxtrain.data.registry.load
     task: classification                 # jaxtrain.train.tasks
-    optimizer: {name: adam, learning_rate: 0.003, ...}   # the transforms spec
+    optimizer: {optimizer: adam, learning_rate: 0.003, ...}   # jaxtrain.transforms.spec
     train: {steps, batch_size, microbatches, steps_per_call, precision, nan_policy,
             eval_every, eval_batch_size, log_every, ema_decay}
     sharding: {preset: dp, mesh: {data: -1, fsdp: 1, tensor: 1}}
@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 from pathlib import Path
 
 import yaml
 
 from ..errors import JaxtrainError
 
-ANY = object()  # a free-form section (kwargs of a registry entry)
+ANY = object()  # a free-form section: {name, **kwargs of a registry entry}
+SPEC = object()  # the transforms spec: {optimizer, learning_rate, ...}, checked by its build
 INT, FLOAT, BOOL, STR = (int,), (int, float), (bool,), (str,)
 OPT = (type(None),)
 
@@ -40,7 +42,7 @@ SCHEMA = {
     "model": (ANY, None),
     "data": (ANY, None),
     "task": (STR, None),
-    "optimizer": (ANY, None),
+    "optimizer": (SPEC, None),
     "train": {
         "steps": (INT, 1000),
         "batch_size": (INT, 64),
@@ -71,6 +73,22 @@ SCHEMA = {
 REQUIRED = ("model", "data", "task", "optimizer")
 EARLY_STOPPING = {"patience": (INT, 5), "min_delta": (FLOAT, 0.0), "monitor": (STR + OPT, None),
                   "mode": (STR + OPT, None)}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 with `3e-4` read as a number (plain PyYAML wants `3.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$"
+               r"|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _type_names(types) -> str:
@@ -108,6 +126,8 @@ def _checked(section: dict, schema: dict, prefix: str) -> dict:
             out[key] = copy.deepcopy(default)
         elif types is ANY:
             out[key] = _named(full, section[key])
+        elif types is SPEC:
+            out[key] = _spec(full, section[key])
         else:
             out[key] = _check_value(full, section[key], types)
     return out
@@ -119,6 +139,15 @@ def _named(key: str, value) -> dict:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise JaxtrainError(f"config key {key!r} must be a mapping with a 'name' (and its "
                             f"keyword arguments), got {value!r}")
+    return value
+
+
+def _spec(key: str, value) -> dict:
+    if isinstance(value, str):
+        value = {"optimizer": value}
+    if not isinstance(value, dict):
+        raise JaxtrainError(f"config key {key!r} must be a transforms spec mapping (e.g. "
+                            f"{{optimizer: adam, learning_rate: 0.001}}), got {value!r}")
     return value
 
 
@@ -145,8 +174,10 @@ def _set(tree: dict, key: str, value) -> None:
         node = tree.get(part)
         if node is None:
             node = tree[part] = {}
-        elif isinstance(node, str) and part in ("model", "data", "optimizer"):
+        elif isinstance(node, str) and part in ("model", "data"):
             node = tree[part] = {"name": node}
+        elif isinstance(node, str) and part == "optimizer":
+            node = tree[part] = {"optimizer": node}
         elif not isinstance(node, dict):
             raise JaxtrainError(f"override {key}: {part!r} is not a section")
         tree = node
@@ -159,7 +190,7 @@ def load_config(path: str | Path, overrides=()) -> dict:
     if not path.is_file():
         raise JaxtrainError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
@@ -172,7 +203,7 @@ def load_config(path: str | Path, overrides=()) -> dict:
         if not sep or not key:
             raise JaxtrainError(f"override {item!r} must be key=value (e.g. train.steps=100)")
         try:
-            value = yaml.safe_load(text)
+            value = _yaml(text)
         except yaml.YAMLError:
             value = text
         _set(raw, key.strip(), value)
@@ -180,25 +211,13 @@ def load_config(path: str | Path, overrides=()) -> dict:
 
 
 def build_optimizer(spec: dict):
-    """The transform chain of the `optimizer` section: `jaxtrain.transforms.spec.build`
-    when present, else `{name, **kwargs}` of a `jaxtrain.transforms` optimizer."""
-    try:
-        from ..transforms import spec as spec_module
-    except ImportError:
-        spec_module = None
-    if spec_module is not None and hasattr(spec_module, "build"):
-        return spec_module.build(spec)
-    from .. import transforms
+    """The transform chain of the `optimizer` section (`jaxtrain.transforms.spec.build`)."""
+    from ..transforms.spec import build
 
-    kwargs = dict(spec)
-    name = kwargs.pop("name")
-    factory = getattr(transforms, name, None)
-    if name.startswith("_") or not callable(factory) or name not in transforms.__all__:
-        raise JaxtrainError(f"unknown optimizer {name!r}")
     try:
-        return factory(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise JaxtrainError(f"optimizer {name!r}: {err}") from None
+        return build(spec)
+    except JaxtrainError as err:
+        raise JaxtrainError(f"config key 'optimizer': {err}") from None
 
 
 def model_kwargs(name: str, kwargs: dict, info: dict) -> dict:
@@ -208,6 +227,6 @@ def model_kwargs(name: str, kwargs: dict, info: dict) -> dict:
     cls = MODELS.get(name)
     if cls is None:
         return kwargs
-    accepted = inspect.signature(cls).parameters
+    accepted = inspect.signature(cls.__init__).parameters
     filled = {k: v for k, v in info.items() if k in accepted and k not in kwargs}
     return {**filled, **kwargs}

@@ -1,0 +1,91 @@
+"""Run configs and `jaxtrain train`: defaults, overrides, one-line errors with exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxtrain import JaxtrainError
+from jaxtrain.train.config import build_optimizer, load_config, model_kwargs
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_cnn.yaml"
+
+
+def test_shipped_config_loads_with_defaults_and_overrides():
+    cfg = load_config(CONFIG, ["train.steps=7", "optimizer.learning_rate=1e-2",
+                               "checkpoint.dir=null", "early_stopping=null"])
+    assert cfg["train"]["steps"] == 7 and cfg["optimizer"]["learning_rate"] == 0.01
+    assert cfg["train"]["microbatches"] == 1 and cfg["sharding"]["mesh"]["fsdp"] == 1
+    assert cfg["early_stopping"] is None and cfg["model"]["name"] == "cnn"
+    tx = build_optimizer(cfg["optimizer"])
+    assert hasattr(tx, "init") and hasattr(tx, "update")
+    assert model_kwargs("cnn", {"channels": 4}, {"num_classes": 5, "other": 1}) == {
+        "num_classes": 5, "channels": 4}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "unknown config key 'train.stepz' (valid: steps, batch_size"),
+    ("trian.steps=3", "unknown config key 'trian' (valid: seed, out, model"),
+    ("train.steps=abc", "config key 'train.steps' must be int, got str 'abc'"),
+    ("train.steps=0", "'train.steps' must be a positive integer, got 0"),
+    ("checkpoint.best=1", "config key 'checkpoint.best' must be bool, got int 1"),
+    ("train.ema_decay=yes", "'train.ema_decay' must be int or float or null, got True"),
+    ("model=3", "config key 'model' must be a mapping with a 'name'"),
+    ("early_stopping.patiense=2", "unknown config key 'early_stopping.patiense'"),
+    ("steps", "override 'steps' must be key=value"),
+])
+def test_bad_configs_name_the_key(override, message):
+    with pytest.raises(JaxtrainError) as err:
+        load_config(CONFIG, [override])
+    assert message in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(JaxtrainError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: cnn\ntrain: [")
+    with pytest.raises(JaxtrainError, match="not valid YAML"):
+        load_config(bad)
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("model: cnn\ndata: digits\ntask: classification\n")
+    with pytest.raises(JaxtrainError, match="'optimizer' is missing"):
+        load_config(partial)
+
+
+def _cli(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "jaxtrain.cli", "train", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
+    for args, expect in [((str(CONFIG), "train.stepz=1"), "train.stepz"),
+                         ((str(tmp_path / "missing.yaml"),), "does not exist"),
+                         ((str(CONFIG), "model.name=nope", f"out={tmp_path / 'o'}"),
+                          "unknown model 'nope'")]:
+        result = _cli(*args)
+        assert result.returncode == 2, result.stderr
+        assert expect in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.slow
+def test_cli_trains_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    common = (str(CONFIG), f"out={out}", "train.eval_every=10", "logging.progress=false",
+              "checkpoint.every=10")
+    first = _cli(*common, "train.steps=20")
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads(first.stdout.splitlines()[0])
+    assert summary["step"] == 20 and summary["eval"]["accuracy"] > 0.5
+    assert (out / "curves.png").exists() and (out / "log.jsonl").exists()
+    again = _cli(*common, "train.steps=30")
+    assert again.returncode == 0, again.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "log.jsonl").open()]
+    train_steps = [r["step"] for r in records if r["run"] == "train"]
+    assert train_steps == sorted(train_steps) and train_steps[-1] == 30
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [10, 20, 30]
