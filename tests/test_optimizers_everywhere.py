@@ -41,6 +41,9 @@ OPTIMIZERS = {
 }
 STEPS = 60
 ACCURACY = 0.85
+# Run by default; the rest are marked slow (they still run in CI) to keep the suite short.
+FAST = ("sgd", "adam", "adamw", "muon", "adafactor", "schedule_free_adamw", "lion")
+NAMES = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in OPTIMIZERS]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,7 @@ def _train(tx, params, x, y, steps):
     return params, state
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", NAMES)
 def test_trains_digits_classifier(name, digits):
     make, lr = OPTIMIZERS[name]
     tx = make(lr)
@@ -125,7 +128,7 @@ def _close(a, b, tol=1e-6):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol), a, b)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", NAMES)
 def test_jit_vmap_sharding_orbax(name, mesh, tmp_path):
     """One optimizer, everywhere: the jitted step on one device is the reference for the
     step on sharded params, for a vmapped batch of learning rates, and after an Orbax
