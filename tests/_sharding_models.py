@@ -14,43 +14,11 @@ import optax
 from flax import nnx, struct
 
 from jaxtrain import sharding
-from jaxtrain.models import CNN, logical_axes
-
-try:  # the models issue's GPT; the stand-in below until it lands
-    from jaxtrain.models.gpt import GPT
-except ImportError:  # pragma: no cover
-    GPT = None
+from jaxtrain.models import CNN, GPT, logical_axes
 
 GPT_CONFIG = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=8, mlp_ratio=4,
                   max_len=16)
 SEQ = 16
-
-
-class TinyGPT(nnx.Module):
-    """Stand-in GPT: token embedding, one causal attention + MLP block, tied output."""
-
-    def __init__(self, vocab_size, d_model, num_heads, mlp_ratio, *, rngs, **_):
-        from jaxtrain.models import kernel_init
-
-        init = nnx.initializers.normal(0.02)
-        hd = d_model // num_heads
-        self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs,
-                               embedding_init=kernel_init(("vocab", "embed"), init))
-        self.qkv = nnx.Einsum("btd,dnh->btnh", (d_model, 3 * num_heads, hd), rngs=rngs,
-                              kernel_init=kernel_init(("embed", "heads", "kv"), init))
-        self.out = nnx.Einsum("btnh,nhd->btd", (num_heads, hd, d_model), rngs=rngs,
-                              kernel_init=kernel_init(("heads", "kv", "embed"), init))
-        self.up = nnx.Linear(d_model, mlp_ratio * d_model, use_bias=False, rngs=rngs,
-                             kernel_init=kernel_init(("embed", "mlp"), init))
-        self.down = nnx.Linear(mlp_ratio * d_model, d_model, use_bias=False, rngs=rngs,
-                               kernel_init=kernel_init(("mlp", "embed"), init))
-
-    def __call__(self, tokens):
-        x = self.embed(tokens)
-        q, k, v = jnp.split(self.qkv(x), 3, axis=2)
-        x = x + self.out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
-        x = x + self.down(jax.nn.gelu(self.up(x)))
-        return self.embed.attend(x)
 
 
 class State(struct.PyTreeNode):
@@ -69,7 +37,7 @@ def build(kind: str, tx, seed: int = 0):
         if kind == "cnn":
             model = CNN(num_classes=10, rngs=nnx.Rngs(seed))
         else:
-            model = (GPT or TinyGPT)(**GPT_CONFIG, rngs=nnx.Rngs(seed))
+            model = GPT(**GPT_CONFIG, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model, nnx.Param)
     axes = logical_axes(params)
     params = nnx.to_pure_dict(params)

@@ -17,6 +17,8 @@ import pytest
 from _sharding_models import train
 from multihost_worker import MESH, STEPS
 
+pytestmark = pytest.mark.slow  # three 2-process launches: about a minute on 2 cores
+
 WORKER = Path(__file__).with_name("multihost_worker.py")
 TIMEOUT = 240
 

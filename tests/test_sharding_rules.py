@@ -31,12 +31,15 @@ def _norm(spec, ndim):
 @pytest.mark.parametrize("preset,sizes,expected", [
     # q/k/v kernels (embed, heads, kv), out (heads, kv, embed), up (embed, mlp), down.
     ("tp", dict(tensor=8), {"q": (None, "tensor", None), "out": ("tensor", None, None),
-                            "up": (None, "tensor"), "down": ("tensor", None)}),
+                            "up": (None, "tensor"), "down": ("tensor", None),
+                            "emb": ("tensor", None)}),
     ("fsdp", dict(fsdp=8), {"q": ("fsdp", None, None), "out": (None, None, "fsdp"),
-                            "up": ("fsdp", None), "down": ("fsdp", None)}),
+                            "up": ("fsdp", None), "down": ("fsdp", None),
+                            "emb": (None, "fsdp")}),
     ("fsdp+tp", dict(fsdp=2, tensor=4), {"q": ("fsdp", "tensor", None),
                                          "out": ("tensor", None, "fsdp"),
-                                         "up": ("fsdp", "tensor"), "down": ("tensor", "fsdp")}),
+                                         "up": ("fsdp", "tensor"), "down": ("tensor", "fsdp"),
+                                         "emb": ("tensor", "fsdp")}),
     ("dp", dict(data=8), {"q": (None,) * 3, "out": (None,) * 3, "up": (None,) * 2,
                           "down": (None,) * 2}),
 ])
@@ -50,10 +53,7 @@ def test_presets_split_attention_and_mlp(devices, preset, sizes, expected):
     shapes = {"/".join(str(getattr(k, "key", k)) for k in kp): x.ndim
               for kp, x in jax.tree_util.tree_leaves_with_path(state.params)}
     picks = {"q": "attn/query/kernel", "out": "attn/out/kernel", "up": "mlp/up/kernel",
-             "down": "mlp/down/kernel"}
-    if not any(k.endswith(picks["q"]) for k in flat):  # the stand-in GPT's names
-        picks = {"q": "qkv/kernel", "out": "out/kernel", "up": "up/kernel",
-                 "down": "down/kernel"}
+             "down": "mlp/down/kernel", "emb": "embed/embedding"}
     for short, want in expected.items():
         path = next(k for k in flat if k.endswith(picks[short]))
         assert _norm(flat[path], shapes[path]) == want, (path, flat[path])
@@ -132,7 +132,7 @@ def test_real_train_state_shardings(devices):
     assert shardings.step.spec == P() and shardings.rng.spec == P()
 
 
-@pytest.mark.parametrize("preset,sizes", [("dp", dict(data=8)), ("fsdp", dict(data=2, fsdp=4)),
+@pytest.mark.parametrize("preset,sizes", [("dp", dict(data=8)),
                                           ("fsdp+tp", dict(data=2, fsdp=2, tensor=2))])
 def test_compiled_step_keeps_its_shardings_and_donates(devices, preset, sizes):
     state, axes = build("cnn", optax.adam(1e-3))

@@ -28,10 +28,11 @@ PRESETS: dict[str, dict] = {
     # Megatron: attention split by heads, MLP by hidden units. Column-parallel first
     # matmul (`embed, mlp` / `embed, heads, kv` split on the output), row-parallel second
     # (`mlp, embed` / `heads, kv, embed` split on the input): one all-reduce per block.
-    "tp": {"mlp": "tensor", "heads": "tensor"},
+    # The embedding table is vocab-parallel (so the vocabulary size must divide).
+    "tp": {"mlp": "tensor", "heads": "tensor", "vocab": "tensor"},
     # Both: Megatron inside a layer over `tensor`, ZeRO-3 over `fsdp` on `embed`.
     "fsdp+tp": {"embed": "fsdp", "norm": "fsdp", "mlp": "tensor", "heads": "tensor",
-                "conv_out": "fsdp"},
+                "vocab": "tensor", "conv_out": "fsdp"},
 }
 
 
