@@ -77,15 +77,19 @@ def test_accumulate_equals_one_step_on_a_k_times_larger_batch():
     k = 4
     big_tx = optax.chain(W.clip_by_global_norm(0.5), T.adam(0.01))
     small_tx = W.accumulate(k, optax.chain(W.clip_by_global_norm(0.5), T.adam(0.01)))
+    def step(tx):
+        def run(w, s, xb, yb):
+            u, s = tx.update(jax.grad(loss)(w, xb, yb), s, w)
+            return optax.apply_updates(w, u), s
+        return jax.jit(run)
+
+    big, small = step(big_tx), step(small_tx)
     wa, sa = w0, big_tx.init(w0)
     wb, sb = w0, small_tx.init(w0)
     for _ in range(3):
-        u, sa = big_tx.update(jax.grad(loss)(wa, x, y), sa, wa)
-        wa = optax.apply_updates(wa, u)
+        wa, sa = big(wa, sa, x, y)
         for i in range(k):
-            sl = slice(i * 8, (i + 1) * 8)
-            u, sb = small_tx.update(jax.grad(loss)(wb, x[sl], y[sl]), sb, wb)
-            wb = optax.apply_updates(wb, u)
+            wb, sb = small(wb, sb, x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), wa, wb)
     assert not np.allclose(wa["a"], w0["a"])
     assert W.accumulate(k)(T.sgd(0.1)).init(w0) is not None  # the curried form
@@ -199,8 +203,9 @@ def test_hyperparams_through_every_wrapper_and_set_hyperparams():
     assert float(hp["conv/learning_rate"]) == pytest.approx(5e-4)
     assert float(hp["learning_rate"]) == pytest.approx(1e-2)
     state = T.set_hyperparams(state, learning_rate=0.0)
-    u, state = tx.update(_tree(5), state, params, value=1.0)
-    u, state = tx.update(_tree(6), state, params, value=1.0)  # the accumulated step
+    step = jax.jit(lambda g, s: tx.update(g, s, params, value=1.0))
+    u, state = step(_tree(5), state)
+    u, state = step(_tree(6), state)  # the accumulated step
     jax.tree.map(lambda x: np.testing.assert_array_equal(x, 0.0), u)  # lr 0 everywhere
     with pytest.raises(JaxtrainError, match="momentum"):
         T.set_hyperparams(state, momentum=0.9)
