@@ -152,7 +152,8 @@ class Trainer:
             state = state.replace(loss_scale=LossScale.create())
         self.state_shardings = sharding.state_shardings(state, self.mesh, self.rules,
                                                          self.logical_axes)
-        return sharding.place(state, self.state_shardings)
+        # A copy: placing may reuse the caller's buffers, which the donated steps consume.
+        return sharding.place(jax.tree.map(jnp.copy, state), self.state_shardings)
 
     def _compile(self, step_fn, metric_fn, eval_ema: bool):
         rep = sharding.replicated(self.mesh)
