@@ -56,6 +56,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_ckpt_ls(args) -> int:
+    import json
+
+    from .checkpoint import format_listing, list_checkpoints
+
+    rows = list_checkpoints(args.dir)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(format_listing(rows))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    import json
+
+    from .finetune.run import load_finetune_config, run_finetune
+
+    pretrained, *trailing = args.pretrained  # overrides may come after --from DIR
+    if any("=" not in item for item in trailing):
+        raise JaxtrainError(f"--from takes one folder, got {args.pretrained}")
+    cfg, ft = load_finetune_config(args.config, [*args.overrides, *trailing])
+    summary = run_finetune(cfg, ft, pretrained)
+    print(json.dumps(summary))
+    return 0 if summary["interrupted"] is None else 130
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="jaxtrain", description="Functional training for JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -72,6 +100,21 @@ def build_parser() -> Parser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. train.steps=100 optimizer.learning_rate=1e-3")
     train.set_defaults(func=cmd_train)
+    ckpt = sub.add_parser("ckpt", help="inspect checkpoint folders")
+    ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=Parser)
+    ckpt_ls = ckpt_sub.add_parser("ls", help="steps with their metrics and sizes")
+    ckpt_ls.add_argument("dir", help="a checkpoint folder")
+    ckpt_ls.add_argument("--json", action="store_true", help="one JSON object per step")
+    ckpt_ls.set_defaults(func=cmd_ckpt_ls)
+    finetune = sub.add_parser("finetune", help="fine-tune from a pretrained checkpoint "
+                                                "(config: a train config + `finetune:`)")
+    finetune.add_argument("config", help="the run's YAML config (see configs/finetune_*.yaml)")
+    finetune.add_argument("--from", dest="pretrained", required=True, nargs="+",
+                          metavar="CKPT_DIR", help="the pretrained checkpoint folder "
+                          "(key=value overrides may follow it)")
+    finetune.add_argument("overrides", nargs="*", metavar="key=value",
+                          help="config overrides, e.g. finetune.lora.rank=4 train.steps=100")
+    finetune.set_defaults(func=cmd_finetune)
     return parser
 
 

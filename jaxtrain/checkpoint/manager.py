@@ -175,7 +175,8 @@ class Manager:
         metric = metric or self.best_metric or recorded.get("metric")
         mode = mode or (self.best_mode if self.best_metric else recorded.get("mode", "min"))
         if metric is None:
-            raise JaxtrainError(f"no best metric was set for {self.directory}; pass one")
+            raise JaxtrainError(f"no best metric was recorded in {self.directory}; ask for "
+                                "a step number or the latest")
         scored = {s: r["metrics"][metric] for s, r in records.items()
                   if isinstance(r.get("metrics", {}).get(metric), (int, float))}
         if not scored:

@@ -4,6 +4,7 @@ from (fresh optimizer state by default, the checkpoint's on request)."""
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,10 +56,18 @@ def finetune_optimizer(make: Callable[[float], optax.GradientTransformation],
     return tx
 
 
-def lora_optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`tx` on the LoRA adapters only; the other params get no update and no optimizer
-    state (so the frozen base costs no optimizer memory)."""
-    return transforms.per_group({LORA_PARAMS: tx}, default=optax.set_to_zero())
+def _regex(pattern: str) -> str:
+    return pattern[3:] if pattern.startswith("re:") else fnmatch.translate(pattern)
+
+
+def lora_optimizer(tx: optax.GradientTransformation, also=()) -> optax.GradientTransformation:
+    """`tx` on the LoRA adapters (and on the params matching `also`, such as a new head);
+    the other params get no update and no optimizer state, so the frozen base costs no
+    optimizer memory."""
+    also = [also] if isinstance(also, str) else list(also)
+    trained = LORA_PARAMS if not also else "re:" + "|".join(
+        [f"(?:{LORA_PARAMS[3:]})"] + [f"(?:{_regex(g)})" for g in also])
+    return transforms.per_group({trained: tx}, default=optax.set_to_zero())
 
 
 def start_from(state, directory: str | Path, step=None, *, restore_optimizer: bool = False,

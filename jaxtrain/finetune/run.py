@@ -1,0 +1,182 @@
+"""`jaxtrain finetune CONFIG.yaml --from CKPT_DIR`: a `jaxtrain train` config (see
+`jaxtrain.train.config`) plus a `finetune` section:
+
+    finetune:
+      step: null               # pretrained step: null (latest), best, or a number
+      include: ["*"]           # pretrained params to load (globs / re: regexes) ...
+      exclude: ["head/*"]      # ... and not to load (a new head stays fresh)
+      mapping: {}              # renamed modules: {old/prefix/: new/prefix/}
+      lora: null               # {targets: [globs], rank, alpha, dropout, train_also:
+                               #  [globs]}: train adapters (and train_also) only
+      restore_optimizer: false # take the pretrained optimizer state instead of a fresh one
+
+Freezing and per-group learning rates are keys of the `optimizer` spec (`freeze: [globs]`,
+`groups: {glob: {learning_rate: ...}}`, see `jaxtrain.transforms.spec`). The pretrained
+params are loaded before anything is written, so a bad `--from` leaves
+the disk as it was. With LoRA the merged model is saved to `OUT/merged` at the end.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+import optax
+import yaml
+from flax import nnx
+
+from .. import sharding
+from ..checkpoint import Manager, model_signature
+from ..data import registry as data_registry
+from ..errors import JaxtrainError
+from ..models import registry as model_registry
+from ..models.lora import apply_lora, merge_lora
+from ..train import TrainState, param_logical_axes
+from ..train.config import build_optimizer, check_config, model_kwargs
+from ..train.tasks import get_task
+from ..train.trainer import Trainer
+from .flows import load_into, lora_optimizer
+
+DEFAULTS = {"step": None, "include": ["*"], "exclude": [], "mapping": {}, "lora": None,
+            "restore_optimizer": False}
+LORA_DEFAULTS = {"targets": None, "rank": 8, "alpha": None, "dropout": 0.0, "train_also": []}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with `3e-4` read as a number, as `jaxtrain train` reads its configs."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$"
+               r"|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return text
+
+
+def _section(raw, defaults: dict, name: str) -> dict:
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise JaxtrainError(f"config key {name!r} must be a mapping, got {raw!r}")
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise JaxtrainError(f"unknown config key '{name}.{unknown[0]}' (valid: "
+                            f"{', '.join(defaults)})")
+    return {**defaults, **raw}
+
+
+def _override(tree: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        node = tree.get(part)
+        if node is None:
+            node = tree[part] = {}
+        elif isinstance(node, str):  # `model: cnn` is short for `model: {name: cnn}`
+            node = tree[part] = {"name": node}
+        elif not isinstance(node, dict):
+            raise JaxtrainError(f"override {key}: {part!r} is not a section")
+        tree = node
+    tree[last] = value
+
+
+def load_finetune_config(path: str | Path, overrides=()) -> tuple[dict, dict]:
+    """`(train config, finetune section)` from a YAML file and `key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise JaxtrainError(f"config file {path} does not exist")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Loader) or {}
+    except yaml.YAMLError as err:
+        raise JaxtrainError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise JaxtrainError(f"config file {path} must hold a mapping")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise JaxtrainError(f"override {item!r} must be key=value (e.g. train.steps=100)")
+        _override(raw, key.strip(), _yaml(text))
+    ft = _section(raw.pop("finetune", None), DEFAULTS, "finetune")
+    if ft["lora"] is not None:
+        ft["lora"] = _section(ft["lora"], LORA_DEFAULTS, "finetune.lora")
+        if not ft["lora"]["targets"]:
+            raise JaxtrainError("config key 'finetune.lora.targets' is missing (globs of "
+                                "the Linear layers to adapt)")
+    return check_config(raw), ft
+
+
+def _optimizer(cfg: dict, ft: dict):
+    """The optimizer spec's chain (freezing and per-group learning rates are spec keys:
+    `freeze`, `groups`); with LoRA, applied to the adapters (and `train_also`) only."""
+    tx = build_optimizer(cfg["optimizer"])
+    return tx if ft["lora"] is None else lora_optimizer(tx, ft["lora"]["train_also"])
+
+
+def run_finetune(cfg: dict, ft: dict, pretrained: str | Path) -> dict:
+    """Fine-tune as `cfg` and `ft` say from the checkpoint folder `pretrained`; returns
+    the train summary plus the load report (and the merged export's folder with LoRA)."""
+    seed, train, out = cfg["seed"], cfg["train"], Path(cfg["out"])
+    task = get_task(cfg["task"])
+    data_cfg = dict(cfg["data"])
+    data = data_registry.load(data_cfg.pop("name"), **data_cfg)
+    model_cfg = dict(cfg["model"])
+    name = model_cfg.pop("name")
+    kwargs = model_kwargs(name, model_cfg, data.get("info", {}))
+    model = model_registry.build(name, seed, **kwargs)
+    report = load_into(model, pretrained, ft["step"], ft["include"], ft["exclude"],
+                       ft["mapping"])
+    adapted = []
+    if ft["lora"] is not None:
+        lora = ft["lora"]
+        adapted = apply_lora(model, lora["targets"], lora["rank"], lora["alpha"],
+                             lora["dropout"], rngs=nnx.Rngs(seed + 1))
+    state = TrainState.create(model, _optimizer(cfg, ft), jax.random.PRNGKey(seed),
+                              ema_decay=train["ema_decay"])
+    if ft["restore_optimizer"]:
+        with Manager(pretrained, read_only=True) as mngr:
+            state = mngr.restore(state, None, ft["step"], items=["opt_state"])
+    ckpt = cfg["checkpoint"]
+    trainer = Trainer(
+        state, task.loss_fn, metric_fn=task.metric_fn, mesh=sharding.make_mesh(
+            **cfg["sharding"]["mesh"]),
+        rules=cfg["sharding"]["preset"], logical_axes=param_logical_axes(model),
+        batch_size=train["batch_size"], seed=seed, precision=train["precision"],
+        microbatches=train["microbatches"], steps_per_call=train["steps_per_call"],
+        nan_policy=train["nan_policy"], log_every=train["log_every"], log_dir=out,
+        tensorboard=cfg["logging"]["tensorboard"], plots=cfg["logging"]["plots"],
+        progress=cfg["logging"]["progress"], run="finetune",
+        checkpoint_dir=ckpt["dir"] or out / "checkpoints", checkpoint_every=ckpt["every"],
+        checkpoint_best=ckpt["best"], checkpoint_at_end=ckpt["at_end"],
+        max_to_keep=ckpt["max_to_keep"], async_checkpoint=ckpt["async"],
+        model_config={"name": name, **kwargs, "lora": ft["lora"]},
+        run_config={**cfg, "finetune": {**ft, "from": str(pretrained)}},
+        monitor=task.monitor, mode=task.mode, early_stopping=cfg["early_stopping"],
+        eval_batch_size=train["eval_batch_size"],
+    )
+    state = trainer.fit(data["train"], train["steps"], eval_data=data.get("valid"),
+                        eval_every=train["eval_every"])
+    summary = {"step": int(state.step), "train": trainer.history[-1][1] if trainer.history
+               else {}, "eval": trainer.last_eval or {}, "interrupted": trainer.interrupted,
+               "out": str(out), "loaded": report.summary(), "lora": adapted}
+    if adapted and trainer.interrupted is None:
+        summary["merged"] = str(_export_merged(state, name, kwargs, out / "merged"))
+    return summary
+
+
+def _export_merged(state, name: str, kwargs: dict, directory: Path) -> Path:
+    """Save the LoRA-merged model as a checkpoint of the plain model (loadable by
+    `--from` or `load_pretrained`)."""
+    merged = merge_lora(state.model(train=False))
+    export = TrainState.create(merged, optax.set_to_zero(), state.rng)
+    with Manager(directory, max_to_keep=1) as mngr:
+        step = int(state.step)
+        if step not in mngr.steps():
+            mngr.save(step, export, model_signature({"name": name, **kwargs}, export.params))
+    return directory
