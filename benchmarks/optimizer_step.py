@@ -30,6 +30,7 @@ LR = 1e-3
 # name -> (ours, Optax's twin). Where ours computes torch's formula the twin is Optax's
 # formula for the same algorithm; `normalized_sgd` has no twin and is set against sgd.
 PAIRS = {
+    "control_optax_adam": (optax.adam(LR), optax.adam(LR)),  # A/A: the noise floor
     "sgd_momentum": (T.sgd(LR, momentum=0.9), optax.sgd(LR, momentum=0.9)),
     "ema_momentum": (T.ema_momentum(LR), optax.sgd(LR, momentum=0.9)),
     "adagrad": (T.adagrad(LR), optax.adagrad(LR)),

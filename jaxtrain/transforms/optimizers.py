@@ -73,8 +73,8 @@ def _scale_by_amsgrad_torch(b1, b2, eps):
     """torch.optim.Adam(amsgrad=True): max of the raw second moment, bias-corrected after."""
 
     def init(params):
-        zeros = optax.tree.zeros_like(params)
-        return _TorchAdamState(jnp.zeros([], jnp.int32), zeros, zeros, zeros)
+        zeros = [optax.tree.zeros_like(params) for _ in range(3)]
+        return _TorchAdamState(jnp.zeros([], jnp.int32), *zeros)
 
     def update(updates, state, params=None):
         del params
@@ -92,8 +92,8 @@ def _scale_by_nadam_torch(b1, b2, eps, momentum_decay):
     """torch.optim.NAdam: momentum schedule mu_t = b1*(1 - 0.5*0.96^(t*momentum_decay))."""
 
     def init(params):
-        zeros = optax.tree.zeros_like(params)
-        return _TorchAdamState(jnp.zeros([], jnp.int32), zeros, zeros, jnp.ones([], jnp.float32))
+        mu, nu = optax.tree.zeros_like(params), optax.tree.zeros_like(params)
+        return _TorchAdamState(jnp.zeros([], jnp.int32), mu, nu, jnp.ones([], jnp.float32))
 
     def update(updates, state, params=None):
         del params
