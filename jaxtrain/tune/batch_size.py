@@ -1,0 +1,97 @@
+"""The largest batch whose compiled train step fits the device memory.
+
+Each candidate is compiled, not run: XLA's memory analysis of the compiled step gives its
+peak (arguments + outputs + temporaries, less what donation aliases), so no trial can
+run out of memory. Keep a larger effective batch with `transforms.accumulate(k)` or the
+step's `microbatches=k`: k steps (or micro-steps) of the found batch, one update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from ..errors import JaxtrainError
+
+
+@dataclasses.dataclass
+class BatchSizeResult:
+    batch_size: int
+    peak_bytes: int  # of the chosen batch
+    limit_bytes: int
+    tried: dict[int, int]  # batch size -> peak bytes (compiled), in the order tried
+
+    def table(self) -> str:
+        lines = ["batch size  peak memory   fits"]
+        for b, peak in sorted(self.tried.items()):
+            fits = "yes" if peak <= self.limit_bytes else "no"
+            lines.append(f"{b:>10}  {peak / 2**20:>8.1f} MiB  {fits}")
+        return "\n".join(lines)
+
+
+def device_memory_limit(device=None) -> int:
+    """Bytes the device may use: the allocator's limit on GPU/TPU, the free RAM on CPU."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def compiled_peak_bytes(step_fn, state, batch_for, batch_size: int, donate: bool = True) -> int:
+    """Peak device bytes of `step_fn(state, batch_for(batch_size))`, compiled, not run."""
+    batch = batch_for(batch_size)
+    abstract = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)), tree)
+    jitted = jax.jit(step_fn, donate_argnums=(0,) if donate else ())
+    analysis = jitted.lower(abstract(state), abstract(batch)).compile().memory_analysis()
+    if analysis is None:
+        raise JaxtrainError("this backend gives no memory analysis of compiled code")
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+               + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def find_batch_size(step_fn, state, batch_for, limit_bytes: int | None = None,
+                    start: int = 1, max_batch: int = 2**20, multiple_of: int = 1,
+                    headroom: float = 0.9) -> BatchSizeResult:
+    """Double from `start` until the compiled step no longer fits in `headroom` x the
+    limit, then bisect; sizes are multiples of `multiple_of` (the data-parallel ways).
+
+    `batch_for(n)` gives a batch of `n` examples (arrays or ShapeDtypeStructs).
+    """
+    if multiple_of < 1 or start < 1 or max_batch < start:
+        raise JaxtrainError(f"need 1 <= start <= max_batch and multiple_of >= 1, got start="
+                            f"{start}, max_batch={max_batch}, multiple_of={multiple_of}")
+    limit = int(headroom * (limit_bytes or device_memory_limit()))
+    tried: dict[int, int] = {}
+
+    def fits(b: int) -> bool:
+        if b not in tried:
+            tried[b] = compiled_peak_bytes(step_fn, state, batch_for, b)
+        return tried[b] <= limit
+
+    round_up = lambda b: -(-b // multiple_of) * multiple_of
+    good, bad = 0, None
+    b = round_up(start)
+    while b <= max_batch:
+        if not fits(b):
+            bad = b
+            break
+        good, b = b, round_up(2 * b)
+    if good == 0:
+        raise JaxtrainError(f"even batch size {round_up(start)} needs {tried[round_up(start)]} "
+                            f"bytes, over the limit of {limit} bytes")
+    if bad is not None:
+        while bad - good > multiple_of:
+            mid = round_up((good + bad) // 2)
+            if mid >= bad:
+                break
+            if fits(mid):
+                good = mid
+            else:
+                bad = mid
+    return BatchSizeResult(good, tried[good], limit, tried)

@@ -1,0 +1,156 @@
+"""Compare training strategies by measurement, a small AlgoPerf.
+
+Method: every strategy (an optimizer spec) gets the same tuning budget: a grid of
+learning rates, each trained with the same seeds and steps as one vmapped sweep. A
+strategy's tuned rate is the one with the best mean final held-out metric over seeds.
+At that rate we report the final and best held-out metric (mean and spread over
+seeds), the steps to reach the target (median over seeds; the target is given, or else
+95% of the way from the worst to the best strategy's mean final value), and the
+wall time to the target: the sweep's measured time per step per run times those steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import dataclasses as dc
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import JaxtrainError
+from ..train import plot_curves
+from ..transforms.spec import build as build_spec
+from .runs import RunSpec
+from .sweep import SweepResult, sweep
+
+STRATEGIES: dict[str, dict] = {
+    "sgd": {"optimizer": "sgd"},
+    "momentum": {"optimizer": {"name": "sgd", "momentum": 0.9}},
+    "nesterov": {"optimizer": {"name": "sgd", "momentum": 0.9, "nesterov": True}},
+    "adagrad": {"optimizer": "adagrad"},
+    "rmsprop": {"optimizer": "rmsprop"},
+    "adam": {"optimizer": "adam"},
+    "adamw": {"optimizer": "adamw", "weight_decay": 1e-4},
+    "lion": {"optimizer": "lion"},
+    "schedule_free": {"optimizer": "schedule_free_adamw"},
+}
+LR_GRIDS = {
+    "sgd": [0.01, 0.03, 0.1, 0.3], "momentum": [0.003, 0.01, 0.03, 0.1],
+    "nesterov": [0.003, 0.01, 0.03, 0.1], "adagrad": [0.003, 0.01, 0.03, 0.1],
+    "lion": [3e-5, 1e-4, 3e-4, 1e-3],
+}
+DEFAULT_LR_GRID = [3e-4, 1e-3, 3e-3, 1e-2]
+
+
+@dataclasses.dataclass
+class StrategyResult:
+    name: str
+    learning_rate: float
+    final: np.ndarray  # per seed
+    best: np.ndarray  # per seed
+    steps_to_target: float  # median over seeds; inf if not reached
+    seconds_to_target: float
+    curve: list[tuple[int, float]]  # mean held-out monitored metric over seeds
+    sweep: SweepResult
+
+
+@dataclasses.dataclass
+class Comparison:
+    results: list[StrategyResult]
+    monitor: str
+    mode: str
+    target: float
+    seeds: list[int]
+    steps: int
+
+    def table(self) -> str:
+        head = ["strategy", "lr", f"final {self.monitor}", f"best {self.monitor}",
+                "steps to target", "s to target"]
+        rows = []
+        for r in self.results:
+            reached = np.isfinite(r.steps_to_target)
+            rows.append([r.name, f"{r.learning_rate:.3g}",
+                         f"{r.final.mean():.4f} ± {r.final.std():.4f}",
+                         f"{r.best.mean():.4f} ± {r.best.std():.4f}",
+                         f"{r.steps_to_target:.0f}" if reached else "not reached",
+                         f"{r.seconds_to_target:.2f}" if reached else "-"])
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+        fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+        lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]
+        lines.append(f"target {self.monitor} = {self.target:.4f}; seeds {self.seeds}; "
+                     f"{self.steps} steps; learning rate tuned per strategy")
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> Path:
+        curves = {f"{r.name} (lr {r.learning_rate:.3g})": r.curve for r in self.results}
+        return plot_curves(curves, path, ylabel=f"held-out {self.monitor}",
+                           title="strategies, each at its tuned learning rate")
+
+
+def strategy_spec(name: str) -> dict:
+    """The optimizer spec of a named strategy."""
+    if name not in STRATEGIES:
+        import difflib
+
+        close = difflib.get_close_matches(name, STRATEGIES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise JaxtrainError(f"unknown strategy {name!r}{hint}; valid: "
+                            f"{', '.join(STRATEGIES)}")
+    return dict(STRATEGIES[name])
+
+
+def _first_reaching(values: np.ndarray, steps: np.ndarray, target: float, mode: str) -> float:
+    hit = values >= target if mode == "max" else values <= target
+    return float(steps[np.argmax(hit)]) if hit.any() else float("inf")
+
+
+def compare(spec: RunSpec, strategies: list[str], train: dict, valid: dict, steps: int,
+            seeds=(0, 1), lr_grids: dict | None = None, target: float | None = None,
+            devices=None, progress: bool = True) -> Comparison:
+    """Tune and run every strategy on the problem of `spec` (see the module docstring)."""
+    if not strategies:
+        raise JaxtrainError("give at least one strategy")
+    specs = {name: strategy_spec(name) for name in strategies}
+    sweeps = {}
+    for name, opt in specs.items():
+        grid = {"learning_rate": list((lr_grids or {}).get(name)
+                                      or LR_GRIDS.get(name, DEFAULT_LR_GRID)),
+                "seed": list(seeds)}
+        tx = build_spec({**opt, "learning_rate": grid["learning_rate"][0]})
+        if progress:
+            print(f"compare: {name}: {len(grid['learning_rate'])} learning rates x "
+                  f"{len(seeds)} seeds", flush=True)
+        sweeps[name] = sweep(dc.replace(spec, tx=tx), grid, train, valid, steps,
+                             devices=devices, progress=progress)
+    mode, monitor = spec.task.mode, spec.task.monitor
+    pick = np.argmax if mode == "max" else np.argmin
+    tuned = {}
+    for name, result in sweeps.items():
+        rates = sorted({p["learning_rate"] for p in result.points})
+        final = result.final()
+        means = [np.nanmean(final[[p["learning_rate"] == lr for p in result.points]])
+                 for lr in rates]
+        means = np.where(np.isfinite(means), means, -np.inf if mode == "max" else np.inf)
+        tuned[name] = rates[int(pick(means))]
+    if target is None:
+        means = np.array([np.nanmean(sweeps[n].final()[[p["learning_rate"] == tuned[n]
+                                                        for p in sweeps[n].points]])
+                          for n in sweeps])
+        means = means[np.isfinite(means)]
+        best, worst = (means.max(), means.min()) if mode == "max" else (means.min(),
+                                                                        means.max())
+        target = float(worst + 0.95 * (best - worst))
+    results = []
+    for name, result in sweeps.items():
+        rows = np.array([p["learning_rate"] == tuned[name] for p in result.points])
+        values = result.evals[monitor][rows]
+        hits = [_first_reaching(v, result.eval_steps, target, mode) for v in values]
+        steps_to = float(np.median(hits))
+        per_step_run = result.run_seconds / steps / len(result.points)
+        results.append(StrategyResult(
+            name=name, learning_rate=tuned[name], final=values[:, -1],
+            best=values.max(1) if mode == "max" else values.min(1),
+            steps_to_target=steps_to, seconds_to_target=steps_to * per_step_run,
+            curve=list(zip(result.eval_steps.tolist(), values.mean(0).tolist(), strict=True)),
+            sweep=result))
+    return Comparison(results, monitor, mode, target, list(seeds), steps)

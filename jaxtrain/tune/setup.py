@@ -1,0 +1,42 @@
+"""From a run config (the YAML of `jaxtrain train`) to what the tuning tools need."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..data import registry as data_registry
+from ..models import registry as model_registry
+from ..train.config import build_optimizer, model_kwargs
+from ..train.tasks import get_task
+from .runs import RunSpec
+
+
+@dataclasses.dataclass
+class Problem:
+    """A task on its data: the run spec, the train and held-out sets, the config."""
+
+    spec: RunSpec
+    train: dict
+    valid: dict
+    config: dict
+
+
+def problem_from_config(cfg: dict, optimizer: dict | None = None,
+                        max_eval_examples: int = 1024) -> Problem:
+    """The model, data, task and optimizer of a checked run config; `optimizer` (a
+    transforms spec) replaces the config's. Held-out data is capped at
+    `max_eval_examples` so that every evaluation of every run stays cheap."""
+    data_cfg = dict(cfg["data"])
+    data = data_registry.load(data_cfg.pop("name"), **data_cfg)
+    model_cfg = dict(cfg["model"])
+    name = model_cfg.pop("name")
+    kwargs = model_kwargs(name, model_cfg, data.get("info", {}))
+    spec = RunSpec(
+        model_fn=lambda seed: model_registry.build(name, seed, **kwargs),
+        task=get_task(cfg["task"]),
+        tx=build_optimizer(optimizer or cfg["optimizer"]),
+        batch_size=cfg["train"]["batch_size"],
+        eval_every=cfg["train"]["eval_every"] or max(1, cfg["train"]["steps"] // 10),
+    )
+    valid = {k: v[:max_eval_examples] for k, v in data["valid"].items()}
+    return Problem(spec, data["train"], valid, cfg)
