@@ -100,6 +100,9 @@ def build_parser() -> Parser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. train.steps=100 optimizer.learning_rate=1e-3")
     train.set_defaults(func=cmd_train)
+    from .cli_tune import add_commands
+
+    add_commands(sub, positive_int)
     ckpt = sub.add_parser("ckpt", help="inspect checkpoint folders")
     ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=Parser)
     ckpt_ls = ckpt_sub.add_parser("ls", help="steps with their metrics and sizes")
@@ -129,7 +132,13 @@ def quiet_libraries() -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-")
+                                                    for e in extra):
+        args.overrides = [*args.overrides, *extra]  # key=value given after the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     quiet_libraries()
     try:
         return args.func(args)
