@@ -88,4 +88,5 @@ def test_cli_trains_and_resumes(tmp_path):
     records = [json.loads(line) for line in (out / "log.jsonl").open()]
     train_steps = [r["step"] for r in records if r["run"] == "train"]
     assert train_steps == sorted(train_steps) and train_steps[-1] == 30
+    assert [r["step"] for r in records if r["run"] == "train/eval"] == [10, 20, 30]
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [10, 20, 30]

@@ -55,7 +55,7 @@ def test_fit_logs_jsonl_tensorboard_and_curves(tmp_path):
     assert int(state.step) == 20 and [s for s, _ in trainer.history] == [5, 10, 15, 20]
     assert {"loss", "grad_norm", "learning_rate", "accuracy"} <= set(trainer.history[-1][1])
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").open()]
-    assert [r["step"] for r in records if r["run"] == "eval"] == [10, 20]
+    assert [r["step"] for r in records if r["run"] == "train/eval"] == [10, 20]
     assert trainer.history[-1][1]["loss"] == [r for r in records if r["run"] == "train"][-1][
         "loss"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -184,3 +184,11 @@ def test_steps_per_call_trains_like_single_steps():
     again = _trainer(steps_per_call=4).fit(_data(), 12)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  again.params, single.params)
+
+
+def test_device_resident_data_gives_the_host_fed_batches(devices):
+    host = _trainer(device_data=False, steps_per_call=2).fit(_data(), 15)
+    device = _trainer(device_data=True, steps_per_call=2).fit(_data(), 15)  # crosses epochs
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 device.params, host.params)
+    assert int(device.data_position) == 15

@@ -1,6 +1,7 @@
 """TrainState, step builders and the loop."""
 
 from .callbacks import Callback, Checkpointer, EarlyStopping
+from .feeds import Batches
 from .logs import JsonlLogger, TensorBoardLogger, plot_curves, plot_history
 from .loop import evaluate, fit
 from .precision import LossScale, Policy, get_policy
@@ -13,7 +14,7 @@ from .step import (
     make_multi_step,
     make_train_step,
 )
-from .trainer import Batches, NonFiniteError, Trainer
+from .trainer import NonFiniteError, Trainer
 
 __all__ = [
     "Batches",

@@ -24,7 +24,7 @@ NAN_POLICIES = ("none", "raise", "skip")
 F32 = jnp.float32
 
 
-def _unroll(unroll):
+def default_unroll(unroll):
     """`lax.scan`'s unroll. Default: fully unrolled on CPU, where XLA runs convolutions
     inside a loop 30-40x slower than outside one (measured), rolled elsewhere."""
     if unroll is None:
@@ -112,13 +112,13 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
     tolerance). `nan_policy`: `none` (no checks); `skip` (a step with a non-finite loss,
     gradient or new param changes nothing but the step, data position and RNG);
     `raise` (the first such step freezes the state; the loop raises, naming it).
-    `unroll`: of the microbatch `lax.scan` (default: see `_unroll`).
+    `unroll`: of the microbatch `lax.scan` (default: see `default_unroll`).
     With a `LossScale` in the state, a non-finite gradient skips the step and halves
     the scale whatever the policy.
     The state's `nonfinite` records (first bad step, first bad leaf, count); leaf 0 is the
     loss, 1..n the gradients, n+1..2n the new params, in `jax.tree.leaves` order.
     """
-    policy, unroll = _policy(precision), _unroll(unroll)
+    policy, unroll = _policy(precision), default_unroll(unroll)
     if nan_policy not in NAN_POLICIES:
         raise JaxtrainError(f"unknown nan_policy {nan_policy!r} (valid: {', '.join(NAN_POLICIES)})")
     if not isinstance(microbatches, int) or microbatches < 1:
@@ -182,8 +182,8 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
 def make_multi_step(train_step, steps_per_call: int, unroll=None):
     """`(state, batches) -> (state, metrics)`: `steps_per_call` optimizer steps in one
     `lax.scan` over batches stacked on a new leading axis; metrics gain that axis.
-    `unroll`: as `lax.scan` (default: see `_unroll`)."""
-    unroll = _unroll(unroll)
+    `unroll`: as `lax.scan` (default: see `default_unroll`)."""
+    unroll = default_unroll(unroll)
     if not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise JaxtrainError(f"steps_per_call must be a positive integer, got {steps_per_call!r}")
 

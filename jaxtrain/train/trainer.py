@@ -9,6 +9,7 @@ SIGINT save a checkpoint and end `fit` cleanly (`trainer.interrupted` names the 
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -21,10 +22,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import sharding
 from ..checkpoint import model_signature
-from ..data import epoch_order, eval_batches
+from ..data import eval_batches
 from ..errors import JaxtrainError
 from ..transforms.paths import path_list
 from .callbacks import Checkpointer, EarlyStopping, better, check_mode, crossed
+from .feeds import Batches, DeviceFeed, HostFeed, fits_on_devices
 from .logs import JsonlLogger, TensorBoardLogger, plot_history
 from .precision import LossScale, get_policy
 from .progress import Progress
@@ -33,44 +35,6 @@ from .step import make_eval_step, make_multi_step, make_train_step
 
 class NonFiniteError(JaxtrainError):
     """A step produced a non-finite loss, gradient or param under `nan_policy='raise'`."""
-
-
-class Batches:
-    """The batch of a data position: `batch_at(data, batch_size, seed, position)` for a
-    dict of arrays (with the epoch's order cached), or a user's `position -> batch`."""
-
-    def __init__(self, data, batch_size: int | None, seed: int):
-        if callable(data):
-            self.fn = data
-            return
-        if not isinstance(data, dict) or not data:
-            raise JaxtrainError("train_data must be a dict of equal-length arrays or a "
-                                f"function position -> batch, got {type(data).__name__}")
-        sizes = {k: len(v) for k, v in data.items()}
-        if len(set(sizes.values())) != 1:
-            raise JaxtrainError(f"train_data arrays differ in length: {sizes}")
-        self.n = next(iter(sizes.values()))
-        if not isinstance(batch_size, int) or not 0 < batch_size <= self.n:
-            raise JaxtrainError(f"batch_size must be an integer in 1..{self.n} (the examples "
-                                f"in train_data), got {batch_size!r}")
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.per_epoch = self.n // batch_size
-        self.epoch, self.order = None, None
-        self.fn = self._batch_at
-
-    def _batch_at(self, position: int) -> dict:
-        epoch, index = divmod(position, self.per_epoch)
-        if epoch != self.epoch:
-            self.epoch, self.order = epoch, epoch_order(self.n, self.seed, epoch)
-        idx = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        return {k: v[idx] for k, v in self.data.items()}
-
-    def get(self, position: int, count: int):
-        """One batch (`count == 1`) or `count` consecutive batches stacked."""
-        if count == 1:
-            return self.fn(position)
-        many = [self.fn(position + i) for i in range(count)]
-        return jax.tree.map(lambda *xs: np.stack(xs), *many)
 
 
 class Trainer:
@@ -96,7 +60,7 @@ class Trainer:
                  model_config: dict | None = None, run_config: dict | None = None,
                  monitor: str = "loss", mode: str = "min", early_stopping=None,
                  callbacks=(), eval_batch_size: int = 256, eval_ema: bool = True,
-                 handle_signals: bool = True):
+                 handle_signals: bool = True, device_data="auto"):
         for name, value in (("log_every", log_every), ("steps_per_call", steps_per_call)):
             if not isinstance(value, int) or value < 1:
                 raise JaxtrainError(f"{name} must be a positive integer, got {value!r}")
@@ -108,6 +72,7 @@ class Trainer:
         self.monitor, self.mode = monitor, check_mode(mode)
         self.run, self.progress, self.plots = run, progress, plots
         self.eval_batch_size, self.handle_signals = eval_batch_size, handle_signals
+        self.device_data, self._device_feed = device_data, None
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.tensorboard = tensorboard
         self.run_config = run_config or {}
@@ -125,6 +90,7 @@ class Trainer:
         step_fn = make_train_step(loss_fn, precision=self.policy, microbatches=microbatches,
                                   nan_policy=nan_policy)
         self.state = self._prepare(state)
+        self.step_fn = step_fn
         self._compile(step_fn, metric_fn, eval_ema)
         self.history: list[tuple[int, dict]] = []
         self.eval_history: list[tuple[int, dict]] = []
@@ -185,7 +151,7 @@ class Trainer:
             raise JaxtrainError(f"steps must be a positive integer, got {steps!r}")
         if eval_data is not None and self.eval_fn is None:
             raise JaxtrainError("eval_data needs a metric_fn")
-        feed = Batches(train_data, self.batch_size, self.seed)
+        feed = self._feed(train_data)
         state = self.state
         self.state = None  # donated below: only the returned state is valid
         if self.checkpointer is not None:
@@ -213,30 +179,32 @@ class Trainer:
         self.state = state
         return state
 
+    def _feed(self, train_data):
+        """A `DeviceFeed` for a small dict data set (kept across `fit` calls with the same
+        data), else a `HostFeed`."""
+        batches = Batches(train_data, self.batch_size, self.seed)
+        if not fits_on_devices(batches, self.steps_per_call, self.device_data):
+            return HostFeed(batches, self.mesh, self.single, self.multi)
+        key = (id(train_data), self.batch_size, self.seed)
+        if self._device_feed is None or self._device_feed[0] != key:
+            self._device_feed = (key, DeviceFeed(batches, self.mesh, self.step_fn,
+                                                 self.state_shardings, self.steps_per_call))
+        return self._device_feed[1]
+
     def _count(self, step: int, steps: int) -> int:
         return self.steps_per_call if steps - step >= self.steps_per_call else 1
 
-    def _put(self, feed: Batches, position: int, count: int):
-        host = feed.get(position, count)
-        if count == 1:
-            if not self._checked:
-                self._checked = True
-                return sharding.shard_batch(host, self.mesh)  # validates the shapes once
-            return jax.device_put(host, self.batch_sharding)
-        return jax.device_put(host, self.stacked_sharding)
-
     def _loop(self, state, feed, step, position, steps, eval_data, eval_every):
-        self._checked, self.batch_sharding = False, sharding.batch_sharding(self.mesh)
         count = self._count(step, steps)
-        batch = self._put(feed, position, count) if step < steps else None
+        args = feed.args(position, count) if step < steps else None
         while step < steps:
             stacked = count > 1
-            state, metrics = (self.multi if stacked else self.single)(state, batch)
+            state, metrics = feed.fn(count)(state, *args)
             before, step, position = step, step + count, position + count
             self.step = step
             if step < steps:  # prefetch: the host prepares the next batch meanwhile
                 count = self._count(step, steps)
-                batch = self._put(feed, position, count)
+                args = feed.args(position, count)
             if crossed(before, step, self.log_every) or step == steps:
                 self._log(step, metrics, stacked)
             if eval_data is not None and (crossed(before, step, eval_every) or step == steps):
@@ -309,7 +277,7 @@ class Trainer:
         if self.improved:
             self.best = value
         self.eval_history.append((step, metrics))
-        self._write("eval", step, metrics)
+        self._write(f"{self.run}/eval", step, metrics)
         for cb in self.callbacks:
             cb.on_eval(self, step, metrics, state)
         return metrics
@@ -336,8 +304,8 @@ class Trainer:
         for logger in self.loggers:
             logger.close()
         if self.plots and self.log_dir is not None and (self.history or self.eval_history):
-            plot_history({"train": self.history, "eval": self.eval_history},
-                         self.log_dir / "curves.png", title=self.run)
+            plot_history(_logged(self.log_dir / "log.jsonl", self.run), self.log_dir /
+                         "curves.png", title=self.run)
 
     def _install_signals(self):
         self._signal = None
@@ -352,6 +320,19 @@ class Trainer:
     def _restore_signals(self, previous) -> None:
         for s, h in (previous or {}).items():
             signal.signal(s, h)
+
+
+def _logged(path: Path, run: str) -> dict:
+    """The train and eval records of `run` in a JSONL log, all resumed parts together
+    (a step logged twice, before a crash and after the resume, counts once: the later)."""
+    series: dict = {"train": {}, "eval": {}}
+    kinds = {run: "train", f"{run}/eval": "eval"}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        kind = kinds.get(record.pop("run"))
+        if kind is not None:
+            series[kind][record.pop("step")] = record
+    return {k: sorted(v.items()) for k, v in series.items()}
 
 
 def _shown(values: dict, batch_size: int | None) -> dict:

@@ -1,0 +1,143 @@
+"""How batches reach the compiled step: from the host each call, or gathered on the devices.
+
+Both give the batch of data position `p` as `batch_at(data, batch_size, seed, p)`, so the
+data order is a pure function of (seed, position) and a resumed run sees the same batches.
+`DeviceFeed` keeps a small data set on the devices with the order of the current and next
+epoch and gathers each batch inside the compiled call from the state's `data_position`:
+nothing is transferred per step. `HostFeed` puts each (prefetched) batch on the devices.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from .. import sharding
+from ..data import epoch_order
+from ..errors import JaxtrainError
+from .step import default_unroll
+
+DEVICE_DATA_BYTES = 256 * 2**20  # "auto" keeps data sets up to this size on the devices
+
+
+class Batches:
+    """The batch of a data position: `batch_at(data, batch_size, seed, position)` for a
+    dict of arrays (with the epoch's order cached), or a user's `position -> batch`."""
+
+    def __init__(self, data, batch_size: int | None, seed: int):
+        self.data = None
+        if callable(data):
+            self.fn = data
+            return
+        if not isinstance(data, dict) or not data:
+            raise JaxtrainError("train_data must be a dict of equal-length arrays or a "
+                                f"function position -> batch, got {type(data).__name__}")
+        sizes = {k: len(v) for k, v in data.items()}
+        if len(set(sizes.values())) != 1:
+            raise JaxtrainError(f"train_data arrays differ in length: {sizes}")
+        self.n = next(iter(sizes.values()))
+        if not isinstance(batch_size, int) or not 0 < batch_size <= self.n:
+            raise JaxtrainError(f"batch_size must be an integer in 1..{self.n} (the examples "
+                                f"in train_data), got {batch_size!r}")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.per_epoch = self.n // batch_size
+        self.epoch, self.order = None, None
+        self.fn = self._batch_at
+
+    def order_of(self, epoch: int) -> np.ndarray:
+        """The example indices of an epoch's full batches, in order."""
+        if epoch != self.epoch:
+            self.epoch, self.order = epoch, epoch_order(self.n, self.seed, epoch)
+        return self.order[:self.per_epoch * self.batch_size]
+
+    def _batch_at(self, position: int) -> dict:
+        epoch, index = divmod(position, self.per_epoch)
+        idx = self.order_of(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def get(self, position: int, count: int):
+        """One batch (`count == 1`) or `count` consecutive batches stacked."""
+        if count == 1:
+            return self.fn(position)
+        many = [self.fn(position + i) for i in range(count)]
+        return jax.tree.map(lambda *xs: np.stack(xs), *many)
+
+
+class HostFeed:
+    """Each call's batch (or `count` stacked batches) put on the mesh by the host."""
+
+    def __init__(self, batches: Batches, mesh, single, multi):
+        self.batches, self.mesh, self.single, self.multi = batches, mesh, single, multi
+        self.flat = sharding.batch_sharding(mesh)
+        self.stacked = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
+        self.checked = False
+
+    def fn(self, count: int):
+        return self.multi if count > 1 else self.single
+
+    def args(self, position: int, count: int) -> tuple:
+        host = self.batches.get(position, count)
+        if count > 1:
+            return (jax.device_put(host, self.stacked),)
+        if not self.checked:  # shapes checked once, with a message naming the array
+            self.checked = True
+            return (sharding.shard_batch(host, self.mesh),)
+        return (jax.device_put(host, self.flat),)
+
+
+def fits_on_devices(batches: Batches, steps_per_call: int, device_data) -> bool:
+    """Whether `DeviceFeed` applies: a dict data set, small enough (or `device_data=True`)."""
+    if batches.data is None or device_data is False or steps_per_call > batches.per_epoch:
+        return False
+    size = sum(np.asarray(v).nbytes for v in batches.data.values())
+    return device_data is True or size <= DEVICE_DATA_BYTES
+
+
+class DeviceFeed:
+    """The data set and two epochs' order on the devices (replicated); the compiled call
+    gathers the batch of `state.data_position` itself."""
+
+    def __init__(self, batches: Batches, mesh, step_fn, state_shardings, steps_per_call: int):
+        rep = sharding.replicated(mesh)
+        flat = sharding.batch_sharding(mesh)
+        bs = batches.batch_size
+        sharding.shard_batch(batches.get(0, 1), mesh)  # a clear error if bs does not divide
+        self.batches, self.rep = batches, rep
+        self.data = jax.device_put({k: np.asarray(v) for k, v in batches.data.items()}, rep)
+        self.epoch, self.order, self.base = None, None, None
+
+        def gather(state, data, order, base):
+            start = (state.data_position - base) * bs
+            idx = jax.lax.dynamic_slice_in_dim(order, start, bs)
+            batch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
+            return jax.lax.with_sharding_constraint(batch, flat)
+
+        def single(state, data, order, base):
+            return step_fn(state, gather(state, data, order, base))
+
+        def multi(state, data, order, base):
+            body = lambda s, _: single(s, data, order, base)
+            return jax.lax.scan(body, state, None, length=steps_per_call,
+                                unroll=default_unroll(None))
+
+        def compile_(fn):
+            return jax.jit(fn, in_shardings=(state_shardings, rep, rep, rep),
+                           out_shardings=(state_shardings, rep), donate_argnums=(0,))
+
+        self.single = compile_(single)
+        self.multi = compile_(multi) if steps_per_call > 1 else None
+
+    def fn(self, count: int):
+        return self.multi if count > 1 else self.single
+
+    def args(self, position: int, count: int) -> tuple:
+        epoch = position // self.batches.per_epoch
+        if epoch != self.epoch:  # this epoch's order and the next (a call may cross over)
+            order = np.concatenate([self.batches.order_of(epoch),
+                                    self.batches.order_of(epoch + 1)]).astype(np.int32)
+            self.order = jax.device_put(order, self.rep)
+            self.base = jax.device_put(np.int32(epoch * self.batches.per_epoch), self.rep)
+            self.epoch = epoch
+        return self.data, self.order, self.base
