@@ -200,6 +200,21 @@ def test_initialize_after_backend_start_is_refused(devices):
         sharding.initialize("127.0.0.1:1234", 2, 1)
 
 
+@pytest.mark.parametrize("args,match", [
+    (("127.0.0.1:1234", 2, None), "together, or none"),
+    (("127.0.0.1:1234", 2, 2), r"process_id=2 must be an integer in \[0, 2\)"),
+    (("127.0.0.1:1234", 0, 0), "num_processes=0"),
+])
+def test_initialize_checks_its_arguments(args, match):
+    with pytest.raises(JaxtrainError, match=match):
+        sharding.initialize(*args)
+
+
+def test_coordinator_address_must_be_host_port():
+    with pytest.raises(JaxtrainError, match="'localhost' must be host:port"):
+        sharding.distributed.wait_for_coordinator("localhost", 1)
+
+
 def test_unreachable_coordinator_times_out_with_its_address():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

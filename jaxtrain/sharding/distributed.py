@@ -22,11 +22,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                timeout: float = 300.0) -> None:
     """Join (or, as process 0, start) the distributed runtime; then `jax.devices()` lists
     the devices of all processes and `jax.process_index()` is this one's id."""
-    if _backend_started():
-        raise JaxtrainError(
-            "sharding.initialize must run before anything uses JAX devices or arrays "
-            "(a JAX backend is already initialized in this process)"
-        )
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
         raise JaxtrainError(
@@ -41,8 +36,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             raise JaxtrainError(
                 f"process_id={process_id!r} must be an integer in [0, {num_processes})"
             )
-        if process_id != 0:
-            wait_for_coordinator(coordinator_address, timeout)
+    if _backend_started():
+        raise JaxtrainError(
+            "sharding.initialize must run before anything uses JAX devices or arrays "
+            "(a JAX backend is already initialized in this process)"
+        )
+    if num_processes is not None and process_id != 0:
+        wait_for_coordinator(coordinator_address, timeout)
     jax.distributed.initialize(
         coordinator_address=coordinator_address, num_processes=num_processes,
         process_id=process_id, local_device_ids=local_device_ids,
