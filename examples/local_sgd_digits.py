@@ -64,6 +64,9 @@ def main() -> None:
     ops, nbytes = all_reduce_stats(step.lower(state, first).compile().as_text())
     for s in range(rounds * h):
         state, metrics = step(state, sharding.shard_batch(batch_at(train, BATCH, 0, s), mesh))
+        # wait each step: hundreds of queued steps of 8 simulated devices on a 2-core CPU
+        # can starve XLA's collective rendezvous
+        jax.block_until_ready(metrics)
     rows.append({"run": "data parallel", "train_loss": float(metrics["loss"]),
                  "test_loss": held_out_loss(state.params, state, test),
                  "all_reduces_per_H_steps": ops * h, "bytes_per_H_steps": nbytes * h})
@@ -79,7 +82,7 @@ def main() -> None:
                                        *[batch_at(train, BATCH, 0, r * h + t) for t in range(h)])
         ops, nbytes = all_reduce_stats(round_fn.lower(local, stack(0)).compile().as_text())
         for r in range(rounds):
-            local, losses = round_fn(local, stack(r))
+            local, losses = jax.block_until_ready(round_fn(local, stack(r)))
         rows.append({"run": run, "train_loss": float(np.mean(np.asarray(losses)[:, -1])),
                      "test_loss": held_out_loss(local.params, base, test),
                      "all_reduces_per_H_steps": ops, "bytes_per_H_steps": nbytes})
