@@ -20,6 +20,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxtrain import transforms as T
@@ -89,7 +90,8 @@ def compare(name, ours, theirs, leaves, runs, warmup=2):
     sides = []
     for tx in (ours, theirs):
         params = make_tree(leaves)
-        sides.append([make_step(tx), (params, tx.init(params))])
+        # Copied: Optax's schedule-free state aliases the params, which donation refuses.
+        sides.append([make_step(tx), (params, jax.tree.map(jnp.copy, tx.init(params)))])
     for _ in range(warmup):
         for side in sides:
             _, side[1] = _time(side[0], side[1], grads)

@@ -537,7 +537,7 @@ def schedule_free_adamw(
     check_learning_rate(learning_rate)
     _betas("schedule_free_adamw", b1=b1, b2=b2)
     check_nonnegative("schedule_free_adamw", eps=eps, weight_decay=weight_decay)
-    return _injected(
+    tx = _injected(
         optax.contrib.schedule_free_adamw,
         learning_rate=learning_rate,
         warmup_steps=warmup_steps,
@@ -546,6 +546,13 @@ def schedule_free_adamw(
         eps=eps,
         weight_decay=weight_decay,
     )
+
+    def init(params):
+        # Optax's state holds `params` itself as z: copy it, so that a step donating both
+        # params and state does not donate one buffer twice.
+        return jax.tree.map(jnp.copy, tx.init(params))
+
+    return optax.GradientTransformationExtraArgs(init, tx.update)
 
 
 def schedule_free_eval_params(opt_state, params):
