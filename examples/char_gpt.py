@@ -61,7 +61,7 @@ def main() -> None:
                       "train_windows": len(data["train"]["tokens"]),
                       "valid_windows": len(valid["tokens"])}), flush=True)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     while int(state.step) < args.steps:
         chunk = min(args.eval_every, args.steps - int(state.step))
         state, history = fit(state, step_fn,
@@ -71,6 +71,7 @@ def main() -> None:
         metrics = evaluate(eval_fn, state, valid, mesh, batch_size=64)
         step = int(state.step)
         print(json.dumps({"step": step, "seconds": round(time.perf_counter() - start, 1),
+                          "cpu_seconds": round(time.process_time() - cpu_start, 1),
                           "train_loss": round(history[-1][1]["loss"], 4),
                           "valid_loss": round(metrics["loss"], 4),
                           "valid_accuracy": round(metrics["accuracy"], 4),

@@ -110,10 +110,13 @@ def test_greedy_generate_matches_step_by_step_argmax_and_slides_past_max_len():
     prompt = np.array([3, 1, 4, 1, 5])
     out = generate(model, prompt, 20, jax.random.key(0), temperature=0.0)
     assert out.shape == (25,) and np.array_equal(out[:5], prompt)
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     seq = list(prompt)
-    for _ in range(20):
-        logits = model(jnp.asarray(seq[-16:])[None])
-        seq.append(int(jnp.argmax(logits[0, -1])))
+    for _ in range(20):  # causal: the logits at the last real position ignore the padding
+        ctx = seq[-16:]
+        logits = forward(state, jnp.asarray(ctx + [0] * (16 - len(ctx)))[None])
+        seq.append(int(jnp.argmax(logits[0, len(ctx) - 1])))
     np.testing.assert_array_equal(out, seq)
     sampled = generate(model, np.stack([prompt, prompt]), 8, jax.random.key(0), top_k=3)
     assert sampled.shape == (2, 13) and sampled.max() < 64
