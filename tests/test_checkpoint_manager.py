@@ -98,7 +98,8 @@ def test_restore_onto_other_device_counts_8_1_4(tmp_path, devices):
     with Manager(tmp_path / "a") as mngr:
         mngr.save(3, on8, sig)
     like1 = _placed(_state(seed=1)[0], sharding.make_mesh(data=1, fsdp=1, devices=devices[:1]))
-    on1 = Manager(tmp_path / "a", read_only=True).restore(like1, sig)
+    with Manager(tmp_path / "a", read_only=True) as mngr:
+        on1 = mngr.restore(like1, sig)
     _assert_same(on1, on8)
     for got, want in zip(jax.tree.leaves(on1.saveable()), jax.tree.leaves(like1.saveable()),
                          strict=True):
@@ -107,7 +108,8 @@ def test_restore_onto_other_device_counts_8_1_4(tmp_path, devices):
         mngr.save(3, on1, sig)
     like4 = _placed(_state(seed=2)[0],
                     sharding.make_mesh(data=1, fsdp=4, devices=devices[2:6]))
-    on4 = Manager(tmp_path / "b", read_only=True).restore(like4, sig)
+    with Manager(tmp_path / "b", read_only=True) as mngr:
+        on4 = mngr.restore(like4, sig)
     _assert_same(on4, on8)
     kernel = on4.opt_state.inner_state[0].mu["backbone"]["dense"]["kernel"]
     assert kernel.sharding == NamedSharding(like4.params["backbone"]["dense"]["kernel"]
@@ -115,19 +117,28 @@ def test_restore_onto_other_device_counts_8_1_4(tmp_path, devices):
     assert {d.id for d in kernel.sharding.device_set} == {d.id for d in devices[2:6]}
 
 
-def _damage(step_dir):
+def _cut_array_file(step_dir):
     """Cut the largest array file of a step in half, as a disk fault would."""
     files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
     biggest = max(files, key=lambda p: p.stat().st_size)
     os.truncate(biggest, biggest.stat().st_size // 2)
 
 
-def test_damaged_latest_is_skipped_with_a_warning_naming_it(tmp_path):
+def _cut_record(step_dir):
+    os.truncate(step_dir / "meta" / "metadata", 10)
+
+
+def _drop_array_index(step_dir):
+    (step_dir / "state" / "_METADATA").unlink()
+
+
+@pytest.mark.parametrize("damage", [_cut_array_file, _cut_record, _drop_array_index])
+def test_damaged_latest_is_skipped_with_a_warning_naming_it(tmp_path, damage):
     state, sig = _state()
     with Manager(tmp_path) as mngr:
         for step in (1, 2, 3):
             mngr.save(step, _bumped(state, step), sig)
-    _damage(tmp_path / "3")
+    damage(tmp_path / "3")
     fresh, _ = _state(seed=1)
     mngr = Manager(tmp_path)
     with pytest.warns(UserWarning, match=f"skipping unreadable checkpoint {tmp_path}/3 "):
@@ -195,7 +206,8 @@ def test_plain_orbax_restores_without_jaxtrain_and_no_pickle_is_used(tmp_path, m
     with Manager(tmp_path) as mngr:
         mngr.save(4, state, sig, metrics={"loss": 1.5})
     fresh, _ = _state(seed=1)
-    _assert_same(Manager(tmp_path, read_only=True).restore(fresh, sig), state)
+    with Manager(tmp_path, read_only=True) as mngr:
+        _assert_same(mngr.restore(fresh, sig), state)
     monkeypatch.undo()
     plain = ocp.CheckpointManager(tmp_path, item_names=("state", "meta"))
     raw = plain.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
