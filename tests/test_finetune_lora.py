@@ -121,3 +121,30 @@ def test_bad_arguments_are_named():
         LoRA(base, rank=1, dropout=1.0, rngs=nnx.Rngs(0))
     with pytest.raises(JaxtrainError, match="no Linear layer matches.*layers: attn/key"):
         apply_lora(Tiny(nnx.Rngs(0)), "decoder/*", rank=2, rngs=nnx.Rngs(0))
+
+
+def test_gpt_attention_einsum_kernels_merge_equals_adapted_forward():
+    from jaxtrain.models import GPT
+
+    with nnx.use_eager_sharding(False):
+        model = GPT(vocab_size=32, d_model=16, num_layers=2, num_heads=2, max_len=8,
+                    rngs=nnx.Rngs(0))
+    tokens = jnp.arange(16).reshape(2, 8) % 32
+    before = model(tokens)
+    wrapped = apply_lora(model, ["*attn/*", "*mlp/up"], rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+    assert wrapped[:5] == ["blocks/0/attn/key", "blocks/0/attn/out", "blocks/0/attn/query",
+                           "blocks/0/attn/value", "blocks/0/mlp/up"]
+    assert model.blocks[0].attn.query.lora_a.shape == (16, 2)   # d -> (heads, head_dim)
+    assert model.blocks[0].attn.out.lora_a.shape == (16, 2)     # (heads, head_dim) -> d
+    np.testing.assert_allclose(model(tokens), before, atol=1e-6)
+    _randomise_b(model)
+    adapted = model(tokens)
+    assert not np.allclose(adapted, before, atol=1e-3)
+    merge_lora(model)
+    np.testing.assert_allclose(model(tokens), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_of_another_form_is_refused():
+    odd = nnx.Einsum("btd,hd->bth", (4, 8), rngs=nnx.Rngs(0))
+    with pytest.raises(JaxtrainError, match="contracts the input's last axes"):
+        LoRA(odd, rank=2, rngs=nnx.Rngs(0))

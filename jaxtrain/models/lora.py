@@ -1,5 +1,6 @@
-"""LoRA adapters (Hu et al. 2021) on the kernels of `nnx.Linear` and `nnx.LinearGeneral`
-(attention's query/key/value/out projections), as an NNX wrapper module.
+"""LoRA adapters (Hu et al. 2021) on the kernels of `nnx.Linear`, `nnx.LinearGeneral` and
+`nnx.Einsum` (attention's query/key/value/out projections: `nnx.MultiHeadAttention`, the
+GPT of `jaxtrain.models`), as an NNX wrapper module.
 
 `LoRA(base)` computes `base(x) + (alpha / rank) * dropout(x) @ lora_a @ lora_b`, with the
 kernel's contracted input axes flattened into `lora_a`'s rows and its output axes into
@@ -18,13 +19,29 @@ from flax import nnx
 from ..errors import JaxtrainError
 from ..transforms.paths import matches
 
-ADAPTED = (nnx.Linear, nnx.LinearGeneral)
+ADAPTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+
+
+def _einsum_input_axes(spec: str) -> int:
+    """Contracted axes of an Einsum like `btd,dnh->btnh`: they must end the input and
+    start the kernel, and the kernel's other axes must end the output, in order."""
+    inputs, out = spec.replace(" ", "").split("->")
+    x, kernel = inputs.split(",")
+    contracted = [c for c in kernel if c in x and c not in out]
+    n = len(contracted)
+    if (not n or x[-n:] != "".join(contracted) or kernel[:n] != x[-n:]
+            or not out.endswith(kernel[n:])):
+        raise JaxtrainError(f"LoRA needs an Einsum that contracts the input's last axes with "
+                            f"the kernel's first ones, got {spec!r}")
+    return n
 
 
 def _input_axes(base) -> int:
     """How many trailing input axes the base layer contracts with its kernel."""
     if isinstance(base, nnx.Linear):
         return 1
+    if isinstance(base, nnx.Einsum):
+        return _einsum_input_axes(base.einsum_str)
     if base.batch_axis:
         raise JaxtrainError("LoRA does not support LinearGeneral with batch_axis")
     axes = sorted(base.axis)
@@ -34,13 +51,14 @@ def _input_axes(base) -> int:
 
 
 class LoRA(nnx.Module):
-    """A Linear / LinearGeneral layer plus a trainable low-rank update of its kernel."""
+    """A Linear / LinearGeneral / Einsum layer plus a trainable low-rank update of its
+    kernel."""
 
     def __init__(self, base, rank: int, alpha: float | None = None, dropout: float = 0.0,
                  *, rngs: nnx.Rngs):
         if not isinstance(base, ADAPTED):
-            raise JaxtrainError(f"LoRA wraps nnx.Linear or nnx.LinearGeneral, got "
-                                f"{type(base).__name__}")
+            raise JaxtrainError(f"LoRA wraps nnx.Linear, nnx.LinearGeneral or nnx.Einsum, "
+                                f"got {type(base).__name__}")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise JaxtrainError(f"LoRA rank must be a positive integer, got {rank!r}")
         if not 0.0 <= dropout < 1.0:
@@ -96,8 +114,8 @@ def replace_module(model: nnx.Module, path: str, new: nnx.Module) -> None:
 
 def apply_lora(model: nnx.Module, targets, rank: int, alpha: float | None = None,
                dropout: float = 0.0, *, rngs: nnx.Rngs) -> list[str]:
-    """Wrap every Linear / LinearGeneral whose path matches `targets` (globs or `re:`
-    regexes) in `LoRA`, in place. Returns the wrapped paths."""
+    """Wrap every Linear / LinearGeneral / Einsum whose path matches `targets` (globs or
+    `re:` regexes) in `LoRA`, in place. Returns the wrapped paths."""
     found = [(_path(keys), m) for keys, m in nnx.iter_modules(model)
              if isinstance(m, ADAPTED) and keys]
     chosen = [(p, m) for p, m in found if matches(p, targets)]
