@@ -90,6 +90,7 @@ def test_bad_input_is_one_line_and_writes_nothing(pretrained, tmp_path, capsys):
         mngr.save(1, small, model_signature({"name": "cnn"}, small.params))
     cases = [
         (["ckpt", "ls", str(tmp_path / "nope")], "does not exist"),
+        (["ckpt", "ls", str(empty)], "no checkpoint in"),
         (["finetune", CONFIGS[0], "--from", str(tmp_path / "nope"), f"out={out}"],
          "does not exist"),
         (["finetune", CONFIGS[0], "--from", str(empty), f"out={out}"], "no checkpoint in"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import JaxtrainError
 from .manager import Manager
 
 
@@ -16,8 +17,11 @@ def folder_bytes(path: Path) -> int:
 
 def list_checkpoints(directory: str | Path) -> list[dict]:
     """One row per complete step: `step`, `metrics`, `bytes`, `best` (bool), and
-    `error` for a step whose record cannot be read. Reads only; creates nothing."""
+    `error` for a step whose record cannot be read. Reads only; creates nothing. A folder
+    without any complete step is an error, as it is for a restore."""
     with Manager(directory, read_only=True) as mngr:
+        if not mngr.steps():
+            raise JaxtrainError(f"no checkpoint in {directory}")
         rows = []
         for step in mngr.steps():
             row = {"step": step, "metrics": {}, "best": False,
@@ -46,8 +50,6 @@ def _size(n: int) -> str:
 
 def format_listing(rows: list[dict]) -> str:
     """The rows as a text table; the best step is marked with `*`."""
-    if not rows:
-        return "no checkpoints"
     lines = [f"{'step':>8}  {'size':>9}  metrics"]
     for row in rows:
         metrics = row.get("error") or " ".join(
