@@ -84,6 +84,12 @@ def cmd_finetune(args) -> int:
     return 0 if summary["interrupted"] is None else 130
 
 
+def cmd_bench(args) -> int:
+    from .bench import run
+
+    return 1 if run(args.names, args.dir, quick=args.quick, as_json=args.json) else 0
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="jaxtrain", description="Functional training for JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -103,6 +109,13 @@ def build_parser() -> Parser:
     from .cli_tune import add_commands
 
     add_commands(sub, positive_int)
+    bench = sub.add_parser("bench", help="run the benchmarks (optimizer, loop, sharding, "
+                                          "checkpoint, sweep, mfu)")
+    bench.add_argument("names", nargs="*", help="which to run (default: all)")
+    bench.add_argument("--json", action="store_true", help="one JSON line per measurement")
+    bench.add_argument("--quick", action="store_true", help="small sizes, a quick check")
+    bench.add_argument("--dir", help="the benchmarks folder (default: ./benchmarks)")
+    bench.set_defaults(func=cmd_bench)
     ckpt = sub.add_parser("ckpt", help="inspect checkpoint folders")
     ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=Parser)
     ckpt_ls = ckpt_sub.add_parser("ls", help="steps with their metrics and sizes")
