@@ -196,3 +196,28 @@ def test_jaxtrain_train_char_gpt_gets_below_2_nats_per_byte_and_prints_a_sample(
     assert summary["eval"]["loss"] < 2.0, summary
     sample = "\n".join(proc.stdout.splitlines()[1:])
     assert "self" in sample or "def " in sample, sample
+
+
+def test_sharding_presets_apply_to_gpt_without_extra_code(devices):
+    from jax.sharding import PartitionSpec as P
+
+    from jaxtrain import sharding
+    from jaxtrain.sharding.rules import param_specs
+
+    model = small(tie_embeddings=False, norm="rmsnorm")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=devices)
+    axes = logical_axes(nnx.state(model, nnx.Param))
+    specs = param_specs(params, mesh, "fsdp+tp", axes)
+    block = specs["blocks"][0]
+    assert block["attn"]["query"]["kernel"] == P("fsdp", "tensor", None)
+    assert block["attn"]["out"]["kernel"] == P("tensor", None, "fsdp")
+    assert block["mlp"]["down"]["kernel"] == P("tensor", "fsdp")
+    assert specs["embed"]["embedding"] == P("tensor", "fsdp")
+    shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
+    tokens = jax.random.randint(jax.random.key(0), (8, 16), 0, 64)
+    loss = lambda p: lm_loss(nnx.merge(graphdef, nnx.State(p), rest), {"tokens": tokens},
+                             None)[0]
+    placed = jax.device_put(params, shardings)
+    np.testing.assert_allclose(jax.jit(loss)(placed), loss(params), rtol=1e-5)
