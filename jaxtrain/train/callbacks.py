@@ -97,15 +97,20 @@ class Checkpointer(Callback):
     """Orbax checkpoints every `every` steps, on each new best evaluation, at the end."""
 
     def __init__(self, directory, every: int | None = None, best: bool = False,
-                 at_end: bool = True, max_to_keep: int | None = 3, async_save: bool = True):
+                 at_end: bool = True, max_to_keep: int | None = 3, async_save: bool = True,
+                 monitor: str = "loss", mode: str = "min"):
         self.directory, self.every, self.best, self.at_end = directory, every, best, at_end
         self.max_to_keep, self.async_save = max_to_keep, async_save
+        self.monitor, self.mode = monitor, mode
         self.manager = None
 
     def open(self) -> Manager:
         if self.manager is None:
+            # with `best`, the best step is kept beside the newest ones, never pruned
             self.manager = Manager(self.directory, max_to_keep=self.max_to_keep,
-                                   async_save=self.async_save)
+                                   async_save=self.async_save,
+                                   best_metric=self.monitor if self.best else None,
+                                   best_mode=self.mode)
         return self.manager
 
     def restore_latest(self, like, signature):

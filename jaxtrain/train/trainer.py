@@ -82,7 +82,7 @@ class Trainer:
             self.early_stopping = EarlyStopping(**early_stopping)
         self.checkpointer = None if checkpoint_dir is None else Checkpointer(
             checkpoint_dir, checkpoint_every, checkpoint_best, checkpoint_at_end, max_to_keep,
-            async_checkpoint)
+            async_checkpoint, monitor=monitor, mode=self.mode)
         self.callbacks = [c for c in (self.checkpointer, self.early_stopping) if c is not None]
         self.callbacks += list(callbacks)
         self.rules, self.logical_axes = rules, logical_axes
