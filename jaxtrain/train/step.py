@@ -115,6 +115,8 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
     `unroll`: of the microbatch `lax.scan` (default: see `default_unroll`).
     With a `LossScale` in the state, a non-finite gradient skips the step and halves
     the scale whatever the policy.
+    An optimizer that takes extra args (an Optax `GradientTransformationExtraArgs`, e.g. a
+    chain with `reduce_on_plateau`) receives the step's loss as `value=`.
     The state's `nonfinite` records (first bad step, first bad leaf, count); leaf 0 is the
     loss, 1..n the gradients, n+1..2n the new params, in `jax.tree.leaves` order.
     """
@@ -134,7 +136,10 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
             grads = jax.tree.map(lambda g: (g.astype(F32) / scale).astype(g.dtype), grads)
         squares = [jnp.sum(jnp.square(g.astype(F32))) for g in jax.tree.leaves(grads)]
         grad_norm = jnp.sqrt(sum(squares))
-        new_state = state.apply_gradients(grads).replace(
+        # transforms that take extra args (reduce_on_plateau, ...) get the loss as `value`
+        extra = {"value": loss} if isinstance(state.tx, optax.GradientTransformationExtraArgs) \
+            else {}
+        new_state = state.apply_gradients(grads, **extra).replace(
             rng=rng, model_state=model_state, data_position=state.data_position + 1
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
