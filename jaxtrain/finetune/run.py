@@ -18,48 +18,25 @@ the disk as it was. With LoRA the merged model is saved to `OUT/merged` at the e
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import jax
 import optax
-import yaml
 from flax import nnx
 
-from .. import sharding
 from ..checkpoint import Manager, model_signature
-from ..data import registry as data_registry
 from ..errors import JaxtrainError
 from ..models import registry as model_registry
 from ..models.lora import apply_lora, merge_lora
-from ..train import TrainState, param_logical_axes
-from ..train.config import build_optimizer, check_config, model_kwargs
+from ..train import TrainState
+from ..train.config import build_optimizer, check_config, read_config
+from ..train.run import config_trainer, data_and_model, fit_summary
 from ..train.tasks import get_task
-from ..train.trainer import Trainer
 from .flows import load_into, lora_optimizer
 
 DEFAULTS = {"step": None, "include": ["*"], "exclude": [], "mapping": {}, "lora": None,
             "restore_optimizer": False}
 LORA_DEFAULTS = {"targets": None, "rank": 8, "alpha": None, "dropout": 0.0, "train_also": []}
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML with `3e-4` read as a number, as `jaxtrain train` reads its configs."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$"
-               r"|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."),
-)
-
-
-def _yaml(text: str):
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError:
-        return text
 
 
 def _section(raw, defaults: dict, name: str) -> dict:
@@ -73,36 +50,9 @@ def _section(raw, defaults: dict, name: str) -> dict:
     return {**defaults, **raw}
 
 
-def _override(tree: dict, key: str, value) -> None:
-    *parents, last = key.split(".")
-    for part in parents:
-        node = tree.get(part)
-        if node is None:
-            node = tree[part] = {}
-        elif isinstance(node, str):  # `model: cnn` is short for `model: {name: cnn}`
-            node = tree[part] = {"name": node}
-        elif not isinstance(node, dict):
-            raise JaxtrainError(f"override {key}: {part!r} is not a section")
-        tree = node
-    tree[last] = value
-
-
 def load_finetune_config(path: str | Path, overrides=()) -> tuple[dict, dict]:
     """`(train config, finetune section)` from a YAML file and `key=value` overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise JaxtrainError(f"config file {path} does not exist")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_Loader) or {}
-    except yaml.YAMLError as err:
-        raise JaxtrainError(f"config file {path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise JaxtrainError(f"config file {path} must hold a mapping")
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise JaxtrainError(f"override {item!r} must be key=value (e.g. train.steps=100)")
-        _override(raw, key.strip(), _yaml(text))
+    raw = read_config(path, overrides)
     ft = _section(raw.pop("finetune", None), DEFAULTS, "finetune")
     if ft["lora"] is not None:
         ft["lora"] = _section(ft["lora"], LORA_DEFAULTS, "finetune.lora")
@@ -124,11 +74,7 @@ def run_finetune(cfg: dict, ft: dict, pretrained: str | Path) -> dict:
     the train summary plus the load report (and the merged export's folder with LoRA)."""
     seed, train, out = cfg["seed"], cfg["train"], Path(cfg["out"])
     task = get_task(cfg["task"])
-    data_cfg = dict(cfg["data"])
-    data = data_registry.load(data_cfg.pop("name"), **data_cfg)
-    model_cfg = dict(cfg["model"])
-    name = model_cfg.pop("name")
-    kwargs = model_kwargs(name, model_cfg, data.get("info", {}))
+    data, name, kwargs = data_and_model(cfg)
     model = model_registry.build(name, seed, **kwargs)
     report = load_into(model, pretrained, ft["step"], ft["include"], ft["exclude"],
                        ft["mapping"])
@@ -142,29 +88,13 @@ def run_finetune(cfg: dict, ft: dict, pretrained: str | Path) -> dict:
     if ft["restore_optimizer"]:
         with Manager(pretrained, read_only=True) as mngr:
             state = mngr.restore(state, None, ft["step"], items=["opt_state"])
-    ckpt = cfg["checkpoint"]
-    trainer = Trainer(
-        state, task.loss_fn, metric_fn=task.metric_fn, mesh=sharding.make_mesh(
-            **cfg["sharding"]["mesh"]),
-        rules=cfg["sharding"]["preset"], logical_axes=param_logical_axes(model),
-        batch_size=train["batch_size"], seed=seed, precision=train["precision"],
-        microbatches=train["microbatches"], steps_per_call=train["steps_per_call"],
-        nan_policy=train["nan_policy"], log_every=train["log_every"], log_dir=out,
-        tensorboard=cfg["logging"]["tensorboard"], plots=cfg["logging"]["plots"],
-        progress=cfg["logging"]["progress"], run="finetune",
-        checkpoint_dir=ckpt["dir"] or out / "checkpoints", checkpoint_every=ckpt["every"],
-        checkpoint_best=ckpt["best"], checkpoint_at_end=ckpt["at_end"],
-        max_to_keep=ckpt["max_to_keep"], async_checkpoint=ckpt["async"],
-        model_config={"name": name, **kwargs, "lora": ft["lora"]},
-        run_config={**cfg, "finetune": {**ft, "from": str(pretrained)}},
-        monitor=task.monitor, mode=task.mode, early_stopping=cfg["early_stopping"],
-        eval_batch_size=train["eval_batch_size"],
-    )
+    trainer = config_trainer(
+        cfg, state, model, task, {"name": name, **kwargs, "lora": ft["lora"]}, run="finetune",
+        run_config={**cfg, "finetune": {**ft, "from": str(pretrained)}})
     state = trainer.fit(data["train"], train["steps"], eval_data=data.get("valid"),
                         eval_every=train["eval_every"])
-    summary = {"step": int(state.step), "train": trainer.history[-1][1] if trainer.history
-               else {}, "eval": trainer.last_eval or {}, "interrupted": trainer.interrupted,
-               "out": str(out), "loaded": report.summary(), "lora": adapted}
+    summary = {**fit_summary(trainer, state, out), "loaded": report.summary(),
+               "lora": adapted}
     if adapted and trainer.interrupted is None:
         summary["merged"] = str(_export_merged(state, name, kwargs, out / "merged"))
     return summary

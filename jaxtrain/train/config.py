@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import copy
 import inspect
-import re
 from pathlib import Path
 
 import yaml
 
+from .. import yaml_numbers
 from ..errors import JaxtrainError
 
 ANY = object()  # a free-form section: {name, **kwargs of a registry entry}
@@ -75,20 +75,8 @@ EARLY_STOPPING = {"patience": (INT, 5), "min_delta": (FLOAT, 0.0), "monitor": (S
                   "mode": (STR + OPT, None)}
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 with `3e-4` read as a number (plain PyYAML wants `3.0e-4`)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$"
-               r"|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."),
-)
-
-
 def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
+    return yaml_numbers.load(text)
 
 
 def _type_names(types) -> str:
@@ -184,8 +172,9 @@ def _set(tree: dict, key: str, value) -> None:
     tree[parts[-1]] = value
 
 
-def load_config(path: str | Path, overrides=()) -> dict:
-    """Read `path` (YAML), apply `key=value` overrides (values parsed as YAML), check."""
+def read_config(path: str | Path, overrides=()) -> dict:
+    """Read `path` (YAML) and apply `key=value` overrides (values parsed as YAML); the
+    raw mapping, not yet checked (a caller may take out sections of its own first)."""
     path = Path(path)
     if not path.is_file():
         raise JaxtrainError(f"config file {path} does not exist")
@@ -207,7 +196,12 @@ def load_config(path: str | Path, overrides=()) -> dict:
         except yaml.YAMLError:
             value = text
         _set(raw, key.strip(), value)
-    return check_config(raw)
+    return raw
+
+
+def load_config(path: str | Path, overrides=()) -> dict:
+    """Read `path` (YAML), apply `key=value` overrides (values parsed as YAML), check."""
+    return check_config(read_config(path, overrides))
 
 
 def build_optimizer(spec: dict):

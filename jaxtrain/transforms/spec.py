@@ -39,6 +39,7 @@ import re
 import optax
 import yaml
 
+from .. import yaml_numbers
 from ..errors import JaxtrainError
 from . import decay, masks, plateau, schedules, wrappers
 
@@ -48,17 +49,6 @@ TOP_KEYS = ("optimizer", "learning_rate", "weight_decay", "groups", "clip_global
             "accumulate", "skip_nonfinite")
 DECAY_KEYS = ("rate", "kind", "exclude", "include", "min_ndim")
 DECAY_KINDS = ("decoupled", "l2", "l1")
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `3e-4` (no dot) as a string; read it as the number it is."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN)$"),
-    list("-+0123456789."),
-)
 
 
 def _fail(where: str, message: str):
@@ -276,7 +266,7 @@ def build(config) -> optax.GradientTransformationExtraArgs:
     """The chain described by `config`: a dict, or YAML text (see the module docstring)."""
     if isinstance(config, str):
         try:
-            config = yaml.load(config, Loader=_Loader)
+            config = yaml_numbers.load(config)
         except yaml.YAMLError as err:
             raise JaxtrainError(f"spec: not valid YAML: {err}") from err
     cfg = _mapping("spec", config)

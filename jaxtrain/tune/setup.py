@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..data import registry as data_registry
 from ..models import registry as model_registry
-from ..train.config import build_optimizer, model_kwargs
+from ..train.config import build_optimizer
+from ..train.run import data_and_model
 from ..train.tasks import get_task
 from .runs import RunSpec
 
@@ -26,11 +26,7 @@ def problem_from_config(cfg: dict, optimizer: dict | None = None,
     """The model, data, task and optimizer of a checked run config; `optimizer` (a
     transforms spec) replaces the config's. Held-out data is capped at
     `max_eval_examples` so that every evaluation of every run stays cheap."""
-    data_cfg = dict(cfg["data"])
-    data = data_registry.load(data_cfg.pop("name"), **data_cfg)
-    model_cfg = dict(cfg["model"])
-    name = model_cfg.pop("name")
-    kwargs = model_kwargs(name, model_cfg, data.get("info", {}))
+    data, name, kwargs = data_and_model(cfg)
     spec = RunSpec(
         model_fn=lambda seed: model_registry.build(name, seed, **kwargs),
         task=get_task(cfg["task"]),
