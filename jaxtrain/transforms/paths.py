@@ -57,15 +57,3 @@ def path_mask(patterns: str | Iterable[str]) -> Callable:
     return lambda tree: jax.tree_util.tree_map_with_path(
         lambda kp, _: matches(path_str(kp), patterns), tree
     )
-
-
-def path_labels(groups: dict[str, str | Iterable[str]], default: str) -> Callable:
-    """A label function for `optax.multi_transform`: the first group whose patterns match."""
-
-    def label(path: str) -> str:
-        for name, patterns in groups.items():
-            if matches(path, patterns):
-                return name
-        return default
-
-    return lambda tree: jax.tree_util.tree_map_with_path(lambda kp, _: label(path_str(kp)), tree)
