@@ -1,6 +1,10 @@
 """Knowledge distillation on digits: a small CNN student learns from a larger teacher
 loaded from a checkpoint, and is compared with the same student trained alone.
 
+Both students have the same 300 labelled examples. The distilled one also sees the rest
+of the training images without their labels: the teacher's soft targets are its only
+signal there (Hinton et al.'s transfer set). `--no-transfer` distils on the 300 only.
+
     python examples/distill_digits.py [--out distill_out] [--seeds 3]
 
 Prints one JSON line per run and a table of held-out accuracies.
@@ -54,12 +58,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="folder for the teacher checkpoint")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--alpha", type=float, default=0.9)
+    parser.add_argument("--no-transfer", action="store_true",
+                        help="distil on the labelled examples only")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="distill_"))
     full_train, test = digits_split()
     small = {k: v[:TRAIN_EXAMPLES] for k, v in full_train.items()}
+    # the transfer set: every training image, labels kept for the first 300 only
+    labelled = (np.arange(len(full_train["label"])) < TRAIN_EXAMPLES).astype(np.float32)
+    transfer = small if args.no_transfer else {**full_train, "labelled": labelled}
 
     # The teacher sees the full training split, is saved, then reloaded from disk.
     teacher_state = train(cnn(100, **TEACHER), classification_loss, full_train, 100)
@@ -71,9 +80,9 @@ def main() -> None:
     print(json.dumps(rows[-1]))
     distill = make_distill_loss(teacher, args.temperature, args.alpha)
     for seed in range(args.seeds):
-        for run, loss_fn in (("student alone", classification_loss),
-                             ("student distilled", distill)):
-            state = train(cnn(seed, **STUDENT), loss_fn, small, seed)
+        for run, loss_fn, data in (("student alone", classification_loss, small),
+                                   ("student distilled", distill, transfer)):
+            state = train(cnn(seed, **STUDENT), loss_fn, data, seed)
             rows.append({"run": run, "seed": seed, "accuracy": accuracy(state, test)})
             print(json.dumps(rows[-1]))
     print(f"\n{'run':<20}{'mean accuracy':>15}{'runs':>6}")

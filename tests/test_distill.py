@@ -70,3 +70,25 @@ def test_bad_distillation_settings_are_named():
         make_distill_loss(_cnn(0), temperature=0.0)
     with pytest.raises(JaxtrainError, match="alpha"):
         make_distill_loss(_cnn(0), alpha=1.5)
+
+
+def test_unlabelled_examples_learn_from_the_teacher_only():
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxtrain.strategies.distill import distillation_loss
+
+    rng = np.random.default_rng(0)
+    student, teacher = (jnp.asarray(rng.normal(size=(6, 10)), jnp.float32) for _ in range(2))
+    labels = jnp.asarray(rng.integers(0, 10, 6))
+    plain = distillation_loss(student, teacher, labels, 4.0, 0.9)
+    np.testing.assert_allclose(distillation_loss(student, teacher, labels, 4.0, 0.9,
+                                                 jnp.ones(6)), plain, rtol=1e-6)
+    soft_only = distillation_loss(student, teacher, labels, 4.0, 1.0)
+    np.testing.assert_allclose(distillation_loss(student, teacher, labels, 4.0, 0.9,
+                                                 jnp.zeros(6)), 0.9 * soft_only, rtol=1e-6)
+    half = jnp.asarray([1, 1, 1, 0, 0, 0])
+    hard_first = distillation_loss(student[:3], teacher[:3], labels[:3], 4.0, 0.0)
+    expect = 0.9 * soft_only + 0.1 * hard_first
+    np.testing.assert_allclose(distillation_loss(student, teacher, labels, 4.0, 0.9, half),
+                               expect, rtol=1e-5)

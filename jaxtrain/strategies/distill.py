@@ -22,13 +22,21 @@ from ..errors import JaxtrainError
 
 
 def distillation_loss(student_logits, teacher_logits, labels, temperature: float = 4.0,
-                      alpha: float = 0.9):
-    """Mean over the batch of the loss above; `labels` are integers."""
+                      alpha: float = 0.9, labelled=None):
+    """Mean over the batch of the loss above; `labels` are integers.
+
+    `labelled` (optional, 1 or 0 per example) marks which labels exist: the hard term is
+    averaged over the labelled examples only, the soft term over all (the teacher labels
+    the rest: a transfer set of unlabelled inputs, as Hinton et al. use)."""
     soft_teacher = jax.nn.softmax(teacher_logits / temperature, axis=-1)
     log_student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
     kl = optax.kl_divergence(log_student, soft_teacher)
     hard = optax.softmax_cross_entropy_with_integer_labels(student_logits, labels)
-    return jnp.mean(alpha * temperature**2 * kl + (1.0 - alpha) * hard)
+    if labelled is None:
+        return jnp.mean(alpha * temperature**2 * kl + (1.0 - alpha) * hard)
+    labelled = jnp.asarray(labelled, hard.dtype)
+    hard_mean = jnp.sum(hard * labelled) / jnp.maximum(jnp.sum(labelled), 1.0)
+    return alpha * temperature**2 * jnp.mean(kl) + (1.0 - alpha) * hard_mean
 
 
 def load_teacher(model: nnx.Module, directory: str | Path, step: int | None = None):
@@ -65,7 +73,8 @@ def make_distill_loss(teacher: nnx.Module, temperature: float = 4.0, alpha: floa
         del rng
         teacher_logits = jax.lax.stop_gradient(nnx.merge(graphdef, state)(batch["image"]))
         logits = student(batch["image"])
-        loss = distillation_loss(logits, teacher_logits, batch["label"], temperature, alpha)
+        loss = distillation_loss(logits, teacher_logits, batch["label"], temperature, alpha,
+                                 batch.get("labelled"))
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         return loss, {"accuracy": accuracy}
 
