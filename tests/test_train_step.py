@@ -82,6 +82,11 @@ def test_steps_per_call_equals_single_calls():
     _close(s4.params, s1.params, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m4["loss"], losses, rtol=1e-5)
     assert int(s4.step) == 4 and int(s4.data_position) == 4
+    last = jax.jit(make_multi_step(make_train_step(classification_loss), 4, metrics="last"))
+    s_last, m_last = last(_state(), stacked)
+    _close(s_last.params, s1.params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m_last["loss"], losses[-1], rtol=1e-5)
+    np.testing.assert_allclose(m_last["grad_norm"], m["grad_norm"], rtol=1e-5)
 
 
 def test_precision_policy_casts_compute_not_storage():

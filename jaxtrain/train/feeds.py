@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from .. import sharding
 from ..data import epoch_order
 from ..errors import JaxtrainError
-from .step import default_unroll
+from .step import scan_keep_last
 
 DEVICE_DATA_BYTES = 256 * 2**20  # "auto" keeps data sets up to this size on the devices
 
@@ -117,10 +117,9 @@ class DeviceFeed:
         def single(state, data, order, base):
             return step_fn(state, gather(state, data, order, base))
 
-        def multi(state, data, order, base):
-            body = lambda s, _: single(s, data, order, base)
-            return jax.lax.scan(body, state, None, length=steps_per_call,
-                                unroll=default_unroll(None))
+        def multi(state, data, order, base):  # only the last step's metrics are logged
+            return scan_keep_last(lambda s, _: single(s, data, order, base), state,
+                                  length=steps_per_call)
 
         def compile_(fn):
             return jax.jit(fn, in_shardings=(state_shardings, rep, rep, rep),

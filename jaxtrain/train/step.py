@@ -184,15 +184,36 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
     return train_step
 
 
-def make_multi_step(train_step, steps_per_call: int, unroll=None):
+def scan_keep_last(step, state, xs=None, length: int | None = None, unroll=None):
+    """`lax.scan` of `step(state, x) -> (state, metrics)` that returns the final state and
+    only the last step's metrics. The earlier steps' metric work (the gradient norm, ...)
+    is then dead code that XLA drops where the scan is unrolled (on CPU)."""
+    first = None if xs is None else jax.tree.map(lambda x: x[0], xs)
+    shapes = jax.eval_shape(step, state, first)[1]
+    empty = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(carry, x):
+        return step(carry[0], x), None
+
+    (state, metrics), _ = jax.lax.scan(body, (state, empty), xs, length=length,
+                                       unroll=default_unroll(unroll))
+    return state, metrics
+
+
+def make_multi_step(train_step, steps_per_call: int, unroll=None, metrics: str = "all"):
     """`(state, batches) -> (state, metrics)`: `steps_per_call` optimizer steps in one
-    `lax.scan` over batches stacked on a new leading axis; metrics gain that axis.
+    `lax.scan` over batches stacked on a new leading axis. `metrics='all'`: every step's,
+    stacked on that axis; `'last'`: the last step's only (cheaper: see `scan_keep_last`).
     `unroll`: as `lax.scan` (default: see `default_unroll`)."""
     unroll = default_unroll(unroll)
     if not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise JaxtrainError(f"steps_per_call must be a positive integer, got {steps_per_call!r}")
+    if metrics not in ("all", "last"):
+        raise JaxtrainError(f"metrics must be 'all' or 'last', got {metrics!r}")
 
     def multi_step(state, batches):
+        if metrics == "last":
+            return scan_keep_last(train_step, state, batches, unroll=unroll)
         return jax.lax.scan(train_step, state, batches, unroll=unroll)
 
     return multi_step

@@ -127,7 +127,7 @@ class Trainer:
         self.multi = None
         if self.steps_per_call > 1:
             stacked = NamedSharding(self.mesh, PartitionSpec(None, sharding.BATCH_AXES))
-            self.multi = jax.jit(make_multi_step(step_fn, self.steps_per_call),
+            self.multi = jax.jit(make_multi_step(step_fn, self.steps_per_call, metrics="last"),
                                  in_shardings=(self.state_shardings, stacked),
                                  out_shardings=(self.state_shardings, rep),
                                  donate_argnums=(0,))
@@ -198,7 +198,6 @@ class Trainer:
         count = self._count(step, steps)
         args = feed.args(position, count) if step < steps else None
         while step < steps:
-            stacked = count > 1
             state, metrics = feed.fn(count)(state, *args)
             before, step, position = step, step + count, position + count
             self.step = step
@@ -206,7 +205,7 @@ class Trainer:
                 count = self._count(step, steps)
                 args = feed.args(position, count)
             if crossed(before, step, self.log_every) or step == steps:
-                self._log(step, metrics, stacked)
+                self._log(step, metrics)
             if eval_data is not None and (crossed(before, step, eval_every) or step == steps):
                 self._evaluate(state, eval_data, step)
             for cb in self.callbacks:
@@ -221,9 +220,7 @@ class Trainer:
 
     # -- metrics -------------------------------------------------------------------------
 
-    def _log(self, step: int, metrics: dict, stacked: bool) -> None:
-        if stacked:
-            metrics = jax.tree.map(lambda x: x[-1], metrics)
+    def _log(self, step: int, metrics: dict) -> None:
         for leaf in jax.tree.leaves(metrics):
             leaf.copy_to_host_async()
         self._drain()
