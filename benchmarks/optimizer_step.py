@@ -128,7 +128,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--only", default="", help="comma-separated optimizer names")
     args = parser.parse_args()
-    names = [n for n in PAIRS if not args.only or n in args.only.split(",")]
+    wanted = [n for n in args.only.split(",") if n]
+    unknown = [n for n in wanted if n not in PAIRS]
+    if unknown:
+        parser.error(f"--only: unknown optimizer {unknown[0]!r} (valid: {', '.join(PAIRS)})")
+    names = [n for n in PAIRS if not wanted or n in wanted]
     rows = []
     for leaves in (1, 200):
         for name in names:

@@ -85,7 +85,7 @@ def main():
     print(f"\n{args.points}-point lr sweep, digits {args.model}, {args.steps} steps, batch 64, "
           f"1 {device.platform} device")
     print(f"  vmapped sweep   median {statistics.median(times['sweep']):7.1f} s")
-    print(f"  16 x Trainer    median {statistics.median(times['sequential']):7.1f} s")
+    print(f"  {args.points} x Trainer    median {statistics.median(times['sequential']):7.1f} s")
     print(f"  speed-up        median {statistics.median(ratios):.2f}x "
           f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
     print(f"  final params equal to the sequential runs': {sum(d < 1e-4 for d in diffs)} of "

@@ -21,7 +21,7 @@ from .errors import JaxtrainError
 
 # name -> (script, arguments for --quick)
 BENCHMARKS = {
-    "optimizer": ("optimizer_step.py", ["--runs", "3", "--only", "sgd,adam,adamw,lion"]),
+    "optimizer": ("optimizer_step.py", ["--runs", "3", "--only", "sgd_momentum,adam,adamw,lion"]),
     "loop": ("loop_overhead.py", ["--reps", "2", "--steps", "80"]),
     "sharding": ("sharding_memory.py", ["--d-model", "128", "--layers", "2"]),
     "checkpoint": ("checkpoint_io.py", ["--mb", "50", "--rounds", "1"]),
