@@ -24,8 +24,9 @@ class JsonlLogger:
 
 
 def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path,
-                ylabel: str = "training loss", title: str = "") -> Path:
-    """One line per run of (step, value) points, saved as a PNG."""
+                ylabel: str = "training loss", title: str = "", log_scale: bool = True) -> Path:
+    """One line per run of (step, value) points, saved as a PNG (losses on a log axis,
+    bounded metrics such as accuracy with `log_scale=False`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,7 +39,8 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path,
             ax.plot(steps, values, label=name)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    ax.set_yscale("log")
+    if log_scale:
+        ax.set_yscale("log")
     if title:
         ax.set_title(title)
     ax.grid(True, alpha=0.3)

@@ -84,7 +84,8 @@ class Comparison:
     def plot(self, path: str | Path) -> Path:
         curves = {f"{r.name} (lr {r.learning_rate:.3g})": r.curve for r in self.results}
         return plot_curves(curves, path, ylabel=f"held-out {self.monitor}",
-                           title="strategies, each at its tuned learning rate")
+                           title="strategies, each at its tuned learning rate",
+                           log_scale=self.mode == "min")
 
 
 def strategy_spec(name: str) -> dict:
