@@ -114,7 +114,7 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, steps: int = 300, devi
     results["pretrain (0-4)"] = metrics["accuracy"]
     mngr = Manager(ckpt_dir, max_to_keep=1)
     if steps in mngr.steps():  # an earlier demo run of this same model: replace it
-        mngr._mngr.delete(steps)
+        mngr.delete(steps)
     mngr.save(steps, state, signature, metrics=metrics, config={"demo": "pretrain"})
     mngr.wait()
     mngr.close()

@@ -105,6 +105,12 @@ class Manager:
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
+    def delete(self, step: int) -> None:
+        """Remove the checkpoint of `step` (for a caller replacing its own output)."""
+        if int(step) not in self.steps():
+            raise JaxtrainError(f"no checkpoint at step {step} in {self.directory}")
+        self._mngr.delete(int(step))
+
     def save(self, step: int, state, signature: dict, metrics: dict | None = None,
              config: dict | None = None, data: dict | None = None) -> None:
         """Save the state's arrays and its JSON record (model signature, metrics, run

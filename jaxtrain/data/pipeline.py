@@ -12,6 +12,7 @@ already is the whole iterator state, so a second source of truth is not needed.)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,9 +28,13 @@ def _size(data: dict) -> int:
     return next(iter(sizes.values()))
 
 
+@functools.lru_cache(maxsize=8)
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled example order of one epoch."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    """The shuffled example order of one epoch (cached and read-only: `batch_at` asks
+    for it every step)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.flags.writeable = False
+    return order
 
 
 def host_slice(batch: dict, process_index: int, process_count: int) -> dict:

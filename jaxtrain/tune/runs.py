@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..data import epoch_order
-from ..errors import JaxtrainError
 from ..train import TrainState, make_train_step
+from ..train.feeds import Batches
 from ..transforms import current_hyperparams, set_hyperparams
 
 
@@ -28,17 +27,9 @@ def injected_names(opt_state) -> set[str]:
 
 
 def batch_indices(n: int, batch_size: int, seed: int, steps: int, start: int = 0) -> np.ndarray:
-    """(steps, batch_size) example indices: the order of `jaxtrain.data.batch_at`."""
-    per_epoch = n // batch_size
-    if per_epoch == 0:
-        raise JaxtrainError(f"batch_size {batch_size} exceeds the {n} training examples")
-    rows, orders = [], {}
-    for step in range(start, start + steps):
-        epoch, index = divmod(step, per_epoch)
-        if epoch not in orders:
-            orders = {epoch: epoch_order(n, seed, epoch)}
-        rows.append(orders[epoch][index * batch_size : (index + 1) * batch_size])
-    return np.stack(rows).astype(np.int32)
+    """(steps, batch_size) example indices: the batches `Trainer.fit` would draw."""
+    batches = Batches({"index": np.arange(n, dtype=np.int32)}, batch_size, seed)
+    return np.stack([batches.get(s, 1)["index"] for s in range(start, start + steps)])
 
 
 @dataclasses.dataclass(frozen=True)
