@@ -1,0 +1,68 @@
+"""Why convolutional sweeps are slow on XLA:CPU: a 3x3 convolution plain, vmapped over 16
+weight sets (a grouped convolution), and 10 gradient steps inside `lax.scan` vs unrolled.
+
+Prints one JSON line per measurement and a table (median of `--runs` timings, ms).
+
+    python benchmarks/conv_vmap.py [--runs 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def median_ms(fn, args, runs: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--points", type=int, default=16)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(64, 8, 8, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32)
+    xs, ws = jnp.stack([x] * args.points), jnp.stack([w] * args.points)
+    wgrad = lambda x, w: jax.grad(lambda w: jnp.tanh(conv(x, w)).sum())(w)
+    step = lambda w, _: (w - 1e-3 * wgrad(x, w), None)
+    cases = {
+        "conv, one weight set": (jax.jit(conv), (x, w)),
+        f"conv, vmapped over {args.points} weight sets": (jax.jit(jax.vmap(conv)), (xs, ws)),
+        "weight gradient, one": (jax.jit(wgrad), (x, w)),
+        f"weight gradient, vmapped over {args.points}": (jax.jit(jax.vmap(wgrad)), (xs, ws)),
+        "10 gradient steps in lax.scan": (
+            jax.jit(lambda w: jax.lax.scan(step, w, None, length=10)[0]), (w,)),
+        "10 gradient steps, scan unrolled": (
+            jax.jit(lambda w: jax.lax.scan(step, w, None, length=10, unroll=True)[0]), (w,)),
+    }
+    results = {}
+    for name, (fn, fn_args) in cases.items():
+        results[name] = median_ms(fn, fn_args, args.runs)
+        print(json.dumps({"bench": "conv_vmap", "case": name, "ms": round(results[name], 3),
+                          "device": jax.devices()[0].device_kind}), flush=True)
+    print(f"\n{'case':44s} {'ms':>9s}")
+    for name, ms in results.items():
+        print(f"{name:44s} {ms:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
