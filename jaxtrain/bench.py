@@ -27,6 +27,8 @@ BENCHMARKS = {
     "checkpoint": ("checkpoint_io.py", ["--mb", "50", "--rounds", "1"]),
     "sweep": ("sweep.py", ["--points", "4", "--steps", "50", "--repeats", "1"]),
     "mfu": ("mfu.py", ["--steps", "3", "--reps", "1", "--d-model", "128", "--layers", "2"]),
+    "conv": ("conv_vmap.py", ["--runs", "3"]),
+    "metrics": ("step_metrics_cost.py", ["--reps", "1", "--steps", "100"]),
 }
 
 
