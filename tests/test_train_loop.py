@@ -133,17 +133,34 @@ def test_fit_with_early_stopping_ends_early_with_best_params():
     jax.tree.map(np.testing.assert_array_equal, state.params, first)
 
 
+def _nan_at_7_loss(params, batch, rng):
+    # finite value; d/db = 0 * inf = nan where the batch's p is 0 (position 7)
+    p = jnp.mean(batch["p"])
+    bad = 0.0 * jnp.sum(jnp.sqrt(jnp.abs(params["b"]) + p))
+    return jnp.mean((batch["x"] @ params["a"]) ** 2) + bad, {}
+
+
+def _nan_at_7_data(position):
+    return {"x": np.ones((8, 3), np.float32),
+            "p": np.full(8, 0.0 if position == 7 else 1.0, np.float32)}
+
+
+def test_nan_raise_never_checkpoints_a_bad_state(tmp_path):
+    """Metrics are read every 50 steps, but the save at step 10 sees the bad step 7."""
+    state = TrainState.create(lambda p, x: x, optax.sgd(0.01), jax.random.PRNGKey(0),
+                              params={"a": jnp.ones(3), "b": jnp.zeros(2)})
+    trainer = Trainer(state, _nan_at_7_loss, log_every=50, progress=False,
+                      checkpoint_dir=tmp_path, checkpoint_every=5, async_checkpoint=False)
+    with pytest.raises(NonFiniteError, match=r"step 7: first non-finite is gradient b"):
+        trainer.fit(_nan_at_7_data, 30)
+    saved = Manager(tmp_path, read_only=True)
+    assert saved.steps() == [5]
+    restored = saved.restore(state, trainer.signature)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.params))
+
+
 def test_nan_raise_names_the_step_and_the_first_bad_path(devices):
-    def loss(params, batch, rng):
-        # finite value; d/db = 0 * inf = nan where the batch's p is 0 (position 7)
-        p = jnp.mean(batch["p"])
-        bad = 0.0 * jnp.sum(jnp.sqrt(jnp.abs(params["b"]) + p))
-        return jnp.mean((batch["x"] @ params["a"]) ** 2) + bad, {}
-
-    def data(position):
-        return {"x": np.ones((8, 3), np.float32),
-                "p": np.full(8, 0.0 if position == 7 else 1.0, np.float32)}
-
+    loss, data = _nan_at_7_loss, _nan_at_7_data
     state = TrainState.create(lambda p, x: x, optax.sgd(0.01), jax.random.PRNGKey(0),
                               params={"a": jnp.ones(3), "b": jnp.zeros(2)})
     trainer = Trainer(state, loss, log_every=5, progress=False)

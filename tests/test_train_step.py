@@ -132,16 +132,28 @@ def test_skip_policy_keeps_params_and_advances_the_step():
     assert not np.allclose(new.params["a"], 1.0) and new.nonfinite.tolist() == [-1, -1, 0]
 
 
-def test_raise_policy_freezes_the_state_at_the_first_bad_step():
+def test_raise_policy_records_the_first_bad_step_and_leaf():
     step = jax.jit(make_train_step(_sqrt_loss, nan_policy="raise"))
     state = _sqrt_state([1.0, 2.0])
     x = {"x": np.ones((4, 3), np.float32)}
-    state, _ = step(state, x)
+    state, m = step(state, x)
+    assert state.nonfinite.tolist() == [-1, -1, 0] and np.isfinite(m["grad_norm"])
     bad = state.replace(params={**state.params, "b": jnp.asarray([0.0, 1.0])})
-    frozen, m = step(bad, x)
-    assert int(frozen.step) == 1 and frozen.nonfinite.tolist()[:2] == [1, 2]
-    again, _ = step(frozen.replace(params={**frozen.params, "b": jnp.ones(2)}), x)
-    assert int(again.step) == 1  # stays frozen even on good data
+    state, m = step(bad, x)  # step 1: the gradient of b (leaf 2, after loss and a) is nan
+    assert int(state.step) == 2 and state.nonfinite.tolist() == [1, 2, 1]
+    assert m["nonfinite"].tolist() == [1, 2, 1]
+    state, _ = step(state, x)  # b is now nan: the record keeps the first step, counts on
+    assert state.nonfinite.tolist() == [1, 2, 2]
+
+
+def test_grad_norm_is_the_global_norm():
+    """The CPU path concatenates the leaves; the value is optax's global norm."""
+    step = jax.jit(make_train_step(_sqrt_loss))
+    state = _sqrt_state([1.0, 2.0])
+    batch = {"x": np.arange(12, dtype=np.float32).reshape(4, 3)}
+    _, m = step(state, batch)
+    grads = jax.grad(lambda p: _sqrt_loss(p, batch, None)[0])(state.params)
+    np.testing.assert_allclose(m["grad_norm"], optax.tree.norm(grads), rtol=1e-6)
 
 
 def test_loss_scale_halves_on_overflow_and_skips():

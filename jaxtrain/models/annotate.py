@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -33,3 +35,12 @@ def param_count(model: nnx.Module) -> int:
     import jax
 
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def param_dtype(model: nnx.Module):
+    """The dtype of the model's first floating param: what a precision policy cast the
+    params to, and so the dtype inputs should enter the network in."""
+    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf.dtype
+    return jnp.float32

@@ -7,10 +7,9 @@ a fine-tune can load `backbone/*`, replace `head`, and freeze by glob.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from .annotate import kernel_init, zeros_init
+from .annotate import kernel_init, param_dtype, zeros_init
 from .flops import conv2d
 
 
@@ -59,7 +58,7 @@ class CNN(nnx.Module):
     def __call__(self, x):
         if x.ndim == 3:
             x = x[..., None]
-        return self.head(self.backbone(x.astype(jnp.float32)))
+        return self.head(self.backbone(x.astype(param_dtype(self))))
 
     def flops_per_example(self, training: bool = True) -> float:
         """Convolution and dense FLOPs (2 per multiply-add, padding excluded) for one 8x8

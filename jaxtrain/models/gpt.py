@@ -19,6 +19,31 @@ from .annotate import kernel_init, ones_init, zeros_init
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("rotary", "learned")
+ATTENTION = ("auto", "xla", "cudnn")
+
+
+def attention_implementation(choice: str, q: jax.Array) -> str:
+    """The kernel for `jax.nn.dot_product_attention`: 'auto' takes cuDNN's fused (flash)
+    attention where it applies (a GPU, 16-bit inputs, head size a multiple of 8 up to 128)
+    and XLA's otherwise."""
+    if choice != "auto":
+        return choice
+    head = q.shape[-1]
+    fused = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+             and head % 8 == 0 and head <= 128)
+    return "cudnn" if fused else "xla"
+
+
+def attend(q, k, v, choice: str = "auto"):
+    """Causal attention with the kernel `choice` names; under 'auto', shapes cuDNN refuses
+    at trace time (it wants, say, even sequence lengths) fall back to XLA's kernel."""
+    kernel = attention_implementation(choice, q)
+    try:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kernel)
+    except NotImplementedError:
+        if choice != "auto":
+            raise
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 
 
 def _normal(axes: tuple, std: float = 0.02):
@@ -47,8 +72,8 @@ class Attention(nnx.Module):
     """Multi-head causal self-attention; q/k/v kernels (embed, heads, kv)."""
 
     def __init__(self, d: int, heads: int, head_dim: int, use_rotary: bool, out_std: float,
-                 *, rngs: nnx.Rngs):
-        self.use_rotary = use_rotary
+                 attention: str = "auto", *, rngs: nnx.Rngs):
+        self.use_rotary, self.attention = use_rotary, attention
         shape_in, axes_in = (d, heads, head_dim), ("embed", "heads", "kv")
         self.query = nnx.Einsum("btd,dnh->btnh", shape_in, kernel_init=_normal(axes_in),
                                 rngs=rngs)
@@ -62,7 +87,7 @@ class Attention(nnx.Module):
         q, k, v = self.query(x), self.key(x), self.value(x)
         if self.use_rotary:
             q, k = rotary(q), rotary(k)
-        return self.out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
+        return self.out(attend(q, k, v, self.attention))
 
 
 class FeedForward(nnx.Module):
@@ -81,9 +106,10 @@ class FeedForward(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, d, heads, head_dim, hidden, norm, use_rotary, out_std, *, rngs):
+    def __init__(self, d, heads, head_dim, hidden, norm, use_rotary, out_std, attention, *,
+                 rngs):
         self.norm1 = _norm(norm, d, rngs)
-        self.attn = Attention(d, heads, head_dim, use_rotary, out_std, rngs=rngs)
+        self.attn = Attention(d, heads, head_dim, use_rotary, out_std, attention, rngs=rngs)
         self.norm2 = _norm(norm, d, rngs)
         self.mlp = FeedForward(d, hidden, out_std, rngs=rngs)
 
@@ -102,11 +128,15 @@ class GPT(nnx.Module):
     def __init__(self, vocab_size: int = 256, d_model: int = 128, num_layers: int = 4,
                  num_heads: int = 4, mlp_ratio: int = 4, max_len: int = 256,
                  positions: str = "rotary", norm: str = "layernorm",
-                 tie_embeddings: bool = True, remat: bool = False, *, rngs: nnx.Rngs):
+                 tie_embeddings: bool = True, remat: bool = False, attention: str = "auto", *,
+                 rngs: nnx.Rngs):
         if positions not in POSITIONS:
             raise JaxtrainError(f"GPT positions={positions!r}: valid are {', '.join(POSITIONS)}")
         if norm not in NORMS:
             raise JaxtrainError(f"GPT norm={norm!r}: valid are {', '.join(NORMS)}")
+        if attention not in ATTENTION:
+            raise JaxtrainError(
+                f"GPT attention={attention!r}: valid are {', '.join(ATTENTION)}")
         if d_model % num_heads or (d_model // num_heads) % 2:
             raise JaxtrainError(
                 f"GPT d_model={d_model} must split into num_heads={num_heads} heads of an even "
@@ -115,7 +145,7 @@ class GPT(nnx.Module):
         self.config = {"name": "GPT", "vocab_size": vocab_size, "d_model": d_model,
                        "num_layers": num_layers, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
                        "max_len": max_len, "positions": positions, "norm": norm,
-                       "tie_embeddings": tie_embeddings, "remat": remat}
+                       "tie_embeddings": tie_embeddings, "remat": remat, "attention": attention}
         self.max_len, self.remat, self.tie_embeddings = max_len, remat, tie_embeddings
         head_dim = d_model // num_heads
         out_std = 0.02 / (2 * num_layers) ** 0.5  # GPT-2's scaled init of residual outputs
@@ -127,7 +157,7 @@ class GPT(nnx.Module):
         )
         self.blocks = nnx.List([
             Block(d_model, num_heads, head_dim, mlp_ratio * d_model, norm,
-                  positions == "rotary", out_std, rngs=rngs)
+                  positions == "rotary", out_std, attention, rngs=rngs)
             for _ in range(num_layers)
         ])
         self.final_norm = _norm(norm, d_model, rngs)
@@ -140,14 +170,17 @@ class GPT(nnx.Module):
         t = tokens.shape[1]
         if t > self.max_len:
             raise JaxtrainError(f"GPT input has {t} positions, more than max_len={self.max_len}")
-        x = self.embed(tokens)
+        # The table is used directly: nnx.Embed computes in the dtype it was built with
+        # (float32), which would undo a bfloat16 compute policy's cast of the params.
+        table = self.embed.embedding[...]
+        x = jnp.take(table, tokens, axis=0)
         if self.pos_embed is not None:
             x = x + self.pos_embed.embedding[...][:t]
         call = nnx.remat(_block_call) if self.remat else _block_call
         for block in self.blocks:
             x = call(block, x)
         x = self.final_norm(x)
-        return self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        return x @ table.T if self.lm_head is None else self.lm_head(x)
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         """Matmul FLOPs per token at sequence length `seq_len` (2 per multiply-add): every

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..errors import JaxtrainError
-from .annotate import kernel_init, zeros_init
+from .annotate import kernel_init, param_dtype, zeros_init
 
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh,
                "silu": jax.nn.silu}
@@ -47,7 +47,7 @@ class MLP(nnx.Module):
                                bias_init=zeros_init(("classes",)))
 
     def __call__(self, x):
-        x = x.reshape(x.shape[0], -1).astype(jnp.float32)
+        x = x.reshape(x.shape[0], -1).astype(param_dtype(self))
         act = ACTIVATIONS[self.activation]
         for layer in self.layers:
             x = act(layer(x))

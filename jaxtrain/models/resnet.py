@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from ..errors import JaxtrainError
-from .annotate import kernel_init, ones_init, zeros_init
+from .annotate import kernel_init, ones_init, param_dtype, zeros_init
 from .flops import conv2d
 
 CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
@@ -26,9 +25,17 @@ def _conv(c_in: int, c_out: int, size: int, stride: int, rngs: nnx.Rngs) -> nnx.
                     kernel_init=kernel_init(CONV_AXES, nnx.initializers.he_normal()))
 
 
-def _bn(c: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(c, momentum=0.9, scale_init=ones_init(("norm",)),
-                         bias_init=zeros_init(("norm",)), rngs=rngs)
+class BatchNorm(nnx.BatchNorm):
+    """nnx.BatchNorm whose output keeps the input's dtype: its float32 statistics would
+    otherwise turn a bfloat16 network float32 from the first normalisation on."""
+
+    def __call__(self, x, **kwargs):
+        return super().__call__(x, **kwargs).astype(x.dtype)
+
+
+def _bn(c: int, rngs: nnx.Rngs) -> BatchNorm:
+    return BatchNorm(c, momentum=0.9, scale_init=ones_init(("norm",)),
+                     bias_init=zeros_init(("norm",)), rngs=rngs)
 
 
 class BasicBlock(nnx.Module):
@@ -76,7 +83,7 @@ class ResNet(nnx.Module):
     def __call__(self, x):
         if x.ndim == 3:
             x = x[..., None]
-        x = jax.nn.relu(self.stem_bn(self.stem(x.astype(jnp.float32))))
+        x = jax.nn.relu(self.stem_bn(self.stem(x.astype(param_dtype(self)))))
         for stage in self.stages:
             for block in stage:
                 x = block(x)

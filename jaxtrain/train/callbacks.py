@@ -121,6 +121,7 @@ class Checkpointer(Callback):
         return mngr.restore(like, signature)
 
     def save(self, trainer, step: int, state, metrics: dict | None = None) -> None:
+        trainer.check_finite(state)  # a non-finite state never overwrites a good checkpoint
         mngr = self.open()
         if step in mngr.steps():
             return

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ..errors import JaxtrainError
@@ -102,6 +103,48 @@ def _first_bad(flags: list) -> tuple:
     return jnp.any(bad), jnp.argmax(bad).astype(jnp.int32)
 
 
+def _flat(leaves):
+    """The leaves as one float32 vector where that is cheaper: on CPU, XLA runs one
+    reduction per leaf as its own kernel, and on a small model those kernels cost more
+    than the optimizer update (benchmarks/step_metrics_cost.py). None elsewhere."""
+    if jax.default_backend() == "cpu" and len(leaves) > 1:
+        return jnp.concatenate([x.astype(F32).ravel() for x in leaves])
+    return None
+
+
+def squared_norm(tree) -> jax.Array:
+    """Sum of squares of every element, in float32."""
+    leaves = jax.tree.leaves(tree)
+    flat = _flat(leaves)
+    if flat is not None:
+        return jnp.sum(jnp.square(flat))
+    return sum(jnp.sum(jnp.square(x.astype(F32))) for x in leaves)
+
+
+def first_nonfinite(loss, grads) -> jax.Array:
+    """Index of the first non-finite value (0: the loss, 1..n: the gradient leaves in
+    `jax.tree.leaves` order), or n + 1 when all are finite."""
+    leaves = jax.tree.leaves(grads)
+    flat = _flat(leaves)
+    if flat is not None:  # the first bad element, mapped to its leaf
+        ends = np.cumsum([x.size for x in leaves])
+        element = jnp.argmax(~jnp.isfinite(flat))
+        leaf = jnp.where(jnp.isfinite(flat[element]), len(leaves),
+                         jnp.searchsorted(ends, element, side="right"))
+    else:
+        leaf = _first_bad([~jnp.all(jnp.isfinite(x)) for x in leaves] + [jnp.ones((), bool)])[1]
+    return jnp.where(jnp.isfinite(loss), leaf + 1, 0).astype(jnp.int32)
+
+
+def _recorded(state: TrainState, bad, first) -> jax.Array:
+    """The state's non-finite record (first bad step, its first bad leaf, bad-step count)
+    after this step, whose first bad leaf is `first`."""
+    record = state.nonfinite
+    fresh = bad & (record[0] < 0)
+    return jnp.stack([jnp.where(fresh, state.step, record[0]),
+                      jnp.where(fresh, first, record[1]), record[2] + bad.astype(jnp.int32)])
+
+
 def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_policy="none",
                     unroll=None):
     """value-and-grad of `loss_fn`, the optimizer update, and metrics (loss, aux,
@@ -111,7 +154,9 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
     the batch and accumulate gradients (same update as the whole batch, to float
     tolerance). `nan_policy`: `none` (no checks); `skip` (a step with a non-finite loss,
     gradient or new param changes nothing but the step, data position and RNG);
-    `raise` (the first such step freezes the state; the loop raises, naming it).
+    `raise` (a step with a non-finite loss or gradient is recorded; the `Trainer` stops
+    at its next log point, naming it, and writes no checkpoint from it on). `raise` costs
+    one flag per step; `skip` selects between the old and new state on every step.
     `unroll`: of the microbatch `lax.scan` (default: see `default_unroll`).
     With a `LossScale` in the state, a non-finite gradient skips the step and halves
     the scale whatever the policy.
@@ -134,8 +179,8 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
                                                      state, batch, step_rng, scale)
         if scaler is not None:
             grads = jax.tree.map(lambda g: (g.astype(F32) / scale).astype(g.dtype), grads)
-        squares = [jnp.sum(jnp.square(g.astype(F32))) for g in jax.tree.leaves(grads)]
-        grad_norm = jnp.sqrt(sum(squares))
+        squared = squared_norm(grads)
+        grad_norm = jnp.sqrt(squared)
         # transforms that take extra args (reduce_on_plateau, ...) get the loss as `value`
         extra = {"value": loss} if isinstance(state.tx, optax.GradientTransformationExtraArgs) \
             else {}
@@ -150,7 +195,13 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
             metrics["loss_scale"] = scale
         if nan_policy == "none" and scaler is None:
             return new_state, metrics
+        if nan_policy == "raise" and scaler is None:
+            first = first_nonfinite(loss, grads)
+            record = _recorded(state, first <= len(jax.tree.leaves(grads)), first)
+            metrics["nonfinite"] = record
+            return new_state.replace(nonfinite=record), metrics
 
+        squares = [jnp.sum(jnp.square(g.astype(F32))) for g in jax.tree.leaves(grads)]
         grads_bad = [~jnp.isfinite(s) for s in squares]
         params_bad = [~jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state.params)]
         if scaler is not None:  # overflowing gradients are expected: skip, do not report
@@ -162,22 +213,11 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
         reported, first = _first_bad([~jnp.isfinite(loss), *grads_bad, *params_bad])
         if nan_policy == "none":
             reported = jnp.zeros((), bool)
-        record = state.nonfinite
-        fresh = record[0] < 0
-        record = jnp.where(
-            reported,
-            jnp.stack([jnp.where(fresh, state.step, record[0]),
-                       jnp.where(fresh, first, record[1]), record[2] + 1]),
-            record,
-        )
+        record = _recorded(state, reported, first)
         ok = grads_ok & ~reported
         advanced = state.replace(step=state.step + 1, rng=rng, nonfinite=record,
                                  data_position=state.data_position + 1,
                                  loss_scale=new_state.loss_scale)
-        if nan_policy == "raise":  # the first reported step freezes the state for good
-            frozen = reported | ~fresh
-            ok = ok & ~frozen
-            advanced = _where(frozen, state.replace(nonfinite=record), advanced)
         metrics["nonfinite"] = record
         return _where(ok, new_state.replace(nonfinite=record), advanced), metrics
 

@@ -34,7 +34,7 @@ from .step import make_eval_step, make_multi_step, make_train_step
 
 
 class NonFiniteError(JaxtrainError):
-    """A step produced a non-finite loss, gradient or param under `nan_policy='raise'`."""
+    """A step produced a non-finite loss or gradient under `nan_policy='raise'`."""
 
 
 class Trainer:
@@ -246,6 +246,14 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_log(self, step, values)
 
+    def check_finite(self, state) -> None:
+        """Raise `NonFiniteError` if, under nan_policy='raise', `state` has seen a
+        non-finite step (reads one small array from the devices)."""
+        if self._nan_raise:
+            record = jax.device_get(state.nonfinite)
+            if record[0] >= 0:
+                raise NonFiniteError(self._nonfinite_message(record))
+
     def _nonfinite_message(self, record) -> str:
         first_step, leaf, count = (int(x) for x in record)
         paths = path_list(self._params_like)
@@ -256,8 +264,8 @@ class Trainer:
         else:
             what = f"param {paths[leaf - 1 - len(paths)]}"
         return (f"non-finite value at step {first_step}: first non-finite is {what} "
-                f"({count} bad step(s); the state holds the last finite step; "
-                "nan_policy='skip' skips such steps instead)")
+                f"({count} bad step(s) by step {self.step}; no checkpoint was written from "
+                "that step on; nan_policy='skip' skips such steps instead)")
 
     def _evaluate(self, state, data, step: int) -> dict:
         totals: dict = {}
