@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from ..errors import JaxtrainError
@@ -122,18 +121,10 @@ def squared_norm(tree) -> jax.Array:
 
 
 def first_nonfinite(loss, grads) -> jax.Array:
-    """Index of the first non-finite value (0: the loss, 1..n: the gradient leaves in
-    `jax.tree.leaves` order), or n + 1 when all are finite."""
-    leaves = jax.tree.leaves(grads)
-    flat = _flat(leaves)
-    if flat is not None:  # the first bad element, mapped to its leaf
-        ends = np.cumsum([x.size for x in leaves])
-        element = jnp.argmax(~jnp.isfinite(flat))
-        leaf = jnp.where(jnp.isfinite(flat[element]), len(leaves),
-                         jnp.searchsorted(ends, element, side="right"))
-    else:
-        leaf = _first_bad([~jnp.all(jnp.isfinite(x)) for x in leaves] + [jnp.ones((), bool)])[1]
-    return jnp.where(jnp.isfinite(loss), leaf + 1, 0).astype(jnp.int32)
+    """Index of the first non-finite value: 0 the loss, 1..n the gradient leaves in
+    `jax.tree.leaves` order (n + 1 when all are finite)."""
+    flags = [~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(grads)]
+    return _first_bad([~jnp.isfinite(loss), *flags, jnp.ones((), bool)])[1]
 
 
 def _recorded(state: TrainState, bad, first) -> jax.Array:
@@ -196,8 +187,12 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
         if nan_policy == "none" and scaler is None:
             return new_state, metrics
         if nan_policy == "raise" and scaler is None:
-            first = first_nonfinite(loss, grads)
-            record = _recorded(state, first <= len(jax.tree.leaves(grads)), first)
+            bad = ~jnp.isfinite(loss) | ~jnp.isfinite(squared)  # from the gradient norm
+            # which leaf is looked for on the first bad step only (a cond: no pass otherwise)
+            first = jax.lax.cond(bad & (state.nonfinite[0] < 0),
+                                 lambda: first_nonfinite(loss, grads),
+                                 lambda: jnp.asarray(-1, jnp.int32))
+            record = _recorded(state, bad, first)
             metrics["nonfinite"] = record
             return new_state.replace(nonfinite=record), metrics
 
