@@ -1,5 +1,6 @@
 """Why convolutional sweeps are slow on XLA:CPU: a 3x3 convolution plain, vmapped over 16
-weight sets (a grouped convolution), and 10 gradient steps inside `lax.scan` vs unrolled.
+weight sets (a grouped convolution), the same as im2col + matmul (vmapped: a batched
+matmul), and 10 gradient steps inside `lax.scan` vs unrolled.
 
 Prints one JSON line per measurement and a table (median of `--runs` timings, ms).
 
@@ -23,6 +24,14 @@ def conv(x, w):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def conv_im2col(x, w):
+    """The same convolution as nine shifted slices and one matmul."""
+    n, h, wd, c = x.shape
+    p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate([p[:, i:i + h, j:j + wd] for i in range(3) for j in range(3)], -1)
+    return patches @ w.reshape(9 * c, -1)
+
+
 def median_ms(fn, args, runs: int) -> float:
     jax.block_until_ready(fn(*args))
     times = []
@@ -43,12 +52,18 @@ def main() -> None:
     w = jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32)
     xs, ws = jnp.stack([x] * args.points), jnp.stack([w] * args.points)
     wgrad = lambda x, w: jax.grad(lambda w: jnp.tanh(conv(x, w)).sum())(w)
+    igrad = lambda x, w: jax.grad(lambda w: jnp.tanh(conv_im2col(x, w)).sum())(w)
     step = lambda w, _: (w - 1e-3 * wgrad(x, w), None)
     cases = {
         "conv, one weight set": (jax.jit(conv), (x, w)),
         f"conv, vmapped over {args.points} weight sets": (jax.jit(jax.vmap(conv)), (xs, ws)),
+        "im2col conv, one": (jax.jit(conv_im2col), (x, w)),
+        f"im2col conv, vmapped over {args.points}": (jax.jit(jax.vmap(conv_im2col)), (xs, ws)),
         "weight gradient, one": (jax.jit(wgrad), (x, w)),
         f"weight gradient, vmapped over {args.points}": (jax.jit(jax.vmap(wgrad)), (xs, ws)),
+        "im2col weight gradient, one": (jax.jit(igrad), (x, w)),
+        f"im2col weight gradient, vmapped over {args.points}": (jax.jit(jax.vmap(igrad)),
+                                                                (xs, ws)),
         "10 gradient steps in lax.scan": (
             jax.jit(lambda w: jax.lax.scan(step, w, None, length=10)[0]), (w,)),
         "10 gradient steps, scan unrolled": (
