@@ -32,6 +32,22 @@ def conv_im2col(x, w):
     return patches @ w.reshape(9 * c, -1)
 
 
+def cnn_step(conv_fn, batch: int = 64):
+    """One SGD step of the digits CNN's shapes (two 3x3 convs, pooling, two dense layers),
+    written out so that the convolution is `conv_fn`."""
+    def loss(p, x, y):
+        h = jax.nn.relu(conv_fn(x, p["w1"]) + p["b1"])
+        h = jax.nn.relu(conv_fn(h, p["w2"]) + p["b2"])
+        h = h.reshape(batch, 4, 2, 4, 2, 32).mean((2, 4)).reshape(batch, -1)
+        logits = jax.nn.relu(h @ p["w3"] + p["b3"]) @ p["w4"]
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(batch), y])
+
+    def step(p, x, y):
+        return jax.tree.map(lambda a, g: a - 0.01 * g, p, jax.grad(loss)(p, x, y))
+
+    return step
+
+
 def median_ms(fn, args, runs: int) -> float:
     jax.block_until_ready(fn(*args))
     times = []
@@ -69,6 +85,16 @@ def main() -> None:
         "10 gradient steps, scan unrolled": (
             jax.jit(lambda w: jax.lax.scan(step, w, None, length=10, unroll=True)[0]), (w,)),
     }
+    shapes = {"w1": (3, 3, 1, 16), "b1": (16,), "w2": (3, 3, 16, 32), "b2": (32,),
+              "w3": (512, 64), "b3": (64,), "w4": (64, 10)}
+    params = {k: jnp.asarray(rng.normal(size=s) * 0.1, jnp.float32) for k, s in shapes.items()}
+    many = jax.tree.map(lambda p: jnp.stack([p] * args.points), params)
+    images = jnp.asarray(rng.normal(size=(64, 8, 8, 1)), jnp.float32)
+    labels = jnp.zeros(64, jnp.int32)
+    for name, fn in (("CNN train step", conv), ("im2col CNN train step", conv_im2col)):
+        cases[f"{name}, one"] = (jax.jit(cnn_step(fn)), (params, images, labels))
+        cases[f"{name}, vmapped over {args.points}"] = (
+            jax.jit(jax.vmap(cnn_step(fn), in_axes=(0, None, None))), (many, images, labels))
     results = {}
     for name, (fn, fn_args) in cases.items():
         results[name] = median_ms(fn, fn_args, args.runs)
