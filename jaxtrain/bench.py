@@ -29,6 +29,8 @@ BENCHMARKS = {
     "mfu": ("mfu.py", ["--steps", "3", "--reps", "1", "--d-model", "128", "--layers", "2"]),
     "conv": ("conv_vmap.py", ["--runs", "3"]),
     "metrics": ("step_metrics_cost.py", ["--reps", "1", "--steps", "100"]),
+    "adamw": ("adamw_bandwidth.py", ["--params", "2e6", "--runs", "3"]),
+    "breakdown": ("gpt_breakdown.py", ["--small"]),
 }
 
 

@@ -110,7 +110,8 @@ def build_parser() -> Parser:
 
     add_commands(sub, positive_int)
     bench = sub.add_parser("bench", help="run the benchmarks (optimizer, loop, sharding, "
-                                          "checkpoint, sweep, mfu, conv, metrics)")
+                                          "checkpoint, sweep, mfu, conv, metrics, adamw, "
+                                          "breakdown)")
     bench.add_argument("names", nargs="*", help="which to run (default: all)")
     bench.add_argument("--json", action="store_true", help="one JSON line per measurement")
     bench.add_argument("--quick", action="store_true", help="small sizes, a quick check")
