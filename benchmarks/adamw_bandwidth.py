@@ -27,6 +27,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import optax  # noqa: E402
+from optimizer_step import make_step, repeated  # noqa: E402
 
 from jaxtrain import transforms as T  # noqa: E402
 
@@ -40,26 +41,12 @@ def jax_tree(n_params: int, leaves: int, seed: int) -> dict:
     return {f"p{i:03d}": jax.random.normal(k, (rows, ROW)) for i, k in enumerate(keys)}
 
 
-def repeated(update, inner):
-    """`update(carry, grads) -> carry` run `inner` times in one jitted, donated call."""
-    def many(carry, grads):
-        return jax.lax.fori_loop(0, inner, lambda _, c: update(c, grads), carry)
-
-    return jax.jit(many, donate_argnums=(0,))
-
-
 def jax_adamw_side(tx, n_params, leaves, inner):
     """Donated jitted update+apply; returns (run `inner` steps, bytes moved per step)."""
     params = jax_tree(n_params, leaves, 0)
     grads = jax.tree.map(lambda p: p * 1e-3, jax_tree(n_params, leaves, 1))
     carry = [(params, tx.init(params))]
-
-    def update(carry, grads):
-        params, state = carry
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    step = repeated(update, inner)
+    step = make_step(tx, inner)
 
     def run():
         carry[0] = step(carry[0], grads)

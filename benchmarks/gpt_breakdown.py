@@ -12,13 +12,12 @@ model FLOP/s it implies. Meant for a GPU; `--small` shrinks everything for a CPU
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from conv_vmap import median_ms
 from flax import nnx
 from mfu import bare_loop
 
@@ -26,15 +25,9 @@ from jaxtrain.models import GPT
 from jaxtrain.train.precision import get_policy
 
 
-def timed(fn, *args, reps: int = 10) -> float:
-    """Median seconds of `fn(*args)`, after a warm-up call (compile)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(fn, *args) -> float:
+    """Median seconds of 10 calls of `fn(*args)`, after a warm-up call (compile)."""
+    return median_ms(fn, args, runs=10) / 1000
 
 
 def main() -> None:

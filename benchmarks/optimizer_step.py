@@ -73,23 +73,30 @@ def make_tree(leaves: int) -> dict:
     return {f"p{i:03d}": jax.random.normal(k, (rows, 8)) for i, k in enumerate(keys)}
 
 
+def repeated(update, inner=1):
+    """`update(carry, grads) -> carry` run `inner` times in one jitted call (a `fori_loop`),
+    the carry donated."""
+    def many(carry, grads):
+        if inner == 1:
+            return update(carry, grads)
+        return jax.lax.fori_loop(0, inner, lambda _, c: update(c, grads), carry)
+
+    return jax.jit(many, donate_argnums=(0,))
+
+
 def make_step(tx, inner=1):
+    """`((params, state), grads) -> (params, state)`: `inner` updates of `tx`, donated."""
     def update(carry, grads):
         params, state = carry
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    def step(params, state, grads):
-        if inner == 1:
-            return update((params, state), grads)
-        return jax.lax.fori_loop(0, inner, lambda _, c: update(c, grads), (params, state))
-
-    return jax.jit(step, donate_argnums=(0, 1))
+    return repeated(update, inner)
 
 
 def _time(fn, carry, grads):
     start = time.perf_counter()
-    carry = fn(*carry, grads)
+    carry = fn(carry, grads)
     jax.block_until_ready(carry)
     return time.perf_counter() - start, carry
 
@@ -120,8 +127,7 @@ def bandwidth(runs, leaves=1, warmup=2):
     params = make_tree(leaves)
     grads = jax.tree.map(lambda p: p * 1e-3, params)
     adamw = [make_step(tx), (params, tx.init(params))]
-    copy_fn = jax.jit(lambda x, g: (jax.tree.map(lambda a: a + 1.0, x),), donate_argnums=(0,))
-    copy = [copy_fn, (make_tree(leaves),)]
+    copy = [repeated(lambda x, _: jax.tree.map(lambda a: a + 1.0, x)), make_tree(leaves)]
     times = ([], [])
     for r in range(warmup + runs):
         for i, side in enumerate((adamw, copy)):

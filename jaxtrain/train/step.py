@@ -102,22 +102,14 @@ def _first_bad(flags: list) -> tuple:
     return jnp.any(bad), jnp.argmax(bad).astype(jnp.int32)
 
 
-def _flat(leaves):
-    """The leaves as one float32 vector where that is cheaper: on CPU, XLA runs one
-    reduction per leaf as its own kernel, and on a small model those kernels cost more
-    than the optimizer update (benchmarks/step_metrics_cost.py). None elsewhere."""
-    if jax.default_backend() == "cpu" and len(leaves) > 1:
-        return jnp.concatenate([x.astype(F32).ravel() for x in leaves])
-    return None
-
-
 def squared_norm(tree) -> jax.Array:
-    """Sum of squares of every element, in float32."""
-    leaves = jax.tree.leaves(tree)
-    flat = _flat(leaves)
-    if flat is not None:
-        return jnp.sum(jnp.square(flat))
-    return sum(jnp.sum(jnp.square(x.astype(F32))) for x in leaves)
+    """Sum of squares of every element, in float32. On CPU over the concatenated leaves:
+    XLA:CPU runs one reduction per leaf as its own kernel, and on a small model those
+    kernels cost more than the optimizer update (benchmarks/step_metrics_cost.py)."""
+    leaves = [x.astype(F32) for x in jax.tree.leaves(tree)]
+    if jax.default_backend() == "cpu" and len(leaves) > 1:
+        leaves = [jnp.concatenate([x.ravel() for x in leaves])]
+    return sum(jnp.sum(jnp.square(x)) for x in leaves)
 
 
 def first_nonfinite(loss, grads) -> jax.Array:

@@ -232,9 +232,7 @@ class Trainer:
         pending, self._pending = self._pending, []
         for step, metrics, stamp in pending:
             values = jax.device_get(metrics)
-            record = values.pop("nonfinite", None)
-            if record is not None and record[0] >= 0 and self._nan_raise:
-                raise NonFiniteError(self._nonfinite_message(record))
+            self._raise_if_nonfinite(values.pop("nonfinite", None))
             values = {k: float(v) for k, v in values.items()}
             elapsed = stamp - self._last_stamp
             if elapsed > 0:
@@ -250,9 +248,11 @@ class Trainer:
         """Raise `NonFiniteError` if, under nan_policy='raise', `state` has seen a
         non-finite step (reads one small array from the devices)."""
         if self._nan_raise:
-            record = jax.device_get(state.nonfinite)
-            if record[0] >= 0:
-                raise NonFiniteError(self._nonfinite_message(record))
+            self._raise_if_nonfinite(jax.device_get(state.nonfinite))
+
+    def _raise_if_nonfinite(self, record) -> None:
+        if self._nan_raise and record is not None and record[0] >= 0:
+            raise NonFiniteError(self._nonfinite_message(record))
 
     def _nonfinite_message(self, record) -> str:
         first_step, leaf, count = (int(x) for x in record)
