@@ -23,7 +23,7 @@ def make_loss_scaled_step(loss_fn, compute_dtype=jnp.float16):
     """`(state, batch) -> (state, metrics)`; metrics: loss, loss_scale, skipped steps."""
 
     def train_step(state, batch):
-        rng, step_rng = jax.random.split(state.rng)
+        step_rng = state.step_rng()
         scale = loss_scale_value(state.opt_state)
 
         def objective(params):
@@ -33,7 +33,7 @@ def make_loss_scaled_step(loss_fn, compute_dtype=jnp.float16):
 
         (_, (loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         new_state = state.apply_gradients(grads).replace(
-            rng=rng, data_position=state.data_position + 1)
+            data_position=state.data_position + 1)
         scaler = [s for s in jax.tree.leaves(
             new_state.opt_state, is_leaf=lambda x: isinstance(x, LossScaleState))
             if isinstance(s, LossScaleState)][0]

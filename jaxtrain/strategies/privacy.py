@@ -34,11 +34,11 @@ def make_dp_train_step(loss_fn):
     `dp_aggregate`; metrics: loss, aux means, mean per-example gradient norm, lr."""
 
     def train_step(state, batch):
-        rng, step_rng, noise_key = jax.random.split(state.rng, 3)
+        step_rng, noise_key = jax.random.split(state.step_rng())
         losses, aux, grads = per_example_grads(loss_fn, state, batch, step_rng)
         norms = jax.vmap(optax.tree.norm)(grads)
         new_state = state.apply_gradients(grads, noise_key=noise_key).replace(
-            rng=rng, data_position=state.data_position + 1)
+            data_position=state.data_position + 1)
         metrics = {"loss": losses.mean(), "per_example_grad_norm": norms.mean(),
                    **{k: jnp.mean(v) for k, v in aux.items()}}
         hyper = current_hyperparams(new_state.opt_state)

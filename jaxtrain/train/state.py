@@ -27,7 +27,7 @@ class TrainState(struct.PyTreeNode):
     step: jax.Array
     params: Any
     opt_state: Any
-    rng: jax.Array
+    rng: jax.Array  # the run's base key; a step's key is `step_rng()`
     model_state: Any
     data_position: jax.Array  # batches consumed: the data order is a function of it
     nonfinite: jax.Array  # int32[3], see NO_NONFINITE
@@ -100,6 +100,11 @@ class TrainState(struct.PyTreeNode):
         (for an `apply` function), with these (or the given) params."""
         return self.adapter.bind(self.params if params is None else params,
                                  self.model_state, train)
+
+    def step_rng(self) -> jax.Array:
+        """This step's key, `fold_in(rng, step)`: a pure function of the step, and dead code
+        (free) in a step whose loss ignores it, where a split carried in the state is not."""
+        return jax.random.fold_in(self.rng, self.step)
 
     def apply_gradients(self, grads, **extra_args) -> TrainState:
         """One optimizer step: transform the gradients, add them to the params, move the

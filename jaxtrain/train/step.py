@@ -136,7 +136,7 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
     `precision`: a `Policy` or its name (default: float32, no casts). `microbatches`: split
     the batch and accumulate gradients (same update as the whole batch, to float
     tolerance). `nan_policy`: `none` (no checks); `skip` (a step with a non-finite loss,
-    gradient or new param changes nothing but the step, data position and RNG);
+    gradient or new param changes nothing but the step and data position);
     `raise` (a step with a non-finite loss or gradient is recorded; the `Trainer` stops
     at its next log point, naming it, and writes no checkpoint from it on). `raise` costs
     one flag per step; `skip` selects between the old and new state on every step.
@@ -155,7 +155,7 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
         raise JaxtrainError(f"microbatches must be a positive integer, got {microbatches!r}")
 
     def train_step(state: TrainState, batch):
-        rng, step_rng = jax.random.split(state.rng)
+        step_rng = state.step_rng()
         scaler = state.loss_scale
         scale = 1.0 if scaler is None else scaler.scale
         loss, aux, model_state, grads = _accumulated(loss_fn, policy, microbatches, unroll,
@@ -168,7 +168,7 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
         extra = {"value": loss} if isinstance(state.tx, optax.GradientTransformationExtraArgs) \
             else {}
         new_state = state.apply_gradients(grads, **extra).replace(
-            rng=rng, model_state=model_state, data_position=state.data_position + 1
+            model_state=model_state, data_position=state.data_position + 1
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
         hyper = current_hyperparams(new_state.opt_state)
@@ -202,7 +202,7 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
             reported = jnp.zeros((), bool)
         record = _recorded(state, reported, first)
         ok = grads_ok & ~reported
-        advanced = state.replace(step=state.step + 1, rng=rng, nonfinite=record,
+        advanced = state.replace(step=state.step + 1, nonfinite=record,
                                  data_position=state.data_position + 1,
                                  loss_scale=new_state.loss_scale)
         metrics["nonfinite"] = record
