@@ -5,6 +5,8 @@ data order is a pure function of (seed, position) and a resumed run sees the sam
 `DeviceFeed` keeps a small data set on the devices with the order of the current and next
 epoch and gathers each batch inside the compiled call from the state's `data_position`:
 nothing is transferred per step. `HostFeed` puts each (prefetched) batch on the devices.
+Each feed compiles its calls: one step or `steps_per_call` steps, with metrics (for a log
+point) or without (the metric work is then dead code that XLA drops).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from .. import sharding
 from ..data import epoch_order
 from ..errors import JaxtrainError
-from .step import scan_keep_last
+from .step import make_multi_step, scan_keep_last
 
 DEVICE_DATA_BYTES = 256 * 2**20  # "auto" keeps data sets up to this size on the devices
 
@@ -65,17 +67,40 @@ class Batches:
         return jax.tree.map(lambda *xs: np.stack(xs), *many)
 
 
+def _stacked(mesh) -> NamedSharding:
+    """Batches stacked on a new leading axis, each split over the batch axes."""
+    return NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
+
+
+def without_metrics(step):
+    """`step` returning no metrics (the state still records non-finite steps)."""
+    return lambda state, *args: (step(state, *args)[0], {})
+
+
 class HostFeed:
     """Each call's batch (or `count` stacked batches) put on the mesh by the host."""
 
-    def __init__(self, batches: Batches, mesh, single, multi):
-        self.batches, self.mesh, self.single, self.multi = batches, mesh, single, multi
-        self.flat = sharding.batch_sharding(mesh)
-        self.stacked = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
+    def __init__(self, batches: Batches, mesh, calls: dict):
+        self.batches, self.mesh, self.calls = batches, mesh, calls
+        self.flat, self.stacked = sharding.batch_sharding(mesh), _stacked(mesh)
         self.checked = False
 
-    def fn(self, count: int):
-        return self.multi if count > 1 else self.single
+    @staticmethod
+    def compile(step_fn, mesh, state_shardings, steps_per_call: int) -> dict:
+        """`{(count, log): compiled call}` for `count` in (1, steps_per_call)."""
+        rep, stacked = sharding.replicated(mesh), _stacked(mesh)
+        calls = {}
+        for log, fn in ((True, step_fn), (False, without_metrics(step_fn))):
+            calls[1, log] = sharding.compile_step(fn, mesh, state_shardings)
+            if steps_per_call > 1:
+                calls[steps_per_call, log] = jax.jit(
+                    make_multi_step(fn, steps_per_call, metrics="last"),
+                    in_shardings=(state_shardings, stacked),
+                    out_shardings=(state_shardings, rep), donate_argnums=(0,))
+        return calls
+
+    def fn(self, count: int, log: bool):
+        return self.calls[count, log]
 
     def args(self, position: int, count: int) -> tuple:
         host = self.batches.get(position, count)
@@ -114,22 +139,29 @@ class DeviceFeed:
             batch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
             return jax.lax.with_sharding_constraint(batch, flat)
 
-        def single(state, data, order, base):
-            return step_fn(state, gather(state, data, order, base))
+        def single(step):
+            def call(state, data, order, base):
+                return step(state, gather(state, data, order, base))
+            return call
 
-        def multi(state, data, order, base):  # only the last step's metrics are logged
-            return scan_keep_last(lambda s, _: single(s, data, order, base), state,
-                                  length=steps_per_call)
+        def multi(step):  # only the last step's metrics are logged
+            def call(state, data, order, base):
+                return scan_keep_last(lambda s, _: step(s, gather(s, data, order, base)),
+                                      state, length=steps_per_call)
+            return call
 
         def compile_(fn):
             return jax.jit(fn, in_shardings=(state_shardings, rep, rep, rep),
                            out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
-        self.single = compile_(single)
-        self.multi = compile_(multi) if steps_per_call > 1 else None
+        self.calls = {}
+        for log, step in ((True, step_fn), (False, without_metrics(step_fn))):
+            self.calls[1, log] = compile_(single(step))
+            if steps_per_call > 1:
+                self.calls[steps_per_call, log] = compile_(multi(step))
 
-    def fn(self, count: int):
-        return self.multi if count > 1 else self.single
+    def fn(self, count: int, log: bool):
+        return self.calls[count, log]
 
     def args(self, position: int, count: int) -> tuple:
         epoch = position // self.batches.per_epoch

@@ -24,12 +24,33 @@ NAN_POLICIES = ("none", "raise", "skip")
 F32 = jnp.float32
 
 
-def default_unroll(unroll):
-    """`lax.scan`'s unroll. Default: fully unrolled on CPU, where XLA runs convolutions
-    inside a loop 30-40x slower than outside one (measured), rolled elsewhere."""
-    if unroll is None:
-        return True if jax.default_backend() == "cpu" else 1
-    return unroll
+def has_convolution(fn, *args) -> bool:
+    """Whether `fn(*args)` traces to a convolution (looked for in nested jaxprs too)."""
+
+    def walk(jaxpr) -> bool:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                return True
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                    if hasattr(sub, "eqns") and walk(sub):
+                        return True
+        return False
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def default_unroll(unroll, body, *args):
+    """`lax.scan`'s unroll for `body(*args)`. Default: rolled, except on CPU for a body with
+    a convolution, which XLA:CPU runs 24-40x slower inside a loop
+    (benchmarks/conv_vmap.py); without one the rolled loop is the faster there too (the
+    digits MLP step: 109 vs 151 us, benchmarks/loop_overhead.py)."""
+    if unroll is not None:
+        return unroll
+    if jax.default_backend() != "cpu":
+        return 1
+    return True if has_convolution(body, *args) else 1
 
 
 def _policy(precision) -> Policy:
@@ -74,6 +95,7 @@ def _accumulated(loss_fn, policy, microbatches: int, unroll, state, batch, rng, 
                           scale)
 
     first = jax.tree.map(lambda x: x[0], split)
+    unroll = default_unroll(unroll, one, state.model_state, first, 0)
     shapes = jax.eval_shape(one, state.model_state, first, 0)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, F32), (shapes[0], shapes[1], shapes[3]))
 
@@ -148,7 +170,7 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
     The state's `nonfinite` records (first bad step, first bad leaf, count); leaf 0 is the
     loss, 1..n the gradients, n+1..2n the new params, in `jax.tree.leaves` order.
     """
-    policy, unroll = _policy(precision), default_unroll(unroll)
+    policy = _policy(precision)
     if nan_policy not in NAN_POLICIES:
         raise JaxtrainError(f"unknown nan_policy {nan_policy!r} (valid: {', '.join(NAN_POLICIES)})")
     if not isinstance(microbatches, int) or microbatches < 1:
@@ -213,8 +235,9 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
 
 def scan_keep_last(step, state, xs=None, length: int | None = None, unroll=None):
     """`lax.scan` of `step(state, x) -> (state, metrics)` that returns the final state and
-    only the last step's metrics. The earlier steps' metric work (the gradient norm, ...)
-    is then dead code that XLA drops where the scan is unrolled (on CPU)."""
+    only the last step's metrics. Where the scan is unrolled the earlier steps' metric
+    work (the gradient norm, ...) is dead code that XLA drops; in a rolled loop it costs
+    less than running the last step outside the loop (measured on CPU)."""
     first = None if xs is None else jax.tree.map(lambda x: x[0], xs)
     shapes = jax.eval_shape(step, state, first)[1]
     empty = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -223,7 +246,7 @@ def scan_keep_last(step, state, xs=None, length: int | None = None, unroll=None)
         return step(carry[0], x), None
 
     (state, metrics), _ = jax.lax.scan(body, (state, empty), xs, length=length,
-                                       unroll=default_unroll(unroll))
+                                       unroll=default_unroll(unroll, step, state, first))
     return state, metrics
 
 
@@ -232,7 +255,6 @@ def make_multi_step(train_step, steps_per_call: int, unroll=None, metrics: str =
     `lax.scan` over batches stacked on a new leading axis. `metrics='all'`: every step's,
     stacked on that axis; `'last'`: the last step's only (cheaper: see `scan_keep_last`).
     `unroll`: as `lax.scan` (default: see `default_unroll`)."""
-    unroll = default_unroll(unroll)
     if not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise JaxtrainError(f"steps_per_call must be a positive integer, got {steps_per_call!r}")
     if metrics not in ("all", "last"):
@@ -241,7 +263,9 @@ def make_multi_step(train_step, steps_per_call: int, unroll=None, metrics: str =
     def multi_step(state, batches):
         if metrics == "last":
             return scan_keep_last(train_step, state, batches, unroll=unroll)
-        return jax.lax.scan(train_step, state, batches, unroll=unroll)
+        first = jax.tree.map(lambda x: x[0], batches)
+        return jax.lax.scan(train_step, state, batches,
+                            unroll=default_unroll(unroll, train_step, state, first))
 
     return multi_step
 

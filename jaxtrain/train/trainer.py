@@ -18,7 +18,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import sharding
 from ..checkpoint import model_signature
@@ -30,8 +29,7 @@ from .feeds import Batches, DeviceFeed, HostFeed, fits_on_devices
 from .logs import JsonlLogger, TensorBoardLogger, plot_history
 from .precision import LossScale, get_policy
 from .progress import Progress
-from .step import make_eval_step, make_multi_step, make_train_step
-
+from .step import make_eval_step, make_train_step
 
 # Log points whose metrics may wait to be read before the loop blocks on the oldest (a
 # bound on memory when the devices fall far behind; XLA's own queue is shorter on CPU).
@@ -127,16 +125,8 @@ class Trainer:
         return sharding.place(jax.tree.map(jnp.copy, state), self.state_shardings)
 
     def _compile(self, step_fn, metric_fn, eval_ema: bool):
-        rep = sharding.replicated(self.mesh)
-        self.single = sharding.compile_step(step_fn, self.mesh, self.state_shardings)
-        self.multi = None
-        if self.steps_per_call > 1:
-            stacked = NamedSharding(self.mesh, PartitionSpec(None, sharding.BATCH_AXES))
-            self.multi = jax.jit(make_multi_step(step_fn, self.steps_per_call, metrics="last"),
-                                 in_shardings=(self.state_shardings, stacked),
-                                 out_shardings=(self.state_shardings, rep),
-                                 donate_argnums=(0,))
-            self.stacked_sharding = stacked
+        self.host_calls = HostFeed.compile(step_fn, self.mesh, self.state_shardings,
+                                           self.steps_per_call)
         self.eval_fn = None
         if metric_fn is not None:
             self.eval_fn = sharding.compile_eval(
@@ -189,7 +179,7 @@ class Trainer:
         data), else a `HostFeed`."""
         batches = Batches(train_data, self.batch_size, self.seed)
         if not fits_on_devices(batches, self.steps_per_call, self.device_data):
-            return HostFeed(batches, self.mesh, self.single, self.multi)
+            return HostFeed(batches, self.mesh, self.host_calls)
         key = (id(train_data), self.batch_size, self.seed)
         if self._device_feed is None or self._device_feed[0] != key:
             self._device_feed = (key, DeviceFeed(batches, self.mesh, self.step_fn,
@@ -203,13 +193,14 @@ class Trainer:
         count = self._count(step, steps)
         args = feed.args(position, count) if step < steps else None
         while step < steps:
-            state, metrics = feed.fn(count)(state, *args)
+            log = crossed(step, step + count, self.log_every) or step + count == steps
+            state, metrics = feed.fn(count, log)(state, *args)
             before, step, position = step, step + count, position + count
             self.step = step
             if step < steps:  # prefetch: the host prepares the next batch meanwhile
                 count = self._count(step, steps)
                 args = feed.args(position, count)
-            if crossed(before, step, self.log_every) or step == steps:
+            if log:
                 self._log(step, metrics)
             if eval_data is not None and (crossed(before, step, eval_every) or step == steps):
                 self._evaluate(state, eval_data, step)
