@@ -1,8 +1,12 @@
-"""What the train step's metrics cost on a small model: compiled calls only, no loop.
+"""What the train step's parts cost on a small model: compiled calls, no Trainer.
 
 The digits MLP (64-128-128-10, batch 64, Adam), one device, the same batch each call:
-`make_train_step` returning all its metrics, only the loss, and all but the gradient norm,
-against a bare value-and-grad + Optax update. Steps per second, median of `--reps`.
+`make_train_step` returning all its metrics, only the loss, all but the gradient norm,
+none (the Trainer's calls between log points), and with a key split carried in the state
+(what the step did before keys became `fold_in(rng, step)`); the bare value-and-grad +
+Optax update one step per call and 8 per call in a rolled and an unrolled `lax.scan`; and
+all metrics read on the host every 10th call, 10 calls later, blocking or once computed.
+Steps per second, median of `--reps`.
 
     python benchmarks/step_metrics_cost.py [--reps 3] [--steps 640]
 """
@@ -16,22 +20,41 @@ import time
 
 import jax
 import optax
+from jax import numpy as jnp
 
 from jaxtrain.data import batch_at, digits_split
 from jaxtrain.models import registry
 from jaxtrain.train import TrainState, classification_loss, make_train_step
+from jaxtrain.train.feeds import without_metrics
 
 
-def steps_per_second(step, state, batch, steps: int, reps: int) -> float:
+def steps_per_second(step, state, batch, steps: int, reps: int, per_call: int = 1,
+                     read_every: int = 0, wait: bool = True) -> float:
+    """Calls of `step` (each `per_call` steps); with `read_every`, the outputs of every
+    such call are read on the host `read_every` calls later (`wait`: blocking; else once
+    computed)."""
     state, _ = step(state, batch)
     rates = []
     for _ in range(reps):
+        pending = []
         start = time.perf_counter()
-        for _ in range(steps):
+        for i in range(steps // per_call):
             state, out = step(state, batch)
+            if read_every and i % read_every == 0:
+                pending.append(out)
+                while pending and (wait and len(pending) > 1 or all(
+                        x.is_ready() for x in jax.tree.leaves(pending[0]))):
+                    jax.device_get(pending.pop(0))
         jax.block_until_ready(out)
-        rates.append(steps / (time.perf_counter() - start))
+        jax.device_get(pending)
+        rates.append(steps // per_call * per_call / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+def scanned(step, unroll):
+    """8 steps per call over the same batch."""
+    return lambda state, b: jax.lax.scan(lambda s, _: step(s, b), state, length=8,
+                                         unroll=unroll)
 
 
 def main() -> None:
@@ -61,19 +84,31 @@ def main() -> None:
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
+    def split_key(state, b):
+        state, metrics = full(state, b)
+        return state.replace(rng=jax.random.split(state.rng)[0]), metrics
+
     base = TrainState.create(make(), tx, jax.random.PRNGKey(0))
     graph_model = lambda p: base.model(p)
-    cases = {"make_train_step, all metrics": full, "only the loss": only_loss,
-             "all metrics but grad_norm": no_grad_norm}
+    cases = {"make_train_step, all metrics": (full, {}), "only the loss": (only_loss, {}),
+             "all metrics but grad_norm": (no_grad_norm, {}),
+             "no metrics": (without_metrics(full), {}),
+             "all metrics, key split in state": (split_key, {}),
+             "all metrics, read blocking": (full, {"read_every": 10}),
+             "all metrics, read when computed": (full, {"read_every": 10, "wait": False})}
     results = {}
-    for name, fn in cases.items():
+    for name, (fn, options) in cases.items():
         state = TrainState.create(make(), tx, jax.random.PRNGKey(0))
         results[name] = steps_per_second(jax.jit(fn, donate_argnums=(0,)), state, batch,
-                                         args.steps, args.reps)
-    params = jax.tree.map(lambda x: x + 0, base.params)
-    results["bare value-and-grad + Optax"] = steps_per_second(
-        jax.jit(bare, donate_argnums=(0,)), (params, tx.init(params)), batch, args.steps,
-        args.reps)
+                                          args.steps, args.reps, **options)
+    bare_cases = {"bare value-and-grad + Optax": (bare, 1),
+                  "bare, 8 per call, rolled scan": (scanned(bare, 1), 8),
+                  "bare, 8 per call, unrolled scan": (scanned(bare, True), 8)}
+    for name, (fn, per_call) in bare_cases.items():
+        params = jax.tree.map(jnp.copy, base.params)
+        results[name] = steps_per_second(jax.jit(fn, donate_argnums=(0,)),
+                                         (params, tx.init(params)), batch, args.steps,
+                                         args.reps, per_call)
     for name, rate in results.items():
         print(json.dumps({"bench": "step_metrics_cost", "case": name,
                           "steps_per_second": round(rate, 1)}), flush=True)

@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxtrain import JaxtrainError, transforms
+from jaxtrain import JaxtrainError, sharding, transforms
 from jaxtrain.checkpoint import Manager
 from jaxtrain.data import batch_at
 from jaxtrain.train import (
@@ -24,6 +24,8 @@ from jaxtrain.train import (
     TrainState,
     classification_loss,
     classification_metrics,
+    fit,
+    make_train_step,
 )
 
 
@@ -209,3 +211,28 @@ def test_device_resident_data_gives_the_host_fed_batches(devices):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  device.params, host.params)
     assert int(device.data_position) == 15
+
+
+def test_calls_between_log_points_train_like_logged_ones():
+    """Calls that reach no log point drop their metric work, not their update."""
+    every = _trainer(log_every=1)
+    sparse = _trainer(log_every=5)
+    a, b = every.fit(_data(), 12), sparse.fit(_data(), 12)
+    assert [s for s, _ in sparse.history] == [5, 10, 12]
+    assert len(every.history) == 12
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+
+
+def test_long_log_intervals_on_eight_cpu_devices_do_not_deadlock(devices):
+    """With ~32 calls in flight XLA:CPU's collectives hang and abort the process; the loops
+    bound what they queue there (`sharding.InFlight`)."""
+    trainer = _trainer(log_every=10_000, plots=False)
+    assert trainer.mesh.size == 8
+    assert int(trainer.fit(_data(), 400).step) == 400
+    state = trainer.state
+    data = _data()
+    step = sharding.compile_step(make_train_step(classification_loss), trainer.mesh,
+                                 trainer.state_shardings)
+    state, history = fit(state, step, lambda s: batch_at(data, 16, 0, s), 400, trainer.mesh,
+                         log_every=10_000, progress=False)
+    assert int(state.step) == 800 and history[-1][0] == 800

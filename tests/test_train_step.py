@@ -17,6 +17,7 @@ from jaxtrain.train import (
     make_multi_step,
     make_train_step,
 )
+from jaxtrain.train.step import default_unroll, has_convolution
 
 
 class MLP(nnx.Module):
@@ -171,3 +172,48 @@ def test_loss_scale_halves_on_overflow_and_skips():
     once, _ = step(_sqrt_state([1.0, 1.0]).replace(loss_scale=LossScale.create(2.0**4)),
                    {"x": np.ones((4, 3), np.float32)})
     _close(once.params, ref.params, rtol=1e-6)  # the scale does not change the update
+
+
+def _keyed_loss(model, batch, rng):
+    loss, aux = classification_loss(model, batch, rng)
+    return loss, {**aux, "draw": jax.random.uniform(rng)}
+
+
+def test_each_step_draws_from_its_own_key():
+    """The key a step passes to the loss is fold_in(state.rng, step); state.rng stays."""
+    step = jax.jit(make_train_step(_keyed_loss))
+    state = _state()
+    draws = []
+    for _ in range(3):
+        before = state
+        state, m = step(state, _batch())
+        assert float(m["draw"]) == float(jax.random.uniform(
+            jax.random.fold_in(before.rng, before.step)))
+        draws.append(float(m["draw"]))
+    assert len(set(draws)) == 3
+    np.testing.assert_array_equal(jax.random.key_data(state.rng),
+                                  jax.random.key_data(_state().rng))
+
+
+class ConvNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+        self.out = nnx.Linear(4 * 8 * 8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.conv(x.reshape(-1, 8, 8, 1)).reshape(x.shape[0], -1))
+
+
+def test_scans_roll_on_cpu_unless_the_step_convolves():
+    """XLA:CPU runs convolutions 24-40x slower in a loop, other steps faster rolled."""
+    step = make_train_step(classification_loss)
+    dense = (_state(), _batch())
+    conv = (TrainState.create(ConvNet(nnx.Rngs(0)), transforms.adam(1e-2),
+                              jax.random.PRNGKey(0)),
+            {"image": np.zeros((4, 64), np.float32), "label": np.zeros(4, np.int32)})
+    assert not has_convolution(step, *dense) and has_convolution(step, *conv)
+    assert jax.default_backend() == "cpu"
+    assert default_unroll(None, step, *conv) is True  # fully unrolled
+    assert default_unroll(None, step, *dense) is not True and default_unroll(
+        None, step, *dense) == 1  # rolled
+    assert default_unroll(4, step, *conv) == 4

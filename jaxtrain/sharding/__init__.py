@@ -1,6 +1,6 @@
 """Where a step runs: meshes, partition rules, placement, compilation, many hosts."""
 
-from .compile import compile_eval, compile_step
+from .compile import InFlight, compile_eval, compile_step
 from .distributed import initialize
 from .mesh import AXES, BATCH_AXES, batch_parallelism, make_mesh
 from .place import batch_sharding, local_batch_rows, place, shard_batch
@@ -19,6 +19,7 @@ from .rules import (
 __all__ = [
     "AXES",
     "BATCH_AXES",
+    "InFlight",
     "PRESETS",
     "batch_parallelism",
     "batch_sharding",

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from ..data import eval_batches
-from ..sharding import batch_parallelism, shard_batch
+from ..sharding import InFlight, batch_parallelism, shard_batch
 from .progress import Progress
 
 
@@ -22,9 +22,10 @@ def fit(state, step_fn, batch_fn: Callable[[int], dict], steps: int, mesh, *,
     """
     start = int(state.step)
     bar = Progress(steps, run, enabled=progress)
-    history, pending = [], []
+    history, pending, in_flight = [], [], InFlight(mesh)
     for step in range(start, start + steps):
         state, metrics = step_fn(state, shard_batch(batch_fn(step), mesh))
+        in_flight.add(metrics)
         pending.append((step + 1, metrics))
         if (step + 1 - start) % log_every == 0 or step + 1 == start + steps:
             for done, values in jax.device_get(pending):

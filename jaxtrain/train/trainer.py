@@ -192,9 +192,11 @@ class Trainer:
     def _loop(self, state, feed, step, position, steps, eval_data, eval_every):
         count = self._count(step, steps)
         args = feed.args(position, count) if step < steps else None
+        in_flight = sharding.InFlight(self.mesh)
         while step < steps:
             log = crossed(step, step + count, self.log_every) or step + count == steps
             state, metrics = feed.fn(count, log)(state, *args)
+            in_flight.add(metrics)
             before, step, position = step, step + count, position + count
             self.step = step
             if step < steps:  # prefetch: the host prepares the next batch meanwhile
