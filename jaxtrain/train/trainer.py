@@ -1,10 +1,11 @@
 """`Trainer(...).fit(train_data, steps)`: the loop long runs can trust.
 
 The hot path only dispatches compiled calls and puts the next batch on the devices;
-metrics are copied to the host asynchronously every `log_every` steps and read one log
-interval later. The data order is a pure function of (seed, position) and the position is
-part of the state, so a run resumed from a checkpoint continues bit for bit. SIGTERM and
-SIGINT save a checkpoint and end `fit` cleanly (`trainer.interrupted` names the signal).
+calls that reach a log point return metrics, which are copied to the host asynchronously
+and read once computed (the others skip the metric work). The data order is a pure
+function of (seed, position) and the position is part of the state, so a run resumed from
+a checkpoint continues bit for bit. SIGTERM and SIGINT save a checkpoint and end `fit`
+cleanly (`trainer.interrupted` names the signal).
 """
 
 from __future__ import annotations
