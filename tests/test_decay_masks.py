@@ -5,13 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 from flax import nnx
 
 from jaxtrain import transforms as T
 from jaxtrain.errors import JaxtrainError
 from jaxtrain.transforms import masks
-
-torch = pytest.importorskip("torch")
 
 
 def _w0():

@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 
 from jaxtrain import transforms as T
-
-torch = pytest.importorskip("torch")
 
 STEPS = 100
 SHAPES = {"w": (4, 3), "b": (3,), "k": (2, 3, 2)}

@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 
 from jaxtrain import transforms as T
 from jaxtrain.errors import JaxtrainError
-
-torch = pytest.importorskip("torch")
 
 
 def _sequences():

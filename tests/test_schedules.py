@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 
 from jaxtrain.errors import JaxtrainError
 from jaxtrain.transforms import schedules as S
 
-torch = pytest.importorskip("torch")
 STEPS = 1000
 BASE = 0.1
 

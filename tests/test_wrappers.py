@@ -7,13 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 from flax import nnx
 
 from jaxtrain import transforms as T
 from jaxtrain.errors import JaxtrainError
 from jaxtrain.transforms import wrappers as W
-
-torch = pytest.importorskip("torch")
 
 
 def _tree(seed=0, scale=1.0):
