@@ -1,5 +1,5 @@
 """GPT: shapes, param counts, annotations, FLOPs against XLA, causality, rotary, remat,
-generation and the language-model task."""
+scanned layers, generation and the language-model task."""
 
 import json
 import math
@@ -18,7 +18,7 @@ from jaxtrain.models.registry import build
 from jaxtrain.train.language_model import lm_loss, lm_metrics
 from jaxtrain.train.tasks import get_task
 
-KNOWN_AXES = {"vocab", "embed", "pos", "heads", "kv", "mlp", "norm"}
+KNOWN_AXES = {"vocab", "embed", "pos", "heads", "kv", "mlp", "norm", "layers"}
 
 
 def small(**kw):
@@ -130,6 +130,10 @@ def test_bad_config_and_inputs_are_refused():
         small(num_heads=5)
     with pytest.raises(JaxtrainError, match="max_len=16"):
         small()(jnp.zeros((1, 17), jnp.int32))
+    with pytest.raises(JaxtrainError, match="remat='some'.*none, full, dots"):
+        small(remat="some")
+    with pytest.raises(JaxtrainError, match="scan_layers='yes'"):
+        small(scan_layers="yes")
 
 
 def test_language_model_task_loss_is_nats_and_per_token():
@@ -221,3 +225,79 @@ def test_sharding_presets_apply_to_gpt_without_extra_code(devices):
                              None)[0]
     placed = jax.device_put(params, shardings)
     np.testing.assert_allclose(jax.jit(loss)(placed), loss(params), rtol=1e-5)
+
+
+def _loss_and_grads(model, tokens):
+    g, p, r = nnx.split(model, nnx.Param, ...)
+    f = lambda p: lm_loss(nnx.merge(g, p, r), {"tokens": tokens}, None)[0]
+    loss, grads = jax.jit(jax.value_and_grad(f))(p)
+    return loss, nnx.to_pure_dict(grads)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots_no_batch"])
+def test_scanned_layers_give_the_unrolled_models_loss_and_gradients(remat):
+    """Same seed, same numbers: the scanned model's stacked params are the unrolled
+    model's blocks stacked, and its loss and gradients match to float tolerance."""
+    from jaxtrain.checkpoint.layout import stack_layers
+
+    kw = dict(num_layers=3, norm="rmsnorm", tie_embeddings=False, positions="learned")
+    unrolled, scanned = small(**kw), small(**kw, scan_layers=True, remat=remat)
+    assert scanned.config["scan_layers"] and scanned.config["remat"] == remat
+    p_unrolled = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
+    p_scanned = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, stack_layers(p_unrolled), p_scanned)
+    tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, 64)
+    loss_u, grads_u = _loss_and_grads(unrolled, tokens)
+    loss_s, grads_s = _loss_and_grads(scanned, tokens)
+    np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4),
+                 grads_s, stack_layers(grads_u))
+    jaxpr = str(jax.make_jaxpr(lambda x: scanned(x))(tokens))
+    assert "scan[" in jaxpr and "length=3" in jaxpr
+
+
+def test_remat_true_means_full_and_a_policy_keeps_only_its_residuals():
+    assert small(remat=True).config["remat"] == "full"
+    assert small(remat=False).config["remat"] == "none"
+    tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, 64)
+
+    def saved(remat):  # residuals the forward pass keeps for the backward one
+        model = small(scan_layers=True, remat=remat)
+        g, p, r = nnx.split(model, nnx.Param, ...)
+        f = lambda p: lm_loss(nnx.merge(g, p, r), {"tokens": tokens}, None)[0]
+        _, vjp = jax.vjp(f, p)
+        return sum(x.size for x in jax.tree.leaves(vjp))
+
+    assert saved("full") < saved("dots_no_batch") < saved("dots") <= saved("none")
+
+
+def test_scanned_gpt_annotates_the_layer_axis_and_shards_under_fsdp(devices):
+    from jax.sharding import PartitionSpec as P
+
+    from jaxtrain import sharding
+    from jaxtrain.sharding.rules import param_specs
+
+    model = small(scan_layers=True, remat="full")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    axes = logical_axes(params)
+    assert axes["blocks"]["attn"]["query"]["kernel"] == ("layers", "embed", "heads", "kv")
+    assert axes["blocks"]["norm1"]["scale"] == ("layers", "norm")
+    params = nnx.to_pure_dict(params)
+    mesh = sharding.make_mesh(data=2, fsdp=4, devices=devices)
+    specs = param_specs(params, mesh, "fsdp", axes)
+    assert specs["blocks"]["attn"]["query"]["kernel"] == P(None, "fsdp", None, None)
+    assert specs["blocks"]["mlp"]["down"]["kernel"] == P(None, "fsdp", None)
+    tokens = jax.random.randint(jax.random.key(0), (8, 16), 0, 64)
+    loss = lambda p: lm_loss(nnx.merge(graphdef, nnx.State(p), rest), {"tokens": tokens},
+                             None)[0]
+    shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
+    placed = jax.device_put(params, shardings)
+    np.testing.assert_allclose(jax.jit(loss)(placed), loss(params), rtol=1e-5)
+
+
+def test_scanned_gpt_generates_what_the_unrolled_one_does():
+    prompt = np.array([3, 1, 4, 1, 5])
+    a = generate(small(), prompt, 6, jax.random.key(0), temperature=0.0)
+    b = generate(small(scan_layers=True, remat="full"), prompt, 6, jax.random.key(0),
+                 temperature=0.0)
+    np.testing.assert_array_equal(a, b)

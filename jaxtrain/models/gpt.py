@@ -2,9 +2,17 @@
 
 Pre-norm blocks (LayerNorm or RMSNorm), rotary or learned positions, causal attention
 through `jax.nn.dot_product_attention` (the fused kernels on GPU), optional tied
-embeddings and optional rematerialisation of each block. Param paths:
-`embed/embedding`, `pos_embed/embedding` (learned positions), `blocks/<i>/{norm1,attn,
-norm2,mlp}/...`, `final_norm/*`, `lm_head/kernel` (untied).
+embeddings, a selectable rematerialisation policy per block, and optionally the blocks
+stacked on a leading `layers` axis and run by one `jax.lax.scan` (`scan_layers`). Param
+paths: `embed/embedding`, `pos_embed/embedding` (learned positions), `blocks/<i>/{norm1,
+attn,norm2,mlp}/...` (or, scanned, `blocks/{norm1,attn,norm2,mlp}/...` with a leading
+layer dimension), `final_norm/*`, `lm_head/kernel` (untied).
+
+Why scan: under `fsdp` the compiler gathers a sharded weight where it is used. Unrolled,
+it schedules the gathers of every layer early and keeps them alive, so the step's peak
+holds about the whole model; in a scan only the current layer's slice is gathered inside
+the loop body (ZeRO-3's per-layer gathering), and the step compiles one block instead of
+`num_layers`. `jaxtrain.checkpoint.layout` converts params between the two layouts.
 """
 
 from __future__ import annotations
@@ -20,6 +28,26 @@ from .annotate import kernel_init, ones_init, zeros_init
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("rotary", "learned")
 ATTENTION = ("auto", "xla", "cudnn")
+# What each block keeps for the backward pass: everything (`none`: no remat), nothing
+# (`full`: the block is recomputed), or only matmul outputs (`dots`), or only matmul
+# outputs without batch dimensions, i.e. not attention scores (`dots_no_batch`).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+LAYER_AXIS = "layers"  # logical name of the stacked layer dimension (replicated by presets)
+
+
+def remat_policy_name(remat) -> str:
+    """The canonical policy name for `remat` (a name above; True/False mean full/none)."""
+    if remat is True or remat is False:
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise JaxtrainError(f"GPT remat={remat!r}: valid are {', '.join(REMAT_POLICIES)} "
+                            "(or true/false for full/none)")
+    return remat
 
 
 def attention_implementation(choice: str, q: jax.Array) -> str:
@@ -122,14 +150,29 @@ def _block_call(block: Block, x):
     return block(x)
 
 
+def stack_modules(modules: list[nnx.Module], axis_name: str = LAYER_AXIS) -> nnx.Module:
+    """One module like `modules[0]` whose every variable is the stack of the modules'
+    variables on a new leading axis, with `axis_name` prepended to its logical axis names.
+    Built from modules made one by one, the stacked model's init equals the unstacked one's
+    for the same seed."""
+    graphdef = nnx.graphdef(modules[0])
+    states = [nnx.state(m) for m in modules]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    for _, var in nnx.to_flat_state(stacked):
+        names = var.get_metadata().get("out_sharding")
+        if names:
+            var.set_metadata(out_sharding=(axis_name, *names))
+    return nnx.merge(graphdef, stacked)
+
+
 class GPT(nnx.Module):
     """Byte/token-level decoder-only transformer: tokens (batch, time) -> logits."""
 
     def __init__(self, vocab_size: int = 256, d_model: int = 128, num_layers: int = 4,
                  num_heads: int = 4, mlp_ratio: int = 4, max_len: int = 256,
                  positions: str = "rotary", norm: str = "layernorm",
-                 tie_embeddings: bool = True, remat: bool = False, attention: str = "auto", *,
-                 rngs: nnx.Rngs):
+                 tie_embeddings: bool = True, remat: str | bool = "none",
+                 attention: str = "auto", scan_layers: bool = False, *, rngs: nnx.Rngs):
         if positions not in POSITIONS:
             raise JaxtrainError(f"GPT positions={positions!r}: valid are {', '.join(POSITIONS)}")
         if norm not in NORMS:
@@ -137,6 +180,9 @@ class GPT(nnx.Module):
         if attention not in ATTENTION:
             raise JaxtrainError(
                 f"GPT attention={attention!r}: valid are {', '.join(ATTENTION)}")
+        remat = remat_policy_name(remat)
+        if not isinstance(scan_layers, bool):
+            raise JaxtrainError(f"GPT scan_layers={scan_layers!r}: must be true or false")
         if d_model % num_heads or (d_model // num_heads) % 2:
             raise JaxtrainError(
                 f"GPT d_model={d_model} must split into num_heads={num_heads} heads of an even "
@@ -145,8 +191,10 @@ class GPT(nnx.Module):
         self.config = {"name": "GPT", "vocab_size": vocab_size, "d_model": d_model,
                        "num_layers": num_layers, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
                        "max_len": max_len, "positions": positions, "norm": norm,
-                       "tie_embeddings": tie_embeddings, "remat": remat, "attention": attention}
+                       "tie_embeddings": tie_embeddings, "remat": remat, "attention": attention,
+                       "scan_layers": scan_layers}
         self.max_len, self.remat, self.tie_embeddings = max_len, remat, tie_embeddings
+        self.scan_layers = scan_layers
         head_dim = d_model // num_heads
         out_std = 0.02 / (2 * num_layers) ** 0.5  # GPT-2's scaled init of residual outputs
         self.embed = nnx.Embed(vocab_size, d_model, embedding_init=_normal(("vocab", "embed")),
@@ -155,11 +203,10 @@ class GPT(nnx.Module):
             nnx.Embed(max_len, d_model, embedding_init=_normal(("pos", "embed")), rngs=rngs)
             if positions == "learned" else None
         )
-        self.blocks = nnx.List([
-            Block(d_model, num_heads, head_dim, mlp_ratio * d_model, norm,
-                  positions == "rotary", out_std, attention, rngs=rngs)
-            for _ in range(num_layers)
-        ])
+        blocks = [Block(d_model, num_heads, head_dim, mlp_ratio * d_model, norm,
+                        positions == "rotary", out_std, attention, rngs=rngs)
+                  for _ in range(num_layers)]
+        self.blocks = stack_modules(blocks) if scan_layers else nnx.List(blocks)
         self.final_norm = _norm(norm, d_model, rngs)
         self.lm_head = None if tie_embeddings else nnx.Linear(
             d_model, vocab_size, use_bias=False, kernel_init=_normal(("embed", "vocab")),
@@ -176,11 +223,28 @@ class GPT(nnx.Module):
         x = jnp.take(table, tokens, axis=0)
         if self.pos_embed is not None:
             x = x + self.pos_embed.embedding[...][:t]
-        call = nnx.remat(_block_call) if self.remat else _block_call
-        for block in self.blocks:
-            x = call(block, x)
+        x = self._run_blocks(x)
         x = self.final_norm(x)
         return x @ table.T if self.lm_head is None else self.lm_head(x)
+
+    def _run_blocks(self, x):
+        """The blocks in order: unrolled, or as one scan over the stacked layer axis whose
+        body merges that layer's slice of the variables into a `Block` and applies it."""
+        policy = REMAT_POLICIES[self.remat]
+        if not self.scan_layers:
+            call = _block_call if self.remat == "none" else nnx.remat(_block_call,
+                                                                      policy=policy)
+            for block in self.blocks:
+                x = call(block, x)
+            return x
+        graphdef, layers = nnx.split(self.blocks)
+
+        def body(x, layer):
+            return nnx.merge(graphdef, layer)(x), None
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        return jax.lax.scan(body, x, layers)[0]
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         """Matmul FLOPs per token at sequence length `seq_len` (2 per multiply-add): every
@@ -222,7 +286,7 @@ def generate(model: GPT, prompt, max_new_tokens: int, rng, temperature: float = 
             lo = jnp.maximum(i - window, 0)
             ctx = jax.lax.dynamic_slice(buf, (0, lo), (batch, window))
             net = nnx.merge(graphdef, state)
-            net.remat = False  # recomputation only pays off when differentiating
+            net.remat = "none"  # recomputation only pays off when differentiating
             logits = jnp.take(net(ctx), i - 1 - lo, axis=1).astype(jnp.float32)
             rng, key = jax.random.split(rng)
             if temperature == 0:
