@@ -132,28 +132,57 @@ def _drop_array_index(step_dir):
     (step_dir / "state" / "_METADATA").unlink()
 
 
+def _flip_bits(step_dir):
+    """Flip two bits in the middle of the largest array file: no read error, wrong values
+    (Orbax alone restores this silently)."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0b1001
+    biggest.write_bytes(bytes(data))
+
+
 # Orbax abandons the other arrays' read coroutines when one read fails; Python reports
 # them as never awaited. That is Orbax's clean-up, not a leak of ours.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", [_cut_array_file, _cut_record, _drop_array_index])
-def test_damaged_latest_is_skipped_with_a_warning_naming_it(tmp_path, damage):
+@pytest.mark.parametrize("damage", [_cut_array_file, _cut_record, _drop_array_index,
+                                    _flip_bits])
+def test_damaged_latest_is_skipped_moved_aside_and_saved_afresh(tmp_path, damage):
     state, sig = _state()
     with Manager(tmp_path) as mngr:
         for step in (1, 2, 3):
             mngr.save(step, _bumped(state, step), sig)
     damage(tmp_path / "3")
     fresh, _ = _state(seed=1)
+    with Manager(tmp_path, read_only=True) as mngr:  # a reader names it, touches nothing
+        with pytest.raises(JaxtrainError, match=f"checkpoint {tmp_path}/3 is damaged"):
+            mngr.restore(fresh, sig, step=3)
+        assert "damaged" in list_checkpoints(tmp_path)[-1]["error"]
     mngr = Manager(tmp_path)
-    with pytest.warns(UserWarning, match=f"skipping unreadable checkpoint {tmp_path}/3 "):
+    with pytest.warns(UserWarning, match=f"skipping damaged checkpoint {tmp_path}/3 .*moved "
+                                         f"it to {tmp_path}/3.damaged"):
         restored = mngr.restore(fresh, sig)
     _assert_same(restored, _bumped(state, 2))
-    with pytest.raises(JaxtrainError, match=f"checkpoint {tmp_path}/3 is unreadable"):
-        mngr.restore(fresh, sig, step=3)
-    # training resumes from 2 and may write step 3 again over the damaged one
-    with pytest.warns(UserWarning, match="replacing unreadable checkpoint"):
-        mngr.save(3, _bumped(state, 30), sig)
-    _assert_same(mngr.restore(fresh, sig), _bumped(state, 30))
+    assert mngr.steps() == [1, 2] and (tmp_path / "3.damaged").is_dir()
+    # training resumes from 2 and writes step 3 afresh; the next reopen restores it
+    mngr.save(3, _bumped(state, 30), sig)
     mngr.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Manager(tmp_path) as mngr:
+            _assert_same(mngr.restore(fresh, sig), _bumped(state, 30))
+
+
+def test_the_best_step_survives_a_reopen_and_later_rotation(tmp_path):
+    state, sig = _state()
+    with Manager(tmp_path, max_to_keep=2, best_metric="loss") as mngr:
+        for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0)]:
+            mngr.save(step, state, sig, metrics={"loss": loss})
+    with Manager(tmp_path, max_to_keep=2, best_metric="loss") as mngr:  # a resumed run
+        for step, loss in [(4, 2.5), (5, 2.2), (6, 2.4)]:
+            mngr.save(step, state, sig, metrics={"loss": loss})
+    assert [r["step"] for r in list_checkpoints(tmp_path) if r["best"]] == [2]
+    assert Manager(tmp_path, read_only=True).steps() == [2, 5, 6]
 
 
 def test_structure_mismatch_lists_missing_extra_and_misshaped_paths(tmp_path):

@@ -17,8 +17,10 @@ def folder_bytes(path: Path) -> int:
 
 def list_checkpoints(directory: str | Path) -> list[dict]:
     """One row per complete step: `step`, `metrics`, `bytes`, `best` (bool), and
-    `error` for a step whose record cannot be read. Reads only; creates nothing. A folder
-    without any complete step is an error, as it is for a restore."""
+    `error` for a damaged step (its record or arrays unreadable, or an array not matching
+    its checksum: every array is read and checked). A damaged step is never the best.
+    Reads only; creates nothing. A folder without any complete step is an error, as it is
+    for a restore."""
     with Manager(directory, read_only=True) as mngr:
         if not mngr.steps():
             raise JaxtrainError(f"no checkpoint in {directory}")
@@ -29,10 +31,15 @@ def list_checkpoints(directory: str | Path) -> list[dict]:
             try:
                 row["metrics"] = mngr.meta(step).get("metrics", {})
             except Exception as err:  # a damaged record: list it, say so
-                row["error"] = f"unreadable ({type(err).__name__})"
+                row["error"] = f"damaged: unreadable record ({type(err).__name__})"
+            else:
+                problem = mngr.verify(step)
+                if problem:
+                    row["error"] = f"damaged: {problem}"
             rows.append(row)
+        intact = [row["step"] for row in rows if "error" not in row]
         try:
-            best = mngr.best_step()
+            best = mngr.best_step(among=intact) if intact else None
         except ValueError:  # no best metric recorded: nothing to mark
             best = None
     for row in rows:

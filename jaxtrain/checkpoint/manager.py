@@ -1,15 +1,22 @@
 """Orbax checkpoints of a TrainState, with a JSON record of the model they belong to.
 
-Each step's folder holds two Orbax items: `state` (the state's arrays, a standard PyTree
-checkpoint that plain `orbax.checkpoint` restores) and `meta` (JSON: the model's name,
-config and param shapes, the step's metrics, the run's config, the data position). No
-pickle anywhere. Saves are asynchronous by default: `save` returns once the arrays are
+Each step's folder holds Orbax items: `state` (the state's arrays, a standard PyTree
+checkpoint that plain `orbax.checkpoint` restores), `meta` (JSON: the model's name,
+config and param shapes, the step's metrics, the run's config, the data position, the
+callbacks' record, a checksum per array), Orbax's own `metrics` (what its keep-best rule
+reads after a reopen) and optionally `extra` (arrays callbacks keep, such as early
+stopping's best weights). No pickle anywhere. Saves are asynchronous by default: `save` returns once the arrays are
 copied off the device and Orbax writes them in a background thread into a temporary
 folder that is renamed into place when complete, so a crash never leaves a partial step.
+
+A step that cannot be read, or whose arrays do not match their checksums, is damaged: a
+restore of the latest step falls back to the previous one with a warning, and a writable
+manager moves the damaged folder aside (to `STEP.damaged`) so the step is saved afresh.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +26,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from ..errors import JaxtrainError
+from .checksum import checksums, mismatched
 from .structure import model_signature, path_shapes, shape_mismatch, signature_mismatch
 
 __all__ = ["Manager", "check_same_model", "model_signature", "signature_mismatch"]
@@ -48,6 +56,10 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text[0][:200] if text else ''}"
 
 
+class DamagedCheckpoint(JaxtrainError):
+    """A step's arrays do not match the checksums recorded when it was saved."""
+
+
 class Manager:
     """Save and restore TrainStates in `directory` (an Orbax `CheckpointManager`).
 
@@ -71,15 +83,20 @@ class Manager:
         self.read_only = read_only
         self.last_save_seconds: float | None = None  # how long the last save() held the caller
         self.restored_step: int | None = None
-        self._unreadable: set[int] = set()
         keep = [policies.LatestN(n=max_to_keep)]
         if keep_period is not None:
             keep.append(policies.EveryNSteps(keep_period))
+        best_fn = None
         if best_metric is not None:
-            keep.append(policies.BestN(get_metric_fn=lambda m: m[best_metric],
-                                       reverse=best_mode == "min", n=1,
-                                       keep_checkpoints_without_metrics=False))
+            def best_fn(metrics):
+                return metrics[best_metric]
+
+            keep.append(policies.BestN(get_metric_fn=best_fn, reverse=best_mode == "min",
+                                       n=1, keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
+            # with best_fn Orbax writes each step's metrics and reads them back on a
+            # reopen, so the kept best step survives a resume
+            best_fn=best_fn, best_mode=best_mode,
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
@@ -89,6 +106,7 @@ class Manager:
         self._mngr = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                           "extra": ocp.PyTreeCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()},
         )
 
@@ -112,30 +130,28 @@ class Manager:
         self._mngr.delete(int(step))
 
     def save(self, step: int, state, signature: dict, metrics: dict | None = None,
-             config: dict | None = None, data: dict | None = None) -> None:
+             config: dict | None = None, data: dict | None = None, record: dict | None = None,
+             extra=None) -> None:
         """Save the state's arrays and its JSON record (model signature, metrics, run
-        config, data position `data`) at `step`; returns before an async write is done."""
+        config, data position `data`, the callbacks' `record`, a checksum per array) at
+        `step`, with `extra` arrays beside them; returns before an async write is done."""
         step = int(step)
         if step in self.steps():
-            if step not in self._unreadable:
-                raise JaxtrainError(f"{self.directory} already holds a checkpoint at step "
-                                    f"{step}; nothing was overwritten")
-            warnings.warn(f"replacing unreadable checkpoint {self.directory / str(step)}",
-                          stacklevel=2)
-            self._mngr.delete(step)
+            raise JaxtrainError(f"{self.directory} already holds a checkpoint at step "
+                                f"{step}; nothing was overwritten")
         metrics = _jsonable(metrics)
+        start = time.perf_counter()
+        arrays = {"state": state.saveable()}
+        if extra is not None:
+            arrays["extra"] = extra
         meta = {"step": step, "model": signature, "metrics": metrics, "config": config or {},
-                "data": data or {},
+                "data": data or {}, "record": record or {},
+                "checksums": checksums(arrays),
                 "best": {"metric": self.best_metric, "mode": self.best_mode}}
         tracked = metrics if self.best_metric in metrics else None
-        start = time.perf_counter()
-        self._mngr.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.PyTreeSave(state.saveable()),
-                                    meta=ocp.args.JsonSave(meta)),
-            metrics=tracked,
-            force=True,
-        )
+        items = {k: ocp.args.PyTreeSave(v) for k, v in arrays.items()}
+        self._mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items),
+                        metrics=tracked, force=True)
         self.last_save_seconds = time.perf_counter() - start
 
     def wait(self) -> None:
@@ -168,11 +184,13 @@ class Manager:
             "meta"
         ]
 
-    def best_step(self, metric: str | None = None, mode: str | None = None) -> int:
-        """The step with the best `metric` (default: the one this folder was saved with)."""
+    def best_step(self, metric: str | None = None, mode: str | None = None,
+                  among=None) -> int:
+        """The step with the best `metric` (default: the one this folder was saved with),
+        among the steps `among` (default: all)."""
         self._settle()
         records = {}
-        for step in self.steps():
+        for step in self.steps() if among is None else among:
             try:
                 records[step] = self.meta(step)
             except Exception:  # an unreadable record cannot be the best one
@@ -204,20 +222,52 @@ class Manager:
 
     def _unusable(self, step: int, err: Exception, fallback: bool) -> None:
         where = self.directory / str(step)
+        reason = str(err) if isinstance(err, DamagedCheckpoint) else _first_line(err)
         if not fallback:
-            raise JaxtrainError(f"checkpoint {where} is unreadable ({_first_line(err)})")
-        self._unreadable.add(step)
-        warnings.warn(f"skipping unreadable checkpoint {where} ({_first_line(err)}); "
-                      "falling back to the previous one", stacklevel=3)
+            raise JaxtrainError(f"checkpoint {where} is damaged ({reason})")
+        moved = "" if self.read_only else f"; moved it to {self._move_aside(step)}"
+        warnings.warn(f"skipping damaged checkpoint {where} ({reason}){moved}; falling back "
+                      "to the previous one", stacklevel=3)
+
+    def _move_aside(self, step: int) -> Path:
+        """Rename a damaged step's folder to `STEP.damaged` (Orbax then no longer lists it,
+        so the step is saved afresh), keeping the bytes for a post-mortem."""
+        source = self.directory / str(step)
+        target, n = self.directory / f"{step}.damaged", 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"{step}.damaged-{n}"
+        os.replace(source, target)
+        self._mngr.reload()
+        return target
+
+    def _verify(self, step: int, record: dict, arrays: dict) -> None:
+        bad = mismatched(record.get("checksums", {}), arrays)
+        if bad:
+            more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise DamagedCheckpoint(f"checksum mismatch in {', '.join(bad[:3])}{more}")
+
+    def _read(self, step: int, target: dict, record: dict | None = None) -> dict:
+        """The arrays of `target` (`{item: tree of ShapeDtypeStructs}`, a subset of what
+        was saved) at `step`, verified against their checksums."""
+        record = self.meta(step) if record is None else record
+        restored = self._mngr.restore(step, args=ocp.args.Composite(**{
+            item: ocp.args.PyTreeRestore(
+                item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
+                partial_restore=True)
+            for item, tree in target.items()}))
+        arrays = {item: restored[item] for item in target}
+        self._verify(step, record, arrays)
+        return arrays
 
     def restore(self, like, signature: dict | None = None, step: int | str | None = None,
                 items=None):
         """`like` (a TrainState) with the saved arrays of `step`, placed with `like`'s
         shardings, so a state saved on one mesh restores onto another.
 
-        `step`: None or 'latest' (the newest readable step; unreadable newer ones are
-        skipped with a warning), 'best', or a step number. `items`: which parts of the
-        state to restore (say `['params']`); the rest keep `like`'s values.
+        `step`: None or 'latest' (the newest intact step; damaged newer ones are skipped
+        with a warning), 'best', or a step number. `items`: which parts of the state to
+        restore (say `['params']`); the rest keep `like`'s values.
         """
         self._settle()
         wanted = like.saveable()
@@ -243,12 +293,7 @@ class Manager:
             if problem:
                 raise JaxtrainError(f"{where} does not match the state to restore: {problem}")
             try:
-                restored = self._mngr.restore(candidate, args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item=target,
-                        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                        partial_restore=True,
-                    )))["state"]
+                restored = self._read(candidate, {"state": target}, record)["state"]
             except Exception as err:
                 self._unusable(candidate, err, fallback)
                 continue
@@ -259,24 +304,57 @@ class Manager:
 
     def restore_arrays(self, step: int | str | None = None, items=None) -> dict:
         """The saved arrays (of `items`, default all) as nested dicts on the default
-        device; needs no target and works whatever mesh the checkpoint was saved on."""
+        device; needs no target and works whatever mesh the checkpoint was saved on.
+        Like `restore`, the latest step falls back past damaged ones."""
         self._settle()
-        step = self._step(step)
-        tree = self._mngr.item_metadata(step)["state"].tree
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = {
-            k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            v)
-            for k, v in tree.items() if items is None or k in items
-        }
-        restored = self._mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True)))
-        return restored["state"]
+        candidates, fallback = self._candidates(step)
+        for candidate in candidates:
+            try:
+                tree = self._mngr.item_metadata(candidate)["state"].tree
+                target = {k: _on_default_device(v) for k, v in tree.items()
+                          if items is None or k in items}
+                arrays = self._read(candidate, {"state": target})["state"]
+            except Exception as err:
+                self._unusable(candidate, err, fallback)
+                continue
+            self.restored_step = candidate
+            return arrays
+        raise JaxtrainError(f"no readable checkpoint in {self.directory} "
+                            f"(tried steps {candidates})")
+
+    def restore_extra(self, step: int):
+        """The `extra` arrays saved with `step` (on the default device), or None."""
+        self._settle()
+        tree = self._mngr.item_metadata(step).get("extra")
+        if tree is None:
+            return None
+        return self._read(step, {"extra": _on_default_device(tree.tree)})["extra"]
+
+    def verify(self, step: int) -> str | None:
+        """Why `step` is damaged (its record or arrays unreadable, or an array not matching
+        its checksum), or None when it is intact. Reads every array of the step."""
+        self._settle()
+        try:
+            tree = self._mngr.item_metadata(step)
+            target = {k: _on_default_device(tree[k].tree) for k in ("state", "extra")
+                      if tree.get(k) is not None}
+            self._read(step, target)
+        except DamagedCheckpoint as err:
+            return str(err)
+        except Exception as err:
+            return _first_line(err)
+        return None
 
     def close(self) -> None:
         self._mngr.close()
+
+
+def _on_default_device(tree):
+    """Orbax array metadata as ShapeDtypeStructs on the default device (a restore target
+    that needs no knowledge of the mesh the arrays were saved from)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        tree)
 
 
 def check_same_model(directory: str | Path, signature: dict) -> None:
