@@ -44,7 +44,7 @@ def cmd_train(args) -> int:
     from .train.config import load_config
     from .train.run import run_config
 
-    summary = run_config(load_config(args.config, args.overrides))
+    summary = run_config(load_config(args.config, args.overrides), resume=args.resume)
     sample = summary.pop("after_fit", None)
     print(json.dumps(summary))
     if sample:
@@ -79,7 +79,7 @@ def cmd_finetune(args) -> int:
     if any("=" not in item for item in trailing):
         raise JaxtrainError(f"--from takes one folder, got {args.pretrained}")
     cfg, ft = load_finetune_config(args.config, [*args.overrides, *trailing])
-    summary = run_finetune(cfg, ft, pretrained)
+    summary = run_finetune(cfg, ft, pretrained, resume=args.resume)
     print(json.dumps(summary))
     return 0 if summary["interrupted"] is None else 130
 
@@ -88,6 +88,10 @@ def cmd_bench(args) -> int:
     from .bench import run
 
     return 1 if run(args.names, args.dir, quick=args.quick, as_json=args.json) else 0
+
+
+RESUME_HELP = ("continue the run saved in the output folder with its saved settings even "
+               "where the config differs (without it a changed config is refused)")
 
 
 def build_parser() -> Parser:
@@ -105,6 +109,7 @@ def build_parser() -> Parser:
     train.add_argument("config", help="the run's YAML config (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. train.steps=100 optimizer.learning_rate=1e-3")
+    train.add_argument("--resume", action="store_true", help=RESUME_HELP)
     train.set_defaults(func=cmd_train)
     from .cli_tune import add_commands
 
@@ -131,6 +136,7 @@ def build_parser() -> Parser:
                           "(key=value overrides may follow it)")
     finetune.add_argument("overrides", nargs="*", metavar="key=value",
                           help="config overrides, e.g. finetune.lora.rank=4 train.steps=100")
+    finetune.add_argument("--resume", action="store_true", help=RESUME_HELP)
     finetune.set_defaults(func=cmd_finetune)
     return parser
 

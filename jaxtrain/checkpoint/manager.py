@@ -5,9 +5,10 @@ checkpoint that plain `orbax.checkpoint` restores), `meta` (JSON: the model's na
 config and param shapes, the step's metrics, the run's config, the data position, the
 callbacks' record, a checksum per array), Orbax's own `metrics` (what its keep-best rule
 reads after a reopen) and optionally `extra` (arrays callbacks keep, such as early
-stopping's best weights). No pickle anywhere. Saves are asynchronous by default: `save` returns once the arrays are
-copied off the device and Orbax writes them in a background thread into a temporary
-folder that is renamed into place when complete, so a crash never leaves a partial step.
+stopping's best weights). No pickle anywhere. Saves are asynchronous by default: `save`
+returns once the arrays are copied off the device and Orbax writes them in a background
+thread into a temporary folder that is renamed into place when complete, so a crash never
+leaves a partial step.
 
 A step that cannot be read, or whose arrays do not match their checksums, is damaged: a
 restore of the latest step falls back to the previous one with a warning, and a writable
@@ -322,13 +323,14 @@ class Manager:
         raise JaxtrainError(f"no readable checkpoint in {self.directory} "
                             f"(tried steps {candidates})")
 
-    def restore_extra(self, step: int):
-        """The `extra` arrays saved with `step` (on the default device), or None."""
+    def restore_extra(self, step: int, like):
+        """The `extra` arrays saved with `step`, restored onto `like` (a tree of arrays
+        with the same structure, whose shardings they take), or None if none were saved."""
         self._settle()
-        tree = self._mngr.item_metadata(step).get("extra")
-        if tree is None:
+        if self._mngr.item_metadata(step).get("extra") is None:
             return None
-        return self._read(step, {"extra": _on_default_device(tree.tree)})["extra"]
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        return self._read(step, {"extra": target})["extra"]
 
     def verify(self, step: int) -> str | None:
         """Why `step` is damaged (its record or arrays unreadable, or an array not matching

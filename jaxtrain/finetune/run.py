@@ -30,7 +30,7 @@ from ..models import registry as model_registry
 from ..models.lora import apply_lora, merge_lora
 from ..train import TrainState
 from ..train.config import build_optimizer, check_config, read_config
-from ..train.run import config_trainer, data_and_model, fit_summary
+from ..train.run import config_trainer, data_and_model, fit_summary, rerun_config
 from ..train.tasks import get_task
 from .flows import load_into, lora_optimizer
 
@@ -69,9 +69,14 @@ def _optimizer(cfg: dict, ft: dict):
     return tx if ft["lora"] is None else lora_optimizer(tx, ft["lora"]["train_also"])
 
 
-def run_finetune(cfg: dict, ft: dict, pretrained: str | Path) -> dict:
+def run_finetune(cfg: dict, ft: dict, pretrained: str | Path, resume: bool = False) -> dict:
     """Fine-tune as `cfg` and `ft` say from the checkpoint folder `pretrained`; returns
-    the train summary plus the load report (and the merged export's folder with LoRA)."""
+    the train summary plus the load report (and the merged export's folder with LoRA).
+    An `out` that holds a fine-tune already is resumed only with the same settings and
+    `--from`, or with `resume` (then as saved; see `jaxtrain.train.run.rerun_config`)."""
+    run = rerun_config({**cfg, "finetune": {**ft, "from": str(pretrained)}}, resume)
+    ft = dict(run.pop("finetune"))
+    cfg, pretrained = run, ft.pop("from")
     seed, train, out = cfg["seed"], cfg["train"], Path(cfg["out"])
     task = get_task(cfg["task"])
     data, name, kwargs = data_and_model(cfg)

@@ -13,6 +13,7 @@ import jax
 
 from ..checkpoint import Manager
 from ..errors import JaxtrainError
+from .config import config_changes
 
 MODES = ("min", "max")
 
@@ -49,11 +50,13 @@ class Callback:
 
 class EarlyStopping(Callback):
     """Stop when the held-out `monitor` has not improved by `min_delta` for `patience`
-    evaluations; at the end the params (and model state, EMA) of the best one are restored."""
+    evaluations; at the end the params (and model state, EMA) of the best one are restored.
+    Its progress (best value, its step, evaluations waited, the best weights) is saved with
+    each checkpoint, so a resumed run stops where an uninterrupted one would."""
 
     def __init__(self, monitor: str | None = None, mode: str | None = None, patience: int = 5,
                  min_delta: float = 0.0, restore_best: bool = True):
-        if not isinstance(patience, int) or patience < 1:
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
             raise JaxtrainError(f"early stopping patience must be a positive integer, got "
                                 f"{patience!r}")
         self.monitor, self.mode = monitor, None if mode is None else check_mode(mode)
@@ -72,29 +75,55 @@ class EarlyStopping(Callback):
         if better(value, self.best, self.mode, self.min_delta):
             self.best, self.best_step, self.waited = value, step, 0
             if self.restore_best:  # a host copy: the device state is donated to the next step
-                self.best_arrays = jax.device_get(
-                    (state.params, state.model_state, state.ema_params))
+                self.best_arrays = jax.device_get(_weights(state))
         else:
             self.waited += 1
-            if self.waited >= self.patience:
-                trainer.stop(f"early stopping: no improvement of {self.monitor} for "
-                             f"{self.patience} evaluations (best {self.best:.6g} at step "
-                             f"{self.best_step})")
+        if self.exhausted():
+            trainer.stop(self.reason())
+
+    def exhausted(self) -> bool:
+        return self.waited >= self.patience
+
+    def reason(self) -> str:
+        return (f"early stopping: no improvement of {self.monitor} for {self.patience} "
+                f"evaluations (best {self.best:.6g} at step {self.best_step})")
+
+    def record(self) -> tuple[dict, dict | None]:
+        """What a checkpoint keeps of the progress: JSON values and the best weights."""
+        return ({"best": self.best, "best_step": self.best_step, "waited": self.waited},
+                self.best_arrays)
+
+    def load(self, record: dict, arrays: dict | None) -> None:
+        """Continue from a checkpoint's `record()`."""
+        self.best, self.best_step = record["best"], record["best_step"]
+        self.waited = record["waited"]
+        self.best_arrays = None if arrays is None else jax.device_get(arrays)
 
     def restore(self, state):
         """`state` with the best params put back (same placement)."""
         if self.best_arrays is None:
             return state
-        params, model_state, ema = jax.device_put(
-            self.best_arrays,
-            jax.tree.map(lambda x: x.sharding, (state.params, state.model_state,
-                                                state.ema_params)),
-        )
-        return state.replace(params=params, model_state=model_state, ema_params=ema)
+        current = _weights(state)
+        placed = jax.device_put(self.best_arrays,
+                                jax.tree.map(lambda x: x.sharding, current))
+        return state.replace(**placed)
+
+
+def _weights(state) -> dict:
+    """The arrays early stopping keeps of its best evaluation (params, model state, EMA)."""
+    weights = {"params": state.params, "model_state": state.model_state}
+    if state.ema_params is not None:
+        weights["ema_params"] = state.ema_params
+    return weights
 
 
 class Checkpointer(Callback):
-    """Orbax checkpoints every `every` steps, on each new best evaluation, at the end."""
+    """Orbax checkpoints every `every` steps, on each new best evaluation, at the end.
+
+    Each checkpoint carries the metrics of an evaluation at its step (Orbax keeps the best
+    step by them across reopens) and the trainer's `resume_record` (best value, early
+    stopping progress). Before a step is saved the pending log records are written, so a
+    run killed after a save has logged every step up to it."""
 
     def __init__(self, directory, every: int | None = None, best: bool = False,
                  at_end: bool = True, max_to_keep: int | None = 3, async_save: bool = True,
@@ -103,6 +132,7 @@ class Checkpointer(Callback):
         self.max_to_keep, self.async_save = max_to_keep, async_save
         self.monitor, self.mode = monitor, mode
         self.manager = None
+        self.resumed: tuple[dict, dict | None] | None = None
 
     def open(self) -> Manager:
         if self.manager is None:
@@ -113,19 +143,44 @@ class Checkpointer(Callback):
                                    best_mode=self.mode)
         return self.manager
 
-    def restore_latest(self, like, signature):
-        """The latest checkpoint restored onto `like`, or None when there is none."""
+    def restore_latest(self, like, trainer):
+        """The latest intact checkpoint restored onto `like`, or None when there is none.
+        Refuses a checkpoint of a run with another config (see `config_changes`)."""
         mngr = self.open()
+        self.resumed = None
         if mngr.latest_step() is None:
             return None
-        return mngr.restore(like, signature)
+        state = mngr.restore(like, trainer.signature)
+        meta = mngr.meta(mngr.restored_step)
+        changes = config_changes(meta.get("config") or {}, trainer.run_config)
+        if meta.get("config") and trainer.run_config and changes:
+            self.close()
+            raise JaxtrainError(
+                f"checkpoint folder {self.directory} holds a run with other settings "
+                f"({', '.join(changes)}); resume it with its saved config or use another "
+                "folder")
+        record = meta.get("record") or {}
+        extra = None
+        if record.get("early_stopping") is not None and trainer.early_stopping is not None:
+            extra = mngr.restore_extra(mngr.restored_step, _weights(state))
+        self.resumed = (record, extra)
+        return state
+
+    def on_fit_start(self, trainer, state) -> None:
+        if self.resumed is not None:
+            trainer.load_resume_record(*self.resumed)
 
     def save(self, trainer, step: int, state, metrics: dict | None = None) -> None:
+        trainer.flush_logs()  # every record up to `step` is in the log before `step` is saved
         trainer.check_finite(state)  # a non-finite state never overwrites a good checkpoint
         mngr = self.open()
         if step in mngr.steps():
             return
-        mngr.save(step, state, trainer.signature, metrics=metrics, config=trainer.run_config)
+        if metrics is None and trainer.eval_history and trainer.eval_history[-1][0] == step:
+            metrics = trainer.eval_history[-1][1]
+        record, extra = trainer.resume_record()
+        mngr.save(step, state, trainer.signature, metrics=metrics, config=trainer.run_config,
+                  record=record, extra=extra)
 
     def on_step_end(self, trainer, before, step, state) -> None:
         if crossed(before, step, self.every):
@@ -137,7 +192,7 @@ class Checkpointer(Callback):
 
     def on_fit_end(self, trainer, state) -> None:
         if self.at_end or trainer.interrupted:
-            self.save(trainer, trainer.step, state, trainer.last_eval)
+            self.save(trainer, trainer.step, state)
         self.close()
 
     def close(self) -> None:

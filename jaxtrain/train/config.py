@@ -156,6 +156,48 @@ def check_config(raw: dict) -> dict:
     return cfg
 
 
+# Keys a rerun into the same folder may change and still be the same run: where it writes,
+# how long it trains (a total, so more steps continue it), how it reports.
+RERUN_FREE = ("out", "checkpoint.dir", "checkpoint.async", "train.steps", "logging")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _free(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RERUN_FREE)
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """`key: saved -> current` for each dotted key whose value differs between a saved
+    run config and a new one (keys in `RERUN_FREE` excepted)."""
+    old, new = _flat(saved), _flat(current)
+    missing = object()
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if not _free(key) and a != b:
+            changes.append(f"{key}: {'(none)' if a is missing else a!r} -> "
+                           f"{'(none)' if b is missing else b!r}")
+    return changes
+
+
+def with_rerun_free(saved: dict, current: dict) -> dict:
+    """The saved config with the `RERUN_FREE` keys of `current` (what `--resume` runs)."""
+    merged = copy.deepcopy(saved)
+    for key, value in _flat(current).items():
+        if _free(key):
+            _set(merged, key, copy.deepcopy(value))
+    return merged
+
+
 def _set(tree: dict, key: str, value) -> None:
     parts = key.split(".")
     for part in parts[:-1]:

@@ -3,7 +3,39 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The records of a JSONL log. A line that is not a JSON object (the partial last line a
+    killed run leaves) is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def keep_until(path: str | Path, runs, step: int) -> None:
+    """Drop from the log at `path` the records of `runs` after `step` and any partial line:
+    a run resumed from the checkpoint of `step` logs those steps again, so each logged step
+    appears once. Rewrites the file (atomically) only when there is something to drop."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    records = read_log(path)
+    kept = [r for r in records if not (r.get("run") in runs and r.get("step", 0) > step)]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
 
 
 class JsonlLogger:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jax
 
 from .. import sharding
+from ..checkpoint import Manager
 from ..data import registry as data_registry
+from ..errors import JaxtrainError
 from ..models import registry as model_registry
-from .config import build_optimizer, model_kwargs
+from .config import build_optimizer, config_changes, model_kwargs, with_rerun_free
 from .state import TrainState, param_logical_axes
 from .tasks import get_task
 from .trainer import Trainer
@@ -23,6 +26,52 @@ def data_and_model(cfg: dict) -> tuple[dict, str, dict]:
     model_cfg = dict(cfg["model"])
     name = model_cfg.pop("name")
     return data, name, model_kwargs(name, model_cfg, data.get("info", {}))
+
+
+def checkpoint_folder(cfg: dict) -> Path:
+    return Path(cfg["checkpoint"]["dir"] or Path(cfg["out"]) / "checkpoints")
+
+
+def saved_config(folder: Path) -> dict | None:
+    """The run config recorded with the newest readable checkpoint in `folder`, or None
+    when it holds none."""
+    if not folder.exists():
+        return None
+    with Manager(folder, read_only=True) as mngr:
+        for step in reversed(mngr.steps()):
+            try:
+                return mngr.meta(step).get("config") or None
+            except Exception:  # a damaged record: the restore will skip this step too
+                continue
+    return None
+
+
+def rerun_config(cfg: dict, resume: bool = False, flag: str = "--resume") -> dict:
+    """The config to run when `cfg`'s output folder may already hold checkpoints.
+
+    No checkpoint: `cfg`. A checkpoint of the same config (up to `RERUN_FREE` keys such
+    as `train.steps`): `cfg`, resumed. Of another config: refused in one line naming the
+    keys that differ, unless `resume`, which continues with the saved config (and the
+    rerun-free keys of `cfg`). Nothing is read but the records; nothing is written."""
+    out = Path(cfg["out"])
+    if out.exists() and not out.is_dir():
+        raise JaxtrainError(f"config key 'out': {out} is a file, not a folder")
+    folder = checkpoint_folder(cfg)
+    saved = saved_config(folder)
+    if saved is None:
+        if resume:
+            raise JaxtrainError(f"{flag}: no checkpoint in {folder} to resume")
+        return cfg
+    changes = config_changes(saved, cfg)
+    if not changes:
+        return cfg
+    if not resume:
+        raise JaxtrainError(
+            f"{folder} holds a run with other settings ({'; '.join(changes)}); continue it "
+            f"as saved with {flag}, or set another out= for a new run")
+    print(f"{flag}: continuing the run in {folder} with its saved settings (ignoring "
+          f"{'; '.join(changes)})", file=sys.stderr)
+    return with_rerun_free(saved, cfg)
 
 
 def config_trainer(cfg: dict, state, model, task, model_config: dict, run: str = "train",
@@ -39,7 +88,7 @@ def config_trainer(cfg: dict, state, model, task, model_config: dict, run: str =
         nan_policy=train["nan_policy"], log_every=train["log_every"], log_dir=out,
         tensorboard=cfg["logging"]["tensorboard"], plots=cfg["logging"]["plots"],
         progress=cfg["logging"]["progress"], run=run,
-        checkpoint_dir=ckpt["dir"] or out / "checkpoints", checkpoint_every=ckpt["every"],
+        checkpoint_dir=checkpoint_folder(cfg), checkpoint_every=ckpt["every"],
         checkpoint_best=ckpt["best"], checkpoint_at_end=ckpt["at_end"],
         max_to_keep=ckpt["max_to_keep"], async_checkpoint=ckpt["async"],
         model_config=model_config, run_config=run_config or cfg, monitor=task.monitor,
@@ -61,9 +110,11 @@ def fit_summary(trainer: Trainer, state, out) -> dict:
     }
 
 
-def run_config(cfg: dict) -> dict:
-    """Train as `cfg` says; returns a summary (final step, last train and eval metrics,
-    the task's end-of-run text, whether a signal interrupted the run)."""
+def run_config(cfg: dict, resume: bool = False) -> dict:
+    """Train as `cfg` says (see `rerun_config` for a folder that holds a run already, and
+    `resume`); returns a summary (final step, last train and eval metrics, the task's
+    end-of-run text, whether a signal interrupted the run)."""
+    cfg = rerun_config(cfg, resume)
     seed, train = cfg["seed"], cfg["train"]
     task = get_task(cfg["task"])
     data, name, kwargs = data_and_model(cfg)

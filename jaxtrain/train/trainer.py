@@ -10,10 +10,10 @@ cleanly (`trainer.interrupted` names the signal).
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -27,7 +27,7 @@ from ..errors import JaxtrainError
 from ..transforms.paths import path_list
 from .callbacks import Checkpointer, EarlyStopping, better, check_mode, crossed
 from .feeds import Batches, DeviceFeed, HostFeed, fits_on_devices
-from .logs import JsonlLogger, TensorBoardLogger, plot_history
+from .logs import JsonlLogger, TensorBoardLogger, keep_until, plot_history, read_log
 from .precision import LossScale, get_policy
 from .progress import Progress
 from .step import make_eval_step, make_train_step
@@ -87,7 +87,8 @@ class Trainer:
         self.checkpointer = None if checkpoint_dir is None else Checkpointer(
             checkpoint_dir, checkpoint_every, checkpoint_best, checkpoint_at_end, max_to_keep,
             async_checkpoint, monitor=monitor, mode=self.mode)
-        self.callbacks = [c for c in (self.checkpointer, self.early_stopping) if c is not None]
+        # early stopping first: a checkpoint taken at an evaluation records its decision
+        self.callbacks = [c for c in (self.early_stopping, self.checkpointer) if c is not None]
         self.callbacks += list(callbacks)
         self.rules, self.logical_axes = rules, logical_axes
         self._nan_raise = nan_policy == "raise"
@@ -150,8 +151,9 @@ class Trainer:
         feed = self._feed(train_data)
         state = self.state
         self.state = None  # donated below: only the returned state is valid
+        self.stop_reason, self.interrupted = None, None
         if self.checkpointer is not None:
-            restored = self.checkpointer.restore_latest(state, self.signature)
+            restored = self.checkpointer.restore_latest(state, self)
             state = restored if restored is not None else state
         step, position = int(state.step), int(state.data_position)
         self.step, self.start_step = step, step
@@ -161,6 +163,8 @@ class Trainer:
         previous = self._install_signals()
         try:
             state = self._loop(state, feed, step, position, steps, eval_data, eval_every)
+            for cb in self.callbacks:  # the final checkpoint, before the logs are closed
+                cb.on_fit_end(self, state)
         except BaseException:
             if self.checkpointer is not None:
                 self.checkpointer.close()
@@ -168,8 +172,6 @@ class Trainer:
         finally:
             self._restore_signals(previous)
             self._close_logs()
-        for cb in self.callbacks:
-            cb.on_fit_end(self, state)
         if self.early_stopping is not None and self.early_stopping.restore_best:
             state = self.early_stopping.restore(state)
         self.state = state
@@ -194,7 +196,7 @@ class Trainer:
         count = self._count(step, steps)
         args = feed.args(position, count) if step < steps else None
         in_flight = sharding.InFlight(self.mesh)
-        while step < steps:
+        while step < steps and self.stop_reason is None:
             log = crossed(step, step + count, self.log_every) or step + count == steps
             state, metrics = feed.fn(count, log)(state, *args)
             in_flight.add(metrics)
@@ -217,7 +219,31 @@ class Trainer:
         self._drain()
         return state
 
+    # -- what a checkpoint keeps besides the state ----------------------------------------
+
+    def resume_record(self) -> tuple[dict, dict | None]:
+        """The loop's progress a checkpoint keeps (best held-out value, last evaluation,
+        early stopping's progress) as JSON, and early stopping's best weights."""
+        record, arrays = {"best": self.best, "last_eval": self.last_eval}, None
+        if self.early_stopping is not None:
+            record["early_stopping"], arrays = self.early_stopping.record()
+        return record, arrays
+
+    def load_resume_record(self, record: dict, arrays: dict | None) -> None:
+        """Continue from a checkpoint's `resume_record()`; stop at once if early stopping
+        had already decided to."""
+        self.best, self.last_eval = record.get("best"), record.get("last_eval")
+        es = self.early_stopping
+        if es is not None and record.get("early_stopping") is not None:
+            es.load(record["early_stopping"], arrays)
+            if es.exhausted():
+                self.stop(es.reason())
+
     # -- metrics -------------------------------------------------------------------------
+
+    def flush_logs(self) -> None:
+        """Write every pending log record (blocks until their steps are computed)."""
+        self._drain()
 
     def _log(self, step: int, metrics: dict) -> None:
         for leaf in jax.tree.leaves(metrics):
@@ -300,7 +326,11 @@ class Trainer:
         self.bar = Progress(steps - self.step, self.run, enabled=self.progress)
         self.loggers = []
         if self.log_dir is not None:
+            if self.log_dir.exists() and not self.log_dir.is_dir():
+                raise JaxtrainError(f"log folder {self.log_dir} is a file, not a folder")
             self.log_dir.mkdir(parents=True, exist_ok=True)
+            # records after the step this run starts from are logged again
+            keep_until(self.log_dir / "log.jsonl", {self.run, f"{self.run}/eval"}, self.step)
             self.loggers.append(JsonlLogger(self.log_dir / "log.jsonl"))
             if self.tensorboard:
                 self.loggers.append(TensorBoardLogger(self.log_dir / "tensorboard"))
@@ -314,8 +344,12 @@ class Trainer:
         for logger in self.loggers:
             logger.close()
         if self.plots and self.log_dir is not None and (self.history or self.eval_history):
-            plot_history(_logged(self.log_dir / "log.jsonl", self.run), self.log_dir /
-                         "curves.png", title=self.run)
+            try:
+                plot_history(_logged(self.log_dir / "log.jsonl", self.run), self.log_dir /
+                             "curves.png", title=self.run)
+            except Exception as err:  # a plot is not worth failing a finished run for
+                warnings.warn(f"could not draw {self.log_dir / 'curves.png'}: "
+                              f"{type(err).__name__}: {err}", stacklevel=2)
 
     def _install_signals(self):
         self._signal = None
@@ -337,9 +371,8 @@ def _logged(path: Path, run: str) -> dict:
     (a step logged twice, before a crash and after the resume, counts once: the later)."""
     series: dict = {"train": {}, "eval": {}}
     kinds = {run: "train", f"{run}/eval": "eval"}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        kind = kinds.get(record.pop("run"))
+    for record in read_log(path):
+        kind = kinds.get(record.pop("run", None))
         if kind is not None:
             series[kind][record.pop("step")] = record
     return {k: sorted(v.items()) for k, v in series.items()}
