@@ -114,6 +114,9 @@ def build_parser() -> Parser:
     from .cli_tune import add_commands
 
     add_commands(sub, positive_int)
+    from .cli_data import add_commands as add_data_commands
+
+    add_data_commands(sub, positive_int)
     bench = sub.add_parser("bench", help="run the benchmarks (optimizer, loop, sharding, "
                                           "checkpoint, sweep, mfu, conv, metrics, adamw, "
                                           "breakdown)")

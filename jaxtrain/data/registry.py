@@ -2,12 +2,15 @@
 
 Each loader returns `{'train': dict of arrays, 'valid': dict of arrays, 'info': dict}`;
 `info` carries what a model needs to know (number of classes, vocabulary size, ...).
+`records` reads data prepared on disk (`jaxtrain data prepare`): its `train` is a
+`records.Records` split streamed with Grain, its `valid` columns are read on demand.
 """
 
 from __future__ import annotations
 
 from ..errors import JaxtrainError
 from .digits import digits_split
+from .records import load_records
 from .synthetic import synthetic_classification, synthetic_regression
 from .text import load_text
 
@@ -19,6 +22,7 @@ def _digits(classes=tuple(range(10)), test_fraction: float = 0.25, seed: int = 0
 
 DATASETS = {
     "digits": _digits,
+    "records": load_records,
     "text": load_text,
     "synthetic_regression": synthetic_regression,
     "synthetic_classification": synthetic_classification,

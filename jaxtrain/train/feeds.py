@@ -26,10 +26,15 @@ DEVICE_DATA_BYTES = 256 * 2**20  # "auto" keeps data sets up to this size on the
 
 class Batches:
     """The batch of a data position: `batch_at(data, batch_size, seed, position)` for a
-    dict of arrays (with the epoch's order cached), or a user's `position -> batch`."""
+    dict of arrays (with the epoch's order cached), a user's `position -> batch`, or the
+    Grain loader of prepared records (`jaxtrain.data.records.Records`), whose batches
+    are this process's rows only (`local`)."""
 
     def __init__(self, data, batch_size: int | None, seed: int):
-        self.data = None
+        self.data, self.local = None, False
+        if hasattr(data, "loader"):
+            self.fn, self.local = data.loader(batch_size, seed), True
+            return
         if callable(data):
             self.fn = data
             return
@@ -112,6 +117,10 @@ class HostFeed:
 
     def args(self, position: int, count: int) -> tuple:
         host = self.batches.get(position, count)
+        if self.batches.local and jax.process_count() > 1:
+            where = self.stacked if count > 1 else self.flat
+            return (jax.tree.map(lambda x: jax.make_array_from_process_local_data(where, x),
+                                 host),)
         if count > 1:
             return (jax.device_put(host, self.stacked),)
         if not self.checked:  # shapes checked once, with a message naming the array

@@ -39,7 +39,8 @@ def lm_metrics(model, batch):
 
 def lm_sample(model, data: dict, length: int = 400, prompt_len: int = 32, seed: int = 0,
               temperature: float = 0.8) -> str:
-    """Text generated after the first `prompt_len` bytes of the first validation window."""
+    """Text generated after the first `prompt_len` tokens of the first validation window
+    (decoded by the data's `info['decode']`, bytes by default)."""
     prompt = np.asarray(data["valid"]["tokens"][0, :prompt_len])
     tokens = generate(model, prompt, length, jax.random.key(seed), temperature=temperature)
-    return decode(tokens)
+    return data.get("info", {}).get("decode", decode)(tokens)

@@ -22,10 +22,13 @@ class Problem:
 
 
 def problem_from_config(cfg: dict, optimizer: dict | None = None,
-                        max_eval_examples: int = 1024) -> Problem:
+                        max_eval_examples: int = 1024,
+                        max_train_examples: int = 65536) -> Problem:
     """The model, data, task and optimizer of a checked run config; `optimizer` (a
     transforms spec) replaces the config's. Held-out data is capped at
-    `max_eval_examples` so that every evaluation of every run stays cheap."""
+    `max_eval_examples` so that every evaluation of every run stays cheap. The runs hold
+    their training set on the devices: prepared records (`data: {name: records}`) give
+    a seeded random subset of at most `max_train_examples` examples."""
     data, name, kwargs = data_and_model(cfg)
     spec = RunSpec(
         model_fn=lambda seed: model_registry.build(name, seed, **kwargs),
@@ -35,4 +38,7 @@ def problem_from_config(cfg: dict, optimizer: dict | None = None,
         eval_every=cfg["train"]["eval_every"] or max(1, cfg["train"]["steps"] // 10),
     )
     valid = {k: v[:max_eval_examples] for k, v in data["valid"].items()}
-    return Problem(spec, data["train"], valid, cfg)
+    train = data["train"]
+    if not isinstance(train, dict):
+        train = train.arrays(max_train_examples, cfg["seed"])
+    return Problem(spec, train, valid, cfg)

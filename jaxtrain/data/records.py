@@ -1,0 +1,319 @@
+"""Prepared records (see `prepare.py`) read with Grain: checked, shuffled, split over hosts.
+
+`load_records(path, ...)` is the `records` data set of configs. It checks the manifest
+(format version, every file present at its recorded size, SHA-256 checksums), and gives
+
+- `train`: a `Records` split; the Trainer asks it for a `loader(batch_size, seed)`, a
+  Grain pipeline whose batch for step `s` is a pure function of (seed, s, the data):
+  `MapDataset.source(rows).shuffle(seed).repeat()` (a global shuffle, a new one each
+  epoch, computed per index: no permutation array is held) `.batch(batch_size //
+  process_count)[process_index::process_count]`, so host `h` reads only rows
+  `h*b/P .. (h+1)*b/P` of each global batch. The global batch sequence is the same on any
+  number of processes, and resuming at step `s` starts the pipeline at `s`: the state's
+  `data_position` (saved in the same Orbax checkpoint) is the whole iterator state.
+  Worker processes (`workers`) and read threads with a prefetch buffer come from Grain.
+  Epochs run into each other: a batch may hold the last examples of one epoch and the
+  first of the next (each example is still seen once per epoch).
+- `valid`: a dict of lazy columns (`len`, slicing give NumPy arrays) read on demand.
+
+Token sets give windows of `seq_len + 1` tokens (consecutive windows share one token,
+as `jaxtrain.data.text.windows`); `cross_documents=False` keeps every window inside one
+document (a document shorter than `seq_len + 1` tokens then gives none).
+What is held in memory: the document start offsets (8 bytes per document, plus 8 per
+document for the window counts when windows stay in documents) and the open maps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import JaxtrainError
+from .prepare import FORMAT, MANIFEST, VERSION, all_files, sha256_file
+
+VERIFY_BYTES = 2 * 2**30  # verify="auto" checks SHA-256 sums of data sets up to this size
+
+
+def read_manifest(path: str | Path, verify="auto") -> dict:
+    """The manifest of the prepared folder `path`, after checking that every file it
+    lists is there at its size and (`verify` True, or "auto" up to 2 GiB) checksum."""
+    path = Path(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        partial = sorted(path.parent.glob(f".{path.name}.partial-*"))
+        if partial:
+            raise JaxtrainError(f"the preparation of {path} did not finish ({partial[0].name} "
+                                "is left): run `jaxtrain data prepare` again")
+        what = "does not exist" if not path.exists() else "has no manifest.json"
+        raise JaxtrainError(f"prepared data {path} {what}: make it with `jaxtrain data "
+                            "prepare`")
+    try:
+        manifest = json.loads(file.read_text())
+    except ValueError as err:
+        raise JaxtrainError(f"{file} is not valid JSON: {err}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise JaxtrainError(
+            f"{file} is format {manifest.get('format')!r} version {manifest.get('version')!r};"
+            f" this jaxtrain reads {FORMAT!r} version {VERSION}: prepare the data again")
+    entries = all_files(manifest)
+    for entry in entries:
+        f = path / entry["file"]
+        if not f.is_file():
+            raise JaxtrainError(f"shard {f} listed in {file} is missing")
+        if f.stat().st_size != entry["bytes"]:
+            raise JaxtrainError(f"shard {f} is {f.stat().st_size} bytes, the manifest says "
+                                f"{entry['bytes']} (truncated or changed): prepare again")
+    if verify not in (True, False, "auto"):
+        raise JaxtrainError(f"data key 'verify' must be true, false or auto, got {verify!r}")
+    if verify is True or (verify == "auto" and sum(e["bytes"] for e in entries) <= VERIFY_BYTES):
+        for entry in entries:
+            if sha256_file(path / entry["file"]) != entry["sha256"]:
+                raise JaxtrainError(f"shard {path / entry['file']} does not match its SHA-256 "
+                                    "checksum in the manifest (changed after preparation): "
+                                    "prepare again")
+    return manifest
+
+
+class _Shards:
+    """One feature's shard series as one lazily mapped array (rows `start:stop` may span
+    shards). Opened on first read, so it pickles small into Grain's worker processes."""
+
+    def __init__(self, root: Path, entries: list[dict]):
+        self.files = [str(root / e["file"]) for e in entries]
+        self.bounds = np.cumsum([0] + [e["count"] for e in entries])
+        self.maps = None
+
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    def __getstate__(self):
+        return {**self.__dict__, "maps": None}
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self.maps is None:
+            self.maps = [np.load(f, mmap_mode="r", allow_pickle=False) for f in self.files]
+        first = int(np.searchsorted(self.bounds, start, "right")) - 1
+        parts = []
+        while start < stop:
+            lo, hi = self.bounds[first], self.bounds[first + 1]
+            take = min(stop, hi)
+            parts.append(self.maps[first][start - lo:take - lo])
+            start, first = take, first + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class TokenWindows:
+    """Grain data source: window `i` of a split's token stream, `{'tokens': int32
+    (seq_len + 1,)}`."""
+
+    def __init__(self, root: Path, split: dict, seq_len: int, cross_documents: bool = True):
+        self.stream = _Shards(root, split["shards"]["tokens"])
+        self.seq_len, self.cross = seq_len, cross_documents
+        starts = np.load(root / split["documents"]["file"], allow_pickle=False)
+        self.longest = int(np.max(np.diff(starts))) if len(starts) > 1 else 0
+        if cross_documents:
+            self.n = max(0, (len(self.stream) - 1) // seq_len)
+            self.starts = self.cum = None
+        else:
+            per_doc = np.maximum(0, (np.diff(starts) - 1) // seq_len)
+            self.starts, self.cum = starts[:-1], np.cumsum(per_doc)
+            self.n = int(self.cum[-1]) if len(per_doc) else 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _start(self, i: int) -> int:
+        if self.cross:
+            return i * self.seq_len
+        doc = int(np.searchsorted(self.cum, i, "right"))
+        before = int(self.cum[doc - 1]) if doc else 0
+        return int(self.starts[doc]) + (i - before) * self.seq_len
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i) % self.n
+        start = self._start(i)
+        return {"tokens": self.stream.read(start, start + self.seq_len + 1).astype(np.int32)}
+
+    def rows(self, start: int, stop: int) -> dict:
+        """Windows `start:stop` stacked (one read when windows may cross documents)."""
+        if not self.cross or stop <= start:
+            return {"tokens": np.stack([self[i]["tokens"] for i in range(start, stop)])
+                    if stop > start else np.zeros((0, self.seq_len + 1), np.int32)}
+        flat = self.stream.read(start * self.seq_len, stop * self.seq_len + 1)
+        idx = np.arange(stop - start)[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        return {"tokens": flat[idx].astype(np.int32)}
+
+
+class ArrayRows:
+    """Grain data source: row `i` of a split's features (`image` uint8 scaled to float32
+    in [0, 1] when the manifest gives a `scale`)."""
+
+    def __init__(self, root: Path, split: dict, features: dict):
+        self.columns = {k: _Shards(root, split["shards"][k]) for k in features}
+        self.scale = {k: f.get("scale") for k, f in features.items()}
+        self.n = split["count"]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _convert(self, name: str, value: np.ndarray) -> np.ndarray:
+        scale = self.scale[name]
+        return value * np.float32(scale) if scale else np.array(value)
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i) % self.n
+        return {k: self._convert(k, c.read(i, i + 1)[0]) for k, c in self.columns.items()}
+
+    def rows(self, start: int, stop: int) -> dict:
+        return {k: self._convert(k, c.read(start, stop)) for k, c in self.columns.items()}
+
+
+class Column:
+    """One feature of a source as a read-only array-like: `len`, `x[i]`, `x[a:b]`,
+    `x[i, ...]` give NumPy arrays read on demand (for evaluation and samples)."""
+
+    def __init__(self, source, name: str):
+        self.source, self.name = source, name
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self), *self.source[0][self.name].shape)
+
+    def __getitem__(self, index):
+        rest = ()
+        if isinstance(index, tuple):
+            index, rest = index[0], index[1:]
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            value = self.source.rows(start, stop)[self.name][::step]
+        else:
+            value = self.source.rows(int(index), int(index) + 1)[self.name][0]
+        return value[rest] if rest else value
+
+
+class Loader:
+    """This host's batch of a data position, from a Grain pipeline started at the
+    position asked for and followed while positions come in order (see the module
+    docstring). Batches are process-local: the feed assembles the global array with
+    `jax.make_array_from_process_local_data`."""
+
+    process_local = True
+
+    def __init__(self, source, batch_size: int, seed: int, workers: int = 0,
+                 threads: int = 2, prefetch: int = 8, process_index: int | None = None,
+                 process_count: int | None = None):
+        import grain
+        import jax
+
+        pi = jax.process_index() if process_index is None else process_index
+        pc = jax.process_count() if process_count is None else process_count
+        if not isinstance(batch_size, int) or batch_size < 1 or batch_size % pc:
+            raise JaxtrainError(f"batch_size must be a positive multiple of the {pc} "
+                                f"process(es), got {batch_size!r}")
+        if batch_size > len(source):
+            raise JaxtrainError(f"batch_size {batch_size} exceeds the {len(source)} examples "
+                                "in the prepared train split")
+        self.batch_size, self.seed = batch_size, seed
+        self.workers, self.threads, self.prefetch = workers, threads, prefetch
+        shuffled = grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat()
+        self.dataset = shuffled.batch(batch_size // pc, drop_remainder=True)[pi::pc]
+        self.iterator, self.expected = None, None
+
+    def _start(self, position: int) -> None:
+        import grain
+
+        data = self.dataset[position:].to_iter_dataset(
+            grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch))
+        if self.workers:
+            data = data.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+        self.iterator = iter(data)
+
+    def __call__(self, position: int) -> dict:
+        if position != self.expected:
+            self._start(position)
+        self.expected = position + 1
+        return next(self.iterator)
+
+    def close(self) -> None:
+        self.iterator, self.expected = None, None
+
+
+class Records:
+    """A prepared split for training: `loader(batch_size, seed)` gives the Trainer its
+    batches; `arrays(limit, seed)` a seeded random subset in memory (the tuning tools
+    hold their training set on the devices)."""
+
+    def __init__(self, source, workers: int = 0, threads: int = 2, prefetch: int = 8):
+        self.source = source
+        self.workers, self.threads, self.prefetch = workers, threads, prefetch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def loader(self, batch_size: int, seed: int, **hosts) -> Loader:
+        return Loader(self.source, batch_size, seed, self.workers, self.threads,
+                      self.prefetch, **hosts)
+
+    def arrays(self, limit: int, seed: int = 0) -> dict:
+        """The first `limit` examples of epoch 0 of the seeded shuffle, stacked."""
+        import grain
+
+        shuffled = grain.MapDataset.source(self.source).shuffle(seed=seed % 2**32)
+        rows = [shuffled[i] for i in range(min(limit, len(self.source)))]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _int(name: str, value, low: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise JaxtrainError(f"data key {name!r} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def load_records(path: str, seq_len: int | None = None, cross_documents: bool = True,
+                 tokenizer: str | None = None, verify="auto", workers: int = 0,
+                 threads: int = 2, prefetch: int = 8) -> dict:
+    """The prepared data at `path` as `{'train': Records, 'valid': {name: Column},
+    'info'}`. Token sets need `seq_len`; `tokenizer` (a tokenizer.json), if given, must
+    be the one the data was prepared with."""
+    root = Path(path)
+    manifest = read_manifest(root, verify)
+    reading = {"workers": _int("workers", workers), "threads": _int("threads", threads),
+               "prefetch": _int("prefetch", prefetch, 1)}
+    splits = manifest["splits"]
+    info = dict(manifest.get("info", {}))
+    if manifest["kind"] == "tokens":
+        from .tokenizer import BPE, Bytes
+
+        tok = manifest["tokenizer"]
+        if tokenizer is not None:
+            given = BPE.from_file(tokenizer).digest
+            if given != tok["digest"]:
+                raise JaxtrainError(f"tokenizer {tokenizer} is not the one {root} was prepared "
+                                    f"with ({tok.get('file') or tok['kind']}, sha256 "
+                                    f"{tok['digest'][:12]}...): prepare the data with it")
+        if seq_len is None:
+            raise JaxtrainError(f"data key 'seq_len' is missing: {root} is a token stream")
+        seq_len = _int("seq_len", seq_len, 1)
+        sources = {s: TokenWindows(root, splits[s], seq_len, cross_documents) for s in splits}
+        for name, src in sources.items():
+            if len(src) == 0:
+                where = (f"its longest document has {src.longest} tokens" if not cross_documents
+                         else f"the split has {len(src.stream)} tokens")
+                raise JaxtrainError(f"data key 'seq_len' {seq_len} is longer than the {name} "
+                                    f"split of {root} allows ({where}; a window needs "
+                                    "seq_len + 1)")
+        decoder = (BPE.from_file(root / tok["file"]) if tok["kind"] == "bpe" else Bytes())
+        info.update(vocab_size=tok["vocab_size"], seq_len=seq_len, decode=decoder.decode)
+    else:
+        sources = {s: ArrayRows(root, splits[s], manifest["features"]) for s in splits}
+        if manifest.get("classes"):
+            info["num_classes"] = len(manifest["classes"])
+    data = {"train": Records(sources["train"], **reading), "info": info}
+    if "valid" in sources:
+        data["valid"] = {k: Column(sources["valid"], k) for k in sources["valid"][0]}
+    return data
