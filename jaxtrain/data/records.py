@@ -230,6 +230,10 @@ class Loader:
         data = self.dataset[position:].to_iter_dataset(
             grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch))
         if self.workers:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (defaults)
+                flags.FLAGS.mark_as_parsed()
             data = data.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
         self.iterator = iter(data)
 
