@@ -184,11 +184,29 @@ class Shards:
         return {"count": self.count, "shards": self.entries}
 
 
-def _bar(total: int, desc: str, enabled: bool, unit: str = "B"):
-    from tqdm.auto import tqdm
+class _bar:
+    """Progress of a preparation step: a tqdm bar on a terminal, else a plain line at
+    each quarter done (the Trainer's convention)."""
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled,
-                file=sys.stderr, mininterval=1.0)
+    def __init__(self, total: int, desc: str, enabled: bool, unit: str = "B"):
+        from tqdm.auto import tqdm
+
+        self.total, self.desc, self.enabled, self.done = max(1, total), desc, enabled, 0
+        self.next = self.total / 4
+        self.tqdm = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr,
+                         mininterval=1.0) if enabled and sys.stderr.isatty() else None
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.tqdm is not None:
+            self.tqdm.update(n)
+        elif self.enabled and self.done >= self.next:
+            print(f"{self.desc}: {self.done / self.total:.0%}", file=sys.stderr, flush=True)
+            self.next += self.total / 4
+
+    def close(self) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
 
 
 def _finish(output: Output, manifest: dict, progress: bool) -> dict:
@@ -401,17 +419,16 @@ def _decode(path: Path, mode: str | None, size: tuple[int, int] | None, resize: 
             im.load()
             mode = mode or ("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
             im = im.convert(mode)
-            if size is not None and im.size != (size[1], size[0]):
-                if not resize:
-                    raise JaxtrainError(
-                        f"image {path} is {im.size[1]}x{im.size[0]} but earlier ones are "
-                        f"{size[0]}x{size[1]} (height x width): pass --image-size H W to "
-                        "resize all images to one size")
-                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(im, np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError):
         return None, mode
+    if size is not None and im.size != (size[1], size[0]):
+        if not resize:
+            raise JaxtrainError(f"image {path} is {im.size[1]}x{im.size[0]} but earlier ones "
+                                f"are {size[0]}x{size[1]} (height x width): pass --image-size "
+                                "H W to resize all images to one size")
+        im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    array = np.asarray(im, np.uint8)
     return (array[..., None] if array.ndim == 2 else array), mode
 
 
