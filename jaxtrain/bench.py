@@ -31,6 +31,8 @@ BENCHMARKS = {
     "metrics": ("step_metrics_cost.py", ["--reps", "1", "--steps", "100"]),
     "adamw": ("adamw_bandwidth.py", ["--params", "2e6", "--runs", "3"]),
     "breakdown": ("gpt_breakdown.py", ["--small"]),
+    "data": ("data_throughput.py", ["--only", "loader,trainer", "--reps", "1", "--steps", "10",
+                                    "--workers", "1"]),
 }
 
 

@@ -1,0 +1,114 @@
+"""Training on prepared files: the shipped configs (BPE GPT printing a sample, image-folder
+CNN) run a few steps; a run stopped and resumed from its checkpoint ends bitwise equal
+to an uninterrupted one; every command takes `data: {name: records}`."""
+
+import json
+import sysconfig
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxtrain import transforms
+from jaxtrain.cli import main
+from jaxtrain.data.prepare import prepare_images, prepare_text
+from jaxtrain.data.records import load_records
+from jaxtrain.models import registry
+from jaxtrain.train import Trainer, TrainState
+from jaxtrain.train.tasks import get_task
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+QUIET = ["logging.progress=false", "logging.tensorboard=false", "logging.plots=false"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    import sys
+
+    root = tmp_path_factory.mktemp("records")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    prepare_text([stdlib / "json" / "*.py"], root / "text", tokenizer="bpe", vocab_size=512,
+                 progress=False)
+    sys.path.insert(0, str(CONFIGS.parent / "examples"))
+    try:
+        from digit_folders import write_digit_folders
+    finally:
+        sys.path.pop(0)
+    write_digit_folders(root / "pngs")
+    prepare_images(root / "pngs", root / "images", progress=False)
+    return root
+
+
+@pytest.mark.slow  # compiles a GPT step and its generation loop: ~40 s of CPU
+def test_bpe_gpt_config_trains_and_prints_a_decoded_sample(prepared, tmp_path, capsys):
+    code = main(["train", str(CONFIGS / "bpe_gpt.yaml"), f"data.path={prepared / 'text'}",
+                 "data.seq_len=32", "model.max_len=32", "model.num_layers=1",
+                 f"out={tmp_path}", "train.steps=3", "train.eval_every=3",
+                 "train.eval_batch_size=64", *QUIET])
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    summary = json.loads(out[0])
+    assert summary["step"] == 3 and np.isfinite(summary["eval"]["loss"])
+    sample = "\n".join(out[1:])
+    assert len(sample) > 100 and "Ġ" not in sample  # decoded by the BPE's byte decoder
+
+
+def test_image_folder_config_trains(prepared, tmp_path, capsys):
+    code = main(["train", str(CONFIGS / "image_folder_cnn.yaml"),
+                 f"data.path={prepared / 'images'}", f"out={tmp_path}", "train.steps=30",
+                 "train.eval_every=30", *QUIET])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert summary["step"] == 30 and summary["eval"]["accuracy"] > 0.5  # 10 classes
+
+
+def _trainer(path, folder, seed=0):
+    data = load_records(str(path))
+    model = registry.build("cnn", 0, num_classes=10, channels=4, features=16)
+    state = TrainState.create(model, transforms.adam(3e-3), jax.random.PRNGKey(0))
+    task = get_task("classification")
+    trainer = Trainer(state, task.loss_fn, batch_size=16, seed=seed, progress=False,
+                      checkpoint_dir=folder, checkpoint_every=5, async_checkpoint=False)
+    return trainer, data
+
+
+@pytest.mark.slow  # four Trainers on 8 simulated devices: ~50 s of CPU
+def test_stopped_and_resumed_run_is_bitwise_equal(prepared, tmp_path):
+    trainer, data = _trainer(prepared / "images", tmp_path / "straight")
+    straight = trainer.fit(data["train"], 12)
+    first, data = _trainer(prepared / "images", tmp_path / "resumed")
+    first.fit(data["train"], 5)  # ends with a checkpoint at step 5
+    second, data = _trainer(prepared / "images", tmp_path / "resumed")  # a new process's view
+    resumed = second.fit(data["train"], 12)
+    assert second.start_step == 5
+    a = jax.tree.leaves(jax.device_get((straight.params, straight.opt_state)))
+    b = jax.tree.leaves(jax.device_get((resumed.params, resumed.opt_state)))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    other, data = _trainer(prepared / "images", tmp_path / "seed1", seed=1)
+    moved = other.fit(data["train"], 12)
+    assert not np.array_equal(jax.device_get(jax.tree.leaves(moved.params)[0]), a[0])
+
+
+@pytest.mark.slow  # five commands, each compiling its runs: about a minute on 2 cores
+def test_every_command_takes_records(prepared, tmp_path, capsys):
+    config = str(CONFIGS / "image_folder_cnn.yaml")
+    common = [f"data.path={prepared / 'images'}", *QUIET]
+    assert main(["train", config, f"out={tmp_path / 'pre'}", "train.steps=4",
+                 "train.eval_every=4", *common]) == 0
+    finetune = tmp_path / "finetune.yaml"
+    finetune.write_text((CONFIGS / "image_folder_cnn.yaml").read_text()
+                        + "finetune: {exclude: ['head/*']}\n")
+    assert main(["finetune", str(finetune), "--from", str(tmp_path / "pre" / "checkpoints"),
+                 f"out={tmp_path / 'ft'}", "train.steps=4", "train.eval_every=4",
+                 *common]) == 0
+    capsys.readouterr()
+    for command, extra in (("sweep", ["--grid", "learning_rate=1e-3,3e-3"]),
+                           ("compare", ["--strategies", "sgd,adam", "--seeds", "0"]),
+                           ("lr-find", []), ("batch-size", ["--limit-mb", "64"])):
+        code = main([command, config, *common, "train.eval_every=2", "--steps", "4",
+                     "--out", str(tmp_path / command), "--quiet", *extra])
+        assert code == 0, command
+    assert (tmp_path / "sweep" / "sweep.json").exists()
+    assert "batch size" in capsys.readouterr().out
