@@ -64,3 +64,23 @@ def test_compute_dtype_reaches_every_matmul(name, precision):
     jaxpr = jax.make_jaxpr(step)(state, batch()).jaxpr
     weights = {x.shape for x in jax.tree.leaves(state.params) if x.ndim >= 2}
     assert weight_operand_dtypes(jaxpr, weights) == {precision}
+
+
+def test_trainer_bfloat16_params_casts_every_float_param(devices):
+    """`x in floats` compared arrays: any model with 2+ float params raised 'truth value of
+    an array is ambiguous'."""
+    from jaxtrain import sharding
+    from jaxtrain.train import Trainer
+
+    with nnx.use_eager_sharding(False):
+        model = MLP(64, 10, hidden=(8,), rngs=nnx.Rngs(0))
+    state = TrainState.create(model, optax.adam(1e-3), jax.random.PRNGKey(0))
+    trainer = Trainer(state, classification_loss, mesh=sharding.make_mesh(devices=devices[:1]),
+                      precision="bfloat16_params", batch_size=4, progress=False, plots=False,
+                      tensorboard=False, handle_signals=False)
+    leaves = jax.tree.leaves(trainer.state.params)
+    assert len(leaves) == 4 and {x.dtype for x in leaves} == {jnp.dtype(jnp.bfloat16)}
+    mu = trainer.state.opt_state[0].mu  # Adam's moments follow the params' dtype
+    assert {x.dtype for x in jax.tree.leaves(mu)} == {jnp.dtype(jnp.bfloat16)}
+    state = trainer.fit({"image": jnp.ones((8, 8, 8)), "label": jnp.zeros((8,), jnp.int32)}, 2)
+    assert int(state.step) == 2

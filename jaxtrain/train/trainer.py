@@ -116,8 +116,9 @@ class Trainer:
             if int(state.step) != 0:
                 raise JaxtrainError(f"precision wants {dtype.name} params but the state, at "
                                     f"step {int(state.step)}, holds {floats[0].dtype.name}")
-            params = jax.tree.map(lambda x: x.astype(dtype) if x in floats else x,
-                                  state.params)
+            params = jax.tree.map(
+                lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                state.params)
             state = state.replace(params=params, opt_state=state.tx.init(params))
         if self.policy.needs_loss_scale and state.loss_scale is None:
             state = state.replace(loss_scale=LossScale.create())
