@@ -1,8 +1,10 @@
 """Pure gradient transformations in the Optax protocol: optimizers, schedules, wrappers."""
 
 from . import masks, schedules, spec
+from .ademamix import ademamix
 from .decay import add_decoupled_weight_decay, add_l1, add_l2
 from .hyperparams import current_hyperparams, set_hyperparams
+from .kron import psgd_kron
 from .loss_scale import dynamic_loss_scale, loss_scale_value
 from .low_precision import (
     fp32_master,
@@ -10,6 +12,7 @@ from .low_precision import (
     stochastic_round_bf16,
     stochastic_rounding,
 )
+from .mars import mars
 from .optimizers import (
     adadelta,
     adafactor,
@@ -22,7 +25,6 @@ from .optimizers import (
     lamb,
     lars,
     lion,
-    muon,
     nadam,
     nadamw,
     normalized_sgd,
@@ -32,11 +34,14 @@ from .optimizers import (
     schedule_free_eval_params,
     sgd,
 )
+from .orthogonal import muon
 from .paths import matches, path_list, path_mask, path_str, tree_paths
 from .plateau import reduce_on_plateau
 from .privacy import dp_aggregate, dp_sgd
 from .pruning import magnitude_prune, polynomial_sparsity, sparsity_report
 from .second_order import lbfgs, newton, newton_cg
+from .shampoo import shampoo
+from .soap import soap
 from .wrappers import (
     accumulate,
     adaptive_grad_clip,
@@ -67,6 +72,11 @@ __all__ = [
     "schedules",
     "spec",
     "adadelta",
+    "ademamix",
+    "mars",
+    "psgd_kron",
+    "shampoo",
+    "soap",
     "adafactor",
     "adagrad",
     "adamax",

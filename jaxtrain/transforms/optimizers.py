@@ -36,7 +36,6 @@ _STATIC = {
     "warmup_steps",
     "max_of",
     "momentum_decay",
-    "muon_weight_dimension_numbers",
 }
 
 
@@ -497,39 +496,6 @@ def adafactor(
         multiply_by_parameter_scale=multiply_by_parameter_scale,
         momentum=momentum,
         eps=eps,
-    )
-
-
-def muon(
-    learning_rate,
-    beta: float = 0.95,
-    ns_steps: int = 5,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    nesterov: bool = True,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.999,
-    adam_learning_rate=None,
-):
-    """Muon (Jordan et al., 2024), Optax's: momentum orthogonalized by `ns_steps` Newton-Schulz
-    iterations on 2-D leaves, scaled by sqrt(max(1, fan_out/fan_in)); every other leaf
-    (biases, norms, conv kernels) falls back to AdamW with `adam_*` settings."""
-    check_learning_rate(learning_rate)
-    if adam_learning_rate is not None:
-        check_learning_rate(adam_learning_rate, "muon: adam_learning_rate")
-    _betas("muon", beta=beta, adam_b1=adam_b1, adam_b2=adam_b2)
-    check_nonnegative("muon", eps=eps, weight_decay=weight_decay)
-    return _injected(
-        optax.contrib.muon,
-        learning_rate=learning_rate,
-        beta=beta,
-        ns_steps=ns_steps,
-        eps=eps,
-        weight_decay=weight_decay,
-        nesterov=nesterov,
-        adam_b1=adam_b1,
-        adam_b2=adam_b2,
-        adam_learning_rate=adam_learning_rate,
     )
 
 

@@ -43,7 +43,8 @@ from .. import yaml_numbers
 from ..errors import JaxtrainError
 from . import decay, masks, plateau, schedules, wrappers
 
-OPTIMIZER_MODULES = ("optimizers", "second_order")
+OPTIMIZER_MODULES = ("optimizers", "second_order", "ademamix", "mars", "orthogonal", "soap",
+                     "shampoo", "kron")
 TOP_KEYS = ("optimizer", "learning_rate", "weight_decay", "groups", "clip_global_norm",
             "clip", "adaptive_grad_clip", "reduce_on_plateau", "freeze", "ema", "lookahead",
             "accumulate", "skip_nonfinite")

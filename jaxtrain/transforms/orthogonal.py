@@ -1,0 +1,191 @@
+"""Muon (Jordan et al., 2024; Liu et al., 2025 "Muon is Scalable for LLM Training") on
+real models: stacked / scanned layers, convolutions, attention kernels and embeddings.
+
+Each leaf is either a Muon leaf or an AdamW leaf, decided from its path and shape:
+
+* AdamW: leaves of fewer than 2 dimensions (biases, norms), and the leaves whose path
+  matches `adam_paths` (default: embeddings and classifier / LM heads, which the Muon
+  papers keep on AdamW).
+* Muon: every other leaf, seen as a batch of matrices. The leading axis of a leaf matching
+  `stacked_paths` is a layer axis (a `scan`-ed or `vmap`-ed stack): each layer's matrix is
+  orthogonalized on its own, never the stack as one matrix. The remaining axes are split
+  into (fan-in axes, fan-out axes): 2 axes are (in, out) as a Flax kernel; 3 or more
+  (a conv kernel HWIO, an attention kernel (embed, heads, head_dim)) are split where the
+  two sides' sizes are closest (HWIO -> (H*W*I, O), (embed, heads, head_dim) ->
+  (embed, heads*head_dim), (heads, head_dim, embed) -> (heads*head_dim, embed)); a conv
+  kernel with very few channels may be cut elsewhere ((3, 3, 2, 4) -> (3*3, 2*4)): name
+  it in `dimension_numbers`.
+  `dimension_numbers={glob: (reduction_axes, output_axes) or None}` overrides the rule
+  (None sends the leaf to AdamW).
+
+The Muon update: momentum (Nesterov by default), orthogonalized by `ns_steps` quintic
+Newton-Schulz iterations (Optax's `orthogonalize_via_newton_schulz`), scaled by
+sqrt(max(1, fan_out/fan_in)) (or `consistent_rms * sqrt(max(fan_in, fan_out))`, Moonshot's
+rule for reusing AdamW's learning rate), plus decoupled decay; times the learning rate.
+`bias_correction=True` (default) bias-corrects the momentum as `optax.contrib.muon` does;
+`bias_correction=False` is Keller Jordan's reference and `torch.optim.Muon`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax.contrib import MuonDimensionNumbers
+from optax.contrib._muon import orthogonalize_via_newton_schulz, scale_by_shape
+
+from ..errors import JaxtrainError
+from ._frontier import f32, finish, in_f32, inject, zeros_f32
+from .paths import matches, path_str
+from .validate import check_learning_rate, check_nonnegative, check_unit_interval
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+ADAM_PATHS = ("*embed*", "*head/*")
+
+
+def _split(shape) -> int:
+    """Where to cut `shape` into (fan-in, fan-out) axes: the cut making the two products
+    closest (the later cut on a tie)."""
+    best, cut = None, 1
+    for s in range(1, len(shape)):
+        gap = abs(math.log(math.prod(shape[:s]) / math.prod(shape[s:])))
+        if best is None or gap <= best:
+            best, cut = gap, s
+    return cut
+
+
+def dimension_rule(path: str, shape, adam_paths=ADAM_PATHS, stacked_paths=(),
+                   dimension_numbers=None):
+    """The `MuonDimensionNumbers` of one leaf, or None for an AdamW leaf (module docstring)."""
+    for pattern, dims in (dimension_numbers or {}).items():
+        if matches(path, pattern):
+            if dims is None:
+                return None
+            reduction, output = dims
+            return MuonDimensionNumbers(tuple(reduction), tuple(output))
+    if matches(path, adam_paths):
+        return None
+    lead = 1 if stacked_paths and matches(path, stacked_paths) else 0
+    rest = tuple(shape[lead:])
+    if len(rest) < 2:
+        return None
+    cut = lead + _split(rest)
+    return MuonDimensionNumbers(tuple(range(lead, cut)), tuple(range(cut, len(shape))))
+
+
+class MuonMomentumState(NamedTuple):
+    count: jax.Array
+    mu: optax.Updates
+
+
+def _momentum(beta, nesterov, bias_correction, mu_dtype):
+    """m = beta*m + (1-beta)*g; Nesterov: beta*m + (1-beta)*g, bias-corrected as Optax
+    (m by 1-beta^(t+1), g by 1-beta^t) when `bias_correction`."""
+
+    def init(params):
+        return MuonMomentumState(jnp.zeros([], jnp.int32), zeros_f32(params, mu_dtype))
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        b = f32(beta)
+        mu = jax.tree.map(lambda g, m: b * f32(m) + (1 - b) * f32(g), updates, state.mu)
+        if bias_correction:
+            cm, cg = (1 - b ** (t + 1), 1 - b**t) if nesterov else (1 - b**t, 1.0)
+        else:
+            cm = cg = 1.0
+        if nesterov:
+            out = jax.tree.map(lambda m, g: b * m / cm + (1 - b) * f32(g) / cg, mu, updates)
+        else:
+            out = jax.tree.map(lambda m: m / cm, mu)
+        mu = jax.tree.map(lambda m, s: m.astype(s.dtype), mu, state.mu)
+        return out, MuonMomentumState(count, mu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _orthogonalize(rule, ns_steps, eps):
+    coeffs = jnp.asarray(NS_COEFFS, jnp.float32)
+
+    def apply(updates, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda kp, x: orthogonalize_via_newton_schulz(
+                x, coeffs, ns_steps, "frobenius", eps, rule(path_str(kp), x.shape)),
+            updates)
+
+    return optax.stateless(apply)
+
+
+def _muon(learning_rate, beta, ns_steps, eps, weight_decay, nesterov, bias_correction,
+          adam_b1, adam_b2, adam_learning_rate, adam_weight_decay, adam_paths, stacked_paths,
+          dimension_numbers, consistent_rms, mu_dtype):
+    rule = lambda path, shape: dimension_rule(path, shape, adam_paths, stacked_paths,
+                                              dimension_numbers)
+    dims_tree = lambda tree: jax.tree_util.tree_map_with_path(
+        lambda kp, x: rule(path_str(kp), x.shape), tree)
+    muon_part = finish(
+        optax.chain(_momentum(beta, nesterov, bias_correction, mu_dtype),
+                    _orthogonalize(rule, ns_steps, eps),
+                    scale_by_shape(dims_tree, consistent_rms)),
+        learning_rate, weight_decay)
+    adam_part = finish(
+        in_f32(optax.scale_by_adam(adam_b1, adam_b2, eps, nesterov=nesterov,
+                                   mu_dtype=mu_dtype or jnp.float32)),
+        learning_rate if adam_learning_rate is None else adam_learning_rate,
+        adam_weight_decay)
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda kp, x: "adam" if rule(path_str(kp), x.shape) is None else "muon", params)
+
+    return optax.partition({"muon": muon_part, "adam": adam_part}, labels)
+
+
+def muon(
+    learning_rate,
+    beta: float = 0.95,
+    ns_steps: int = 5,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    nesterov: bool = True,
+    bias_correction: bool = True,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.999,
+    adam_learning_rate=None,
+    adam_weight_decay: float = 0.0,
+    adam_paths=ADAM_PATHS,
+    stacked_paths=(),
+    dimension_numbers=None,
+    consistent_rms: float | None = None,
+    mu_dtype=None,
+):
+    """Muon with AdamW on the non-matrix leaves (see the module docstring for which leaf
+    gets which). With `adam_paths=()` and only 2-D / 1-D leaves it is
+    `optax.contrib.muon`; with `bias_correction=False` on 2-D leaves, `torch.optim.Muon`
+    (tests compare both step by step)."""
+    check_learning_rate(learning_rate)
+    if adam_learning_rate is not None:
+        check_learning_rate(adam_learning_rate, "muon: adam_learning_rate")
+    check_unit_interval("muon", beta=beta, adam_b1=adam_b1, adam_b2=adam_b2)
+    check_nonnegative("muon", eps=eps, weight_decay=weight_decay,
+                      adam_weight_decay=adam_weight_decay)
+    if not isinstance(ns_steps, int) or ns_steps < 1:
+        raise JaxtrainError(f"muon: ns_steps must be an integer >= 1, got {ns_steps!r}")
+    adam_paths = (adam_paths,) if isinstance(adam_paths, str) else tuple(adam_paths)
+    stacked_paths = (stacked_paths,) if isinstance(stacked_paths, str) else tuple(stacked_paths)
+    return inject(
+        _muon,
+        static=("ns_steps", "nesterov", "bias_correction", "adam_paths", "stacked_paths",
+                "dimension_numbers", "consistent_rms", "mu_dtype"),
+        learning_rate=learning_rate, beta=beta, ns_steps=ns_steps, eps=eps,
+        weight_decay=weight_decay, nesterov=nesterov, bias_correction=bias_correction,
+        adam_b1=adam_b1, adam_b2=adam_b2, adam_learning_rate=adam_learning_rate,
+        adam_weight_decay=adam_weight_decay, adam_paths=adam_paths,
+        stacked_paths=stacked_paths, dimension_numbers=dimension_numbers,
+        consistent_rms=consistent_rms, mu_dtype=mu_dtype,
+    )
