@@ -97,6 +97,7 @@ def test_soap_matches_pytorch_optimizer(precondition_1d):
     assert np.array_equal(ours[0]["a"], p0["a"])  # the first step only gathers statistics
 
 
+@pytest.mark.slow
 def test_soap_weight_decay_differs_only_by_its_placement():
     """Ours decays theta before the step (AdamW); the authors' after: lr^2*wd*|u| apart."""
     p0, grads = _problem(SOAP_SHAPES)
@@ -112,8 +113,12 @@ GRAFTS = {"sgd": LayerWiseGrafting.SGD, "adagrad": LayerWiseGrafting.ADAGRAD,
           "none": LayerWiseGrafting.NONE}
 
 
-@pytest.mark.parametrize("graft", list(GRAFTS))
-@pytest.mark.parametrize("merge", [True, False])
+FAST_SHAMPOO = {("rmsprop", True), ("sgd", False)}  # the other 8 cases are marked slow
+
+
+@pytest.mark.parametrize("graft,merge", [
+    (g, m) if (g, m) in FAST_SHAMPOO else pytest.param(g, m, marks=pytest.mark.slow)
+    for g in GRAFTS for m in (True, False)])
 def test_shampoo_matches_pytorch_optimizer_scalable_shampoo(graft, merge):
     # Blocks of 4: (4, 10) -> blocks 4x4, 4x4, 4x2; (3, 4, 5) merges to (12, 5) and
     # (6, 6) is cut in 4+2 without merging. pytorch_optimizer's merge_small_dims prepends
@@ -140,7 +145,9 @@ def test_shampoo_merge_small_dims_is_googles():
 
 
 # -- PSGD Kron --------------------------------------------------------------------------
-@pytest.mark.parametrize("update_prob,balance_every", [(None, 1000), (None, 7), (0.3, 1000)])
+@pytest.mark.parametrize("update_prob,balance_every", [
+    (None, 7), pytest.param(None, 1000, marks=pytest.mark.slow),
+    pytest.param(0.3, 1000, marks=pytest.mark.slow)])
 def test_psgd_kron_matches_pytorch_optimizer_kron(monkeypatch, update_prob, balance_every):
     """Both fed the same noise vectors (`kron_noise`); balancing leaves P = Q^T Q unchanged,
     so ours balancing every 7 updates still equals theirs never balancing."""
