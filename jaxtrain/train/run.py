@@ -98,12 +98,15 @@ def config_trainer(cfg: dict, state, model, task, model_config: dict, run: str =
 
 
 def fit_summary(trainer: Trainer, state, out) -> dict:
-    """What a config run reports: final step, last train and eval metrics, whether a
+    """What a config run reports: final step, last train and eval metrics (and the eval's
+    per-class values and confusion matrix as lists, where the task gives them), whether a
     signal or a callback stopped it, the output folder."""
     return {
         "step": int(state.step),
         "train": trainer.history[-1][1] if trainer.history else {},
         "eval": trainer.last_eval or {},
+        **({"eval_arrays": {k: v.tolist() for k, v in trainer.last_eval_arrays.items()}}
+           if trainer.last_eval_arrays else {}),
         "interrupted": trainer.interrupted,
         "stopped": trainer.stop_reason,
         "out": str(out),

@@ -272,8 +272,9 @@ def make_multi_step(train_step, steps_per_call: int, unroll=None, metrics: str =
 
 
 def make_eval_step(metric_fn, *, precision=None, use_ema: bool = False):
-    """`metric_fn(model, batch) -> dict of per-example values`; the step returns their
-    masked sums and the example count, so partial batches average correctly. With
+    """`metric_fn(model, batch) -> dict of per-example values` (leading axis the batch);
+    the step returns their masked sums and the example count, so partial batches average
+    correctly (`jaxtrain.train.metrics.summarize_eval` turns them into the reported values). With
     `use_ema` (and EMA params in the state) the EMA params are evaluated."""
     policy = _policy(precision)
 
@@ -282,7 +283,9 @@ def make_eval_step(metric_fn, *, precision=None, use_ema: bool = False):
         model = state.model(policy.cast_to_compute(params), train=False)
         values = metric_fn(model, policy.cast_to_compute(batch))
         mask = batch.get("mask", jnp.ones(next(iter(values.values())).shape[0]))
-        sums = {k: jnp.sum(jnp.asarray(v, F32) * mask) for k, v in values.items()}
+        # a value may have trailing dims (a metric set's confusion entries): sum over examples
+        sums = {k: jnp.einsum("b,b...->...", mask, jnp.asarray(v, F32))
+                for k, v in values.items()}
         sums["count"] = jnp.sum(mask)
         return sums
 

@@ -1,7 +1,9 @@
 """Tasks: what a model is trained for, as a loss, held-out metrics and an end-of-run hook.
 
 `loss_fn(model, batch, rng) -> (loss, aux)`; `metric_fn(model, batch) -> per-example
-values`; `monitor`/`mode` name the held-out metric that "best" refers to;
+values` (a `jaxtrain.train.metrics.MetricSet` adds derived values: a classifier's
+precision/recall/F1 and confusion matrix, a language model's perplexity);
+`monitor`/`mode` name the held-out metric that "best" refers to;
 `after_fit(model, data) -> str` (optional) gives text to show at the end (a sample).
 """
 
@@ -12,7 +14,8 @@ from collections.abc import Callable
 
 from ..errors import JaxtrainError
 from .language_model import lm_loss, lm_metrics, lm_sample
-from .step import classification_loss, classification_metrics
+from .metrics import MetricSet, classification_report, perplexity_summary
+from .step import classification_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +28,9 @@ class Task:
 
 
 TASKS = {
-    "classification": Task(classification_loss, classification_metrics, "accuracy", "max"),
-    "language_model": Task(lm_loss, lm_metrics, "loss", "min", after_fit=lm_sample),
+    "classification": Task(classification_loss, classification_report, "accuracy", "max"),
+    "language_model": Task(lm_loss, MetricSet(lm_metrics, perplexity_summary, "lm_metrics"),
+                           "loss", "min", after_fit=lm_sample),
 }
 
 

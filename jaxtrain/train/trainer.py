@@ -28,6 +28,7 @@ from ..transforms.paths import path_list
 from .callbacks import Checkpointer, EarlyStopping, better, check_mode, crossed
 from .feeds import Batches, DeviceFeed, HostFeed, fits_on_devices
 from .logs import JsonlLogger, TensorBoardLogger, keep_until, plot_history, read_log
+from .metrics import plot_confusion, summarize_eval
 from .precision import LossScale, get_policy
 from .progress import Progress
 from .step import make_eval_step, make_train_step
@@ -102,6 +103,7 @@ class Trainer:
         self.interrupted: str | None = None
         self.stop_reason: str | None = None
         self.last_eval: dict | None = None
+        self.last_eval_arrays: dict = {}  # per-class values, confusion matrix
         self.improved, self.best = False, None
         self.step = int(self.state.step)
 
@@ -305,9 +307,8 @@ class Trainer:
         for batch in eval_batches(data, self.eval_batch_size, multiple_of=multiple):
             sums = self.eval_fn(state, sharding.shard_batch(batch, self.mesh))
             for k, v in jax.device_get(sums).items():
-                totals[k] = totals.get(k, 0.0) + np.float64(v)
-        count = totals.pop("count")
-        metrics = {k: float(v / count) for k, v in totals.items()}
+                totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
+        metrics, self.last_eval_arrays = summarize_eval(self.metric_fn, totals)
         self.last_eval = metrics
         value = metrics.get(self.monitor)
         self.improved = value is not None and better(value, self.best, self.mode)
@@ -350,6 +351,14 @@ class Trainer:
                              "curves.png", title=self.run)
             except Exception as err:  # a plot is not worth failing a finished run for
                 warnings.warn(f"could not draw {self.log_dir / 'curves.png'}: "
+                              f"{type(err).__name__}: {err}", stacklevel=2)
+        if self.plots and self.log_dir is not None and "confusion" in self.last_eval_arrays:
+            try:
+                plot_confusion(self.last_eval_arrays["confusion"],
+                               self.log_dir / "confusion.png",
+                               title=f"{self.run}: step {self.eval_history[-1][0]}")
+            except Exception as err:  # as above
+                warnings.warn(f"could not draw {self.log_dir / 'confusion.png'}: "
                               f"{type(err).__name__}: {err}", stacklevel=2)
 
     def _install_signals(self):

@@ -79,6 +79,6 @@ def make_runner(spec: RunSpec):
     def evaluate(state: TrainState, valid: dict) -> dict:
         model = state.model(evaluation_params(state), train=False)
         values = spec.task.metric_fn(model, valid)
-        return {k: jnp.mean(v) for k, v in values.items()}
+        return {k: jnp.mean(v) for k, v in values.items() if v.ndim == 1}  # not confusion
 
     return start, step, evaluate
