@@ -42,6 +42,7 @@ from .pruning import magnitude_prune, polynomial_sparsity, sparsity_report
 from .second_order import lbfgs, newton, newton_cg
 from .shampoo import shampoo
 from .soap import soap
+from .staleness import stale_gradients
 from .wrappers import (
     accumulate,
     adaptive_grad_clip,
@@ -65,6 +66,7 @@ __all__ = [
     "lookahead",
     "set_hyperparams",
     "skip_nonfinite",
+    "stale_gradients",
     "add_decoupled_weight_decay",
     "add_l1",
     "add_l2",

@@ -19,11 +19,13 @@ Keys (all but `optimizer` optional):
   clip_global_norm, clip, adaptive_grad_clip (a number or {clipping, eps}),
   reduce_on_plateau ({factor, patience, rtol, atol, cooldown, min_scale}),
   freeze ([globs]), ema (decay), lookahead ({sync_period, alpha}),
+  stale_gradients (delay: apply the gradient of `delay` steps ago, see staleness.py),
   accumulate (k), skip_nonfinite (max_consecutive).
 
 The chain, inside out: clipping, coupled decay (l2/l1), the optimizer (per group, each
 with its decoupled decay), reduce_on_plateau, freeze; then lookahead around that, ema
-after it, accumulate around all of it and skip_nonfinite outermost. Mistakes raise a
+after it, stale_gradients around those, accumulate around all of it and skip_nonfinite
+outermost. Mistakes raise a
 `JaxtrainError` naming the key: an unknown key or name with the closest valid one and
 the valid set, a wrong type with the type expected.
 """
@@ -41,13 +43,13 @@ import yaml
 
 from .. import yaml_numbers
 from ..errors import JaxtrainError
-from . import decay, masks, plateau, schedules, wrappers
+from . import decay, masks, plateau, schedules, staleness, wrappers
 
 OPTIMIZER_MODULES = ("optimizers", "second_order", "ademamix", "mars", "orthogonal", "soap",
                      "shampoo", "kron")
 TOP_KEYS = ("optimizer", "learning_rate", "weight_decay", "groups", "clip_global_norm",
             "clip", "adaptive_grad_clip", "reduce_on_plateau", "freeze", "ema", "lookahead",
-            "accumulate", "skip_nonfinite")
+            "stale_gradients", "accumulate", "skip_nonfinite")
 DECAY_KEYS = ("rate", "kind", "exclude", "include", "min_ndim")
 DECAY_KINDS = ("decoupled", "l2", "l1")
 
@@ -322,6 +324,9 @@ def build(config) -> optax.GradientTransformationExtraArgs:
         tx = _call("lookahead", lookahead, _mapping("lookahead", cfg["lookahead"]))
     if "ema" in cfg:
         tx = optax.chain(tx, _call("ema", wrappers.ema, {"decay": cfg["ema"]}))
+    if "stale_gradients" in cfg:
+        delay = _expect("stale_gradients", cfg["stale_gradients"], "int")
+        tx = staleness.stale_gradients(tx, delay)
     if "accumulate" in cfg:
         tx = wrappers.accumulate(_positive("accumulate", cfg["accumulate"], "int"), tx)
     if "skip_nonfinite" in cfg:
