@@ -17,7 +17,9 @@ from .text import load_text
 
 def _digits(classes=tuple(range(10)), test_fraction: float = 0.25, seed: int = 0) -> dict:
     train, valid = digits_split(tuple(classes), test_fraction, seed)
-    return {"train": train, "valid": valid, "info": {"num_classes": len(classes)}}
+    # flip: a mirrored digit is not the same digit (data.augment refuses flipping)
+    return {"train": train, "valid": valid,
+            "info": {"num_classes": len(classes), "flip": False}}
 
 
 DATASETS = {

@@ -5,7 +5,8 @@ Shape (every section but `model`, `data`, `task` and `optimizer` has defaults):
     seed: 0
     out: runs/NAME                       # logs, curves.png, checkpoints/
     model: {name: cnn, ...kwargs}        # jaxtrain.models.registry.build
-    data: {name: digits, ...kwargs}      # jaxtrain.data.registry.load
+    data: {name: digits, augment: {...}, ...kwargs}   # jaxtrain.data.registry.load;
+                                         # augment: jaxtrain.data.augment
     task: classification                 # jaxtrain.train.tasks
     optimizer: {optimizer: adam, learning_rate: 0.003, ...}   # jaxtrain.transforms.spec
     train: {steps, batch_size, microbatches, steps_per_call, precision, nan_policy,
@@ -28,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from .. import yaml_numbers
+from ..data.augment import check_augment
 from ..errors import JaxtrainError
 
 ANY = object()  # a free-form section: {name, **kwargs of a registry entry}
@@ -145,6 +147,8 @@ def check_config(raw: dict) -> dict:
     for key in REQUIRED:
         if cfg[key] is None:
             raise JaxtrainError(f"config key {key!r} is missing")
+    if "augment" in cfg["data"]:
+        cfg["data"]["augment"] = check_augment(cfg["data"]["augment"])
     if cfg["early_stopping"] is not None:
         cfg["early_stopping"] = _checked(cfg["early_stopping"], EARLY_STOPPING,
                                          "early_stopping.")

@@ -10,6 +10,7 @@ import jax
 from .. import sharding
 from ..checkpoint import Manager
 from ..data import registry as data_registry
+from ..data.augment import check_augment, with_augmentation
 from ..errors import JaxtrainError
 from ..models import registry as model_registry
 from .config import build_optimizer, config_changes, model_kwargs, with_rerun_free
@@ -22,7 +23,9 @@ def data_and_model(cfg: dict) -> tuple[dict, str, dict]:
     """The config's data set, and its model's registry name and keyword arguments (with
     what the data's `info` knows, e.g. `num_classes`, filled in)."""
     data_cfg = dict(cfg["data"])
+    augment = data_cfg.pop("augment", None)
     data = data_registry.load(data_cfg.pop("name"), **data_cfg)
+    check_augment(augment, data.get("info", {}))
     model_cfg = dict(cfg["model"])
     name = model_cfg.pop("name")
     return data, name, model_kwargs(name, model_cfg, data.get("info", {}))
@@ -77,10 +80,12 @@ def rerun_config(cfg: dict, resume: bool = False, flag: str = "--resume") -> dic
 def config_trainer(cfg: dict, state, model, task, model_config: dict, run: str = "train",
                    run_config: dict | None = None) -> Trainer:
     """A `Trainer` for `state` set up as the config's train, sharding, checkpoint, early
-    stopping and logging sections say."""
+    stopping and logging sections say (and the task's loss on augmented images where
+    `data.augment` asks for it)."""
     train, out, ckpt = cfg["train"], Path(cfg["out"]), cfg["checkpoint"]
+    loss_fn = with_augmentation(task.loss_fn, cfg["data"].get("augment"))
     return Trainer(
-        state, task.loss_fn, metric_fn=task.metric_fn,
+        state, loss_fn, metric_fn=task.metric_fn,
         mesh=sharding.make_mesh(**cfg["sharding"]["mesh"]),
         rules=cfg["sharding"]["preset"], logical_axes=param_logical_axes(model),
         batch_size=train["batch_size"], seed=cfg["seed"], precision=train["precision"],
