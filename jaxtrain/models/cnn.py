@@ -11,25 +11,28 @@ from flax import nnx
 
 from .annotate import kernel_init, param_dtype, zeros_init
 from .flops import conv2d
+from .init import DEFAULT, initializer
 
 
 class Backbone(nnx.Module):
     """Two 3x3 convolutions and a dense layer: 8x8x1 images -> `features` vectors."""
 
-    def __init__(self, channels: int = 16, features: int = 64, *, rngs: nnx.Rngs):
+    def __init__(self, channels: int = 16, features: int = 64, init: str = DEFAULT, *,
+                 rngs: nnx.Rngs):
+        draw = initializer(init)
         self.conv1 = nnx.Conv(
             1, channels, (3, 3), rngs=rngs,
-            kernel_init=kernel_init(("conv_h", "conv_w", "conv_in", "conv_out")),
+            kernel_init=kernel_init(("conv_h", "conv_w", "conv_in", "conv_out"), draw),
             bias_init=zeros_init(("conv_out",)),
         )
         self.conv2 = nnx.Conv(
             channels, 2 * channels, (3, 3), rngs=rngs,
-            kernel_init=kernel_init(("conv_h", "conv_w", "conv_in", "conv_out")),
+            kernel_init=kernel_init(("conv_h", "conv_w", "conv_in", "conv_out"), draw),
             bias_init=zeros_init(("conv_out",)),
         )
         self.dense = nnx.Linear(
             2 * channels * 16, features, rngs=rngs,
-            kernel_init=kernel_init(("embed", "mlp")),
+            kernel_init=kernel_init(("embed", "mlp"), draw),
             bias_init=zeros_init(("mlp",)),
         )
 
@@ -42,16 +45,17 @@ class Backbone(nnx.Module):
 
 
 class CNN(nnx.Module):
-    """Digits classifier: `Backbone` then a linear `head` to `num_classes` logits."""
+    """Digits classifier: `Backbone` then a linear `head` to `num_classes` logits; every
+    kernel drawn by `init` (a name in `jaxtrain.models.init`), biases zero."""
 
     def __init__(self, num_classes: int = 10, channels: int = 16, features: int = 64,
-                 *, rngs: nnx.Rngs):
+                 init: str = DEFAULT, *, rngs: nnx.Rngs):
         self.config = {"name": "CNN", "num_classes": num_classes, "channels": channels,
                        "features": features}
-        self.backbone = Backbone(channels, features, rngs=rngs)
+        self.backbone = Backbone(channels, features, init, rngs=rngs)
         self.head = nnx.Linear(
             features, num_classes, rngs=rngs,
-            kernel_init=kernel_init(("mlp", "classes")),
+            kernel_init=kernel_init(("mlp", "classes"), initializer(init)),
             bias_init=zeros_init(("classes",)),
         )
 

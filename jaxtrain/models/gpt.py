@@ -24,6 +24,7 @@ from flax import nnx
 
 from ..errors import JaxtrainError
 from .annotate import kernel_init, ones_init, zeros_init
+from .init import gpt2_stds
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("rotary", "learned")
@@ -196,7 +197,7 @@ class GPT(nnx.Module):
         self.max_len, self.remat, self.tie_embeddings = max_len, remat, tie_embeddings
         self.scan_layers = scan_layers
         head_dim = d_model // num_heads
-        out_std = 0.02 / (2 * num_layers) ** 0.5  # GPT-2's scaled init of residual outputs
+        out_std = gpt2_stds(num_layers)[1]  # GPT-2's scaled init of residual outputs
         self.embed = nnx.Embed(vocab_size, d_model, embedding_init=_normal(("vocab", "embed")),
                                rngs=rngs)
         self.pos_embed = (

@@ -15,17 +15,19 @@ from flax import nnx
 
 from ..errors import JaxtrainError
 from .annotate import kernel_init, param_dtype, zeros_init
+from .init import DEFAULT, initializer
 
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh,
                "silu": jax.nn.silu}
 
 
 class MLP(nnx.Module):
-    """`in_features` (or an input shape, flattened) -> `hidden` -> `out_features`."""
+    """`in_features` (or an input shape, flattened) -> `hidden` -> `out_features`; every
+    kernel drawn by `init` (a name in `jaxtrain.models.init`), biases zero."""
 
     def __init__(self, in_features: int | Sequence[int] = 64, out_features: int = 10,
                  hidden: Sequence[int] = (128, 128), activation: str = "relu",
-                 *, rngs: nnx.Rngs):
+                 init: str = DEFAULT, *, rngs: nnx.Rngs):
         if activation not in ACTIVATIONS:
             raise JaxtrainError(f"MLP activation={activation!r}: valid are "
                                 f"{', '.join(sorted(ACTIVATIONS))}")
@@ -33,17 +35,18 @@ class MLP(nnx.Module):
         self.config = {"name": "MLP", "in_features": n_in, "out_features": out_features,
                        "hidden": list(hidden), "activation": activation}
         self.activation = activation
+        draw = initializer(init)
         widths = [n_in, *hidden]
         names = ("embed", "mlp")
         layers = []
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
             axes = names if i % 2 == 0 else names[::-1]
-            layers.append(nnx.Linear(a, b, kernel_init=kernel_init(axes),
+            layers.append(nnx.Linear(a, b, kernel_init=kernel_init(axes, draw),
                                      bias_init=zeros_init(axes[1:]), rngs=rngs))
         self.layers = nnx.List(layers)
         last = names[len(hidden) % 2]
         self.head = nnx.Linear(widths[-1], out_features, rngs=rngs,
-                               kernel_init=kernel_init((last, "classes")),
+                               kernel_init=kernel_init((last, "classes"), draw),
                                bias_init=zeros_init(("classes",)))
 
     def __call__(self, x):

@@ -15,6 +15,7 @@ from flax import nnx
 from ..errors import JaxtrainError
 from .annotate import kernel_init, ones_init, param_dtype, zeros_init
 from .flops import conv2d
+from .init import initializer
 
 CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
 
@@ -22,7 +23,7 @@ CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
 def _conv(c_in: int, c_out: int, size: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
     return nnx.Conv(c_in, c_out, (size, size), strides=(stride, stride), padding="SAME",
                     use_bias=False, rngs=rngs,
-                    kernel_init=kernel_init(CONV_AXES, nnx.initializers.he_normal()))
+                    kernel_init=kernel_init(CONV_AXES, initializer("he_normal")))
 
 
 class BatchNorm(nnx.BatchNorm):
