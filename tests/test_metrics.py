@@ -133,7 +133,7 @@ def test_language_model_task_reports_perplexity():
 def test_classification_config_run_summary_has_per_class_values(tmp_path):
     cfg = check_config({
         "out": str(tmp_path), "task": "classification",
-        "model": {"name": "mlp", "in_features": [8, 8], "hidden": [16]},
+        "model": {"name": "mlp", "in_features": [8, 8], "hidden": [16], "out_features": 3},
         "data": {"name": "digits", "classes": [0, 1, 2]},
         "optimizer": {"optimizer": "adam", "learning_rate": 0.01},
         "train": {"steps": 5, "batch_size": 16},
