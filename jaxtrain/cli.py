@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import JaxtrainError
@@ -44,16 +45,50 @@ def cmd_train(args) -> int:
     from .train.config import load_config
     from .train.run import run_config
 
-    summary = run_config(load_config(args.config, args.overrides), resume=args.resume)
+    cfg = load_config(args.config, args.overrides)
+    report = start_processes(args, cfg["sharding"]["mesh"])
+    summary = run_config(cfg, resume=args.resume)
     sample = summary.pop("after_fit", None)
-    print(json.dumps(summary))
-    if sample:
-        print(sample)
+    if report:
+        print(json.dumps(summary))
+        if sample:
+            print(sample)
     if summary["interrupted"]:
-        print(f"jaxtrain train: stopped by {summary['interrupted']} at step {summary['step']}; "
-              "checkpoint saved, run the same command to resume", file=sys.stderr)
+        if report:
+            print(f"jaxtrain train: stopped by {summary['interrupted']} at step "
+                  f"{summary['step']}; checkpoint saved, run the same command to resume",
+                  file=sys.stderr)
         return 128 + signal.Signals[summary["interrupted"]].value
     return 0
+
+
+def start_processes(args, mesh_sizes: dict) -> bool:
+    """Join the other processes of a multi-process launch (`sharding.start_from_env`:
+    the flags, else the launcher's variables) and, on process 0, say in one line which
+    launcher, how many processes and what global mesh. True on the process that reports."""
+    from . import sharding
+
+    launch = sharding.start_from_env(args.coordinator, args.num_processes, args.process_id,
+                                     timeout=args.coordinator_timeout)
+    args.multiprocess = launch is not None
+    mesh = sharding.make_mesh(**mesh_sizes)  # a mesh that cannot fit: an error before compile
+    if not sharding.is_main_process():
+        return False
+    print(sharding.describe(launch, mesh), file=sys.stderr, flush=True)
+    return True
+
+
+def add_launch_flags(parser) -> None:
+    """Flags that override what the launcher's environment says (see docs/scale-out.md)."""
+    group = parser.add_argument_group("many processes (default: from the launcher's "
+                                      "environment: SLURM, mpirun, torchrun, SkyPilot, TPU)")
+    group.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0's coordinator")
+    group.add_argument("--num-processes", type=positive_int, metavar="N",
+                       help="how many processes take part")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+    group.add_argument("--coordinator-timeout", type=positive_int, default=300, metavar="S",
+                       help="seconds to wait for the coordinator (default: 300)")
 
 
 def cmd_ckpt_ls(args) -> int:
@@ -164,13 +199,35 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     quiet_libraries()
     try:
-        return args.func(args)
+        code = args.func(args)
     except JaxtrainError as err:
-        print(f"jaxtrain {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        code = _failed(args, f"jaxtrain {args.command}: error: {err}", 2)
     except KeyboardInterrupt:
-        print(f"jaxtrain {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = _failed(args, f"jaxtrain {args.command}: interrupted", 130)
+    except Exception as err:
+        if not getattr(args, "multiprocess", False):
+            raise
+        code = _failed(args, f"jaxtrain {args.command}: error: {_first_line(err)}", 1)
+    return code
+
+
+def _failed(args, message: str, code: int) -> int:
+    """Print `message`; a process of a multi-process run then exits at once: JAX's exit
+    hook would wait for the other processes, which may be gone or waiting on this one."""
+    if getattr(args, "multiprocess", False):
+        import jax
+
+        print(f"{message} (process {jax.process_index()} of {jax.process_count()})",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+    print(message, file=sys.stderr)
+    return code
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 if __name__ == "__main__":

@@ -1,20 +1,121 @@
-"""Many hosts through JAX's own runtime: `initialize` wraps `jax.distributed.initialize`.
+"""Many processes through JAX's own runtime, started from whatever launched them.
 
-Call it first, before anything touches a JAX backend (`jax.devices()`, any array).
-With no arguments JAX detects the cluster where it can (TPU pods, SLURM, Open MPI);
-otherwise pass the coordinator address, the process count and this process's id.
-A coordinator that does not answer within `timeout` seconds is a `JaxtrainError`
-naming the address, instead of the runtime aborting the process.
+`start_from_env` is what `jaxtrain train` and the `Trainer` call first: it finds out how
+the process was launched and, when it is one of several, joins `jax.distributed`. In order:
+
+1. explicit arguments (`--coordinator`, `--num-processes`, `--process-id`);
+2. torchrun-style variables `MASTER_ADDR`, `MASTER_PORT`, `WORLD_SIZE`, `RANK`
+   (torchrun, `torch.distributed.launch`, Kubeflow's PyTorchJob, many schedulers);
+3. SkyPilot's `SKYPILOT_NODE_IPS`, `SKYPILOT_NODE_RANK`, `SKYPILOT_NUM_NODES` (one process
+   per node; the coordinator is the first node, port `JAX_COORDINATOR_PORT` or 8476);
+4. the clusters JAX itself detects: SLURM (`srun`), Open MPI's `mpirun`, Cloud TPU VMs and
+   pods, GKE; JAX then also picks the coordinator and the local devices.
+
+Launcher variables come before JAX's detection because they describe this very process,
+while SLURM's describe an allocation a torchrun may run inside. One process and none of
+these: nothing is started. Call it before anything touches a JAX backend.
+
+`initialize` wraps `jax.distributed.initialize` for explicit values: a coordinator that
+does not answer within `timeout` seconds is a one-line `JaxtrainError` naming the address.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+from dataclasses import dataclass
 
 import jax
 
 from ..errors import JaxtrainError
+
+SKYPILOT_PORT = 8476  # JAX's customary coordinator port
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How this process was launched: `launcher` names it; `coordinator` is `host:port`,
+    or None where JAX's cluster detection finds it."""
+
+    launcher: str
+    num_processes: int
+    process_id: int
+    coordinator: str | None = None
+
+
+def detect_launch(coordinator: str | None = None, num_processes: int | None = None,
+                  process_id: int | None = None, env=None) -> Launch | None:
+    """The launch this process belongs to, or None for a single process (see the module
+    docstring for the order). Reads `env` (default `os.environ`); starts nothing."""
+    env = os.environ if env is None else env
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise JaxtrainError(
+                "give --coordinator, --num-processes and --process-id together (got "
+                f"{coordinator!r}, {num_processes!r}, {process_id!r})")
+        return _checked("flags", coordinator, num_processes, process_id)
+    torchrun = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+    if all(k in env for k in torchrun):
+        return _checked("torchrun", f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+                        _int(env, "WORLD_SIZE"), _int(env, "RANK"))
+    sky = ("SKYPILOT_NODE_IPS", "SKYPILOT_NODE_RANK", "SKYPILOT_NUM_NODES")
+    if all(k in env for k in sky):
+        ips = env["SKYPILOT_NODE_IPS"].split()
+        if not ips:
+            raise JaxtrainError("SKYPILOT_NODE_IPS is empty: no node to coordinate")
+        port = env.get("JAX_COORDINATOR_PORT", str(SKYPILOT_PORT))
+        return _checked("skypilot", f"{ips[0]}:{port}", _int(env, "SKYPILOT_NUM_NODES"),
+                        _int(env, "SKYPILOT_NODE_RANK"))
+    if env is os.environ:  # JAX's detection reads os.environ itself
+        cluster = _jax_cluster()
+        if cluster is not None:
+            count, rank = cluster.get_process_count(), cluster.get_process_id()
+            return _checked(cluster.name, None, count, rank)
+    return None
+
+
+def start_from_env(coordinator: str | None = None, num_processes: int | None = None,
+                   process_id: int | None = None, *, timeout: float = 300.0) -> Launch | None:
+    """Join `jax.distributed` as `detect_launch` finds this process was launched (nothing
+    for one process, or when the runtime is already up); returns the launch or None."""
+    launch = detect_launch(coordinator, num_processes, process_id)
+    if launch is None or jax.distributed.is_initialized():
+        return launch
+    if launch.coordinator is None:  # a cluster JAX knows: it picks address and devices
+        initialize(timeout=timeout)
+    else:
+        initialize(launch.coordinator, launch.num_processes, launch.process_id,
+                   timeout=timeout)
+    return launch
+
+
+def describe(launch: Launch | None, mesh) -> str:
+    """One line: the launcher, the process count and the global mesh."""
+    name = "single process" if launch is None else f"{launch.launcher} launch"
+    shape = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    return (f"{name}: {jax.process_count()} process(es), {jax.device_count()} "
+            f"{jax.default_backend()} device(s) ({jax.local_device_count()} local), "
+            f"mesh {shape}")
+
+
+def check_started() -> None:
+    """A one-line error when the launcher's variables say this is one process of several
+    but `jax.distributed` was not started: each would train alone, on its own devices."""
+    if jax.distributed.is_initialized():
+        return
+    launch = detect_launch()
+    if launch is not None:
+        raise JaxtrainError(
+            f"this is process {launch.process_id} of {launch.num_processes} ({launch.launcher} "
+            "launch) but jax.distributed was not started: call "
+            "jaxtrain.sharding.start_from_env() before creating any JAX array")
+
+
+def is_main_process() -> bool:
+    """Whether this process writes what is written once: logs, plots, summaries."""
+    return jax.process_index() == 0
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -30,12 +131,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             f"{num_processes!r}, {process_id!r})"
         )
     if num_processes is not None:
-        if not isinstance(num_processes, int) or num_processes < 1:
-            raise JaxtrainError(f"num_processes={num_processes!r} must be a positive integer")
-        if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
-            raise JaxtrainError(
-                f"process_id={process_id!r} must be an integer in [0, {num_processes})"
-            )
+        _checked("initialize", coordinator_address, num_processes, process_id)
     if _backend_started():
         raise JaxtrainError(
             "sharding.initialize must run before anything uses JAX devices or arrays "
@@ -67,6 +163,39 @@ def wait_for_coordinator(address: str, timeout: float) -> None:
                     f"({err.strerror or err}); is process 0 running and the port open?"
                 ) from None
             time.sleep(0.2)
+
+
+def _checked(launcher: str, coordinator, num_processes, process_id) -> Launch | None:
+    """A validated launch; None when it is one process (nothing to start)."""
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise JaxtrainError(f"{launcher}: num_processes={num_processes!r} must be a positive "
+                            "integer")
+    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise JaxtrainError(f"{launcher}: process_id={process_id!r} must be an integer in "
+                            f"[0, {num_processes})")
+    if coordinator is not None:
+        host, sep, port = coordinator.rpartition(":")
+        if not host or not sep or not port.isdigit():
+            raise JaxtrainError(f"{launcher}: coordinator {coordinator!r} must be host:port")
+    if num_processes == 1:
+        return None
+    return Launch(launcher, num_processes, process_id, coordinator)
+
+
+def _int(env, key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise JaxtrainError(f"environment variable {key}={env[key]!r} must be an "
+                            "integer") from None
+
+
+def _jax_cluster():
+    """The cluster environment JAX's own auto-detection would use, or None."""
+    from jax._src import clusters  # the public API runs the detection but does not name it
+
+    return next((c for c in clusters.ClusterEnv._cluster_types
+                 if not c.opt_in_only_method and c.is_env_present()), None)
 
 
 def _backend_started() -> bool:

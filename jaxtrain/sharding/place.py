@@ -43,8 +43,15 @@ def shard_batch(batch, mesh):
 
 
 def local_batch_rows(mesh, global_size: int) -> slice:
-    """The rows of a global batch of `global_size` that this process feeds to
-    `shard_batch` (everything on one process)."""
+    """The rows of a global batch of `global_size` that this process feeds (its devices'
+    rows; everything on one process). Data readers use it to read only their share."""
+    ways = batch_parallelism(mesh)
+    if not isinstance(global_size, int) or global_size < 1 or global_size % ways:
+        procs = jax.process_count()
+        over = "" if procs == 1 else f" over {procs} processes"
+        raise JaxtrainError(
+            f"global batch size {global_size!r} is not divisible by the {ways}-way data "
+            f"parallelism (data x fsdp) of the mesh {dict(mesh.shape)}{over}")
     sharding = batch_sharding(mesh)
     rows = sorted({
         (index[0].start or 0, global_size if index[0].stop is None else index[0].stop)
@@ -58,6 +65,45 @@ def local_batch_rows(mesh, global_size: int) -> slice:
             f"{dict(mesh.shape)}: order the mesh so each process's devices are adjacent"
         )
     return slice(start, stop)
+
+
+def from_shares(share, sharding, global_size: int, axis: int = 0):
+    """The global array of a batch of which this process holds its `local_batch_rows`
+    (along `axis`; on one process the whole batch): no process holds the whole batch."""
+    if jax.process_count() == 1:
+        return jax.device_put(share, sharding)
+
+    def one(x):
+        x = np.asarray(x)
+        shape = (*x.shape[:axis], global_size, *x.shape[axis + 1:])
+        return jax.make_array_from_process_local_data(sharding, x, shape)
+
+    return jax.tree.map(one, share)
+
+
+def shard_global_batch(batch, mesh):
+    """Place a global batch that every process holds whole (evaluation data, a user's
+    `position -> batch`): each process puts only its own rows on its devices."""
+    size = global_batch_size(batch, mesh)
+    rows = local_batch_rows(mesh, size)
+    share = batch if jax.process_count() == 1 else jax.tree.map(lambda x: x[rows], batch)
+    return from_shares(share, batch_sharding(mesh), size)
+
+
+def global_batch_size(batch, mesh) -> int:
+    """The common leading size of a batch's arrays (a one-line error names the first that
+    differs or is not divisible by the mesh's data parallelism)."""
+    ways, sizes = batch_parallelism(mesh), set()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        size = np.shape(leaf)[0] if np.ndim(leaf) else None
+        sizes.add(size)
+        if size is None or size % ways or len(sizes) > 1:
+            name = jax.tree_util.keystr(path) or "batch"
+            raise JaxtrainError(
+                f"batch {name} has leading size {size}, not divisible by the {ways}-way "
+                f"data parallelism of the mesh {dict(mesh.shape)}"
+                + (" (or unlike the other arrays' sizes)" if len(sizes) > 1 else ""))
+    return sizes.pop()
 
 
 def place(tree, shardings):

@@ -10,7 +10,7 @@ Shape (every section but `model`, `data`, `task` and `optimizer` has defaults):
     task: classification                 # jaxtrain.train.tasks
     optimizer: {optimizer: adam, learning_rate: 0.003, ...}   # jaxtrain.transforms.spec
     train: {steps, batch_size, microbatches, steps_per_call, precision, nan_policy,
-            eval_every, eval_batch_size, log_every, ema_decay}
+            eval_every, eval_batch_size, log_every, ema_decay, device_data}
     sharding: {preset: dp, mesh: {data: -1, fsdp: 1, tensor: 1}}
     checkpoint: {dir, every, best, at_end, max_to_keep, async}
     early_stopping: null | {patience, min_delta, monitor, mode}
@@ -56,6 +56,7 @@ SCHEMA = {
         "eval_batch_size": (INT, 256),
         "log_every": (INT, 10),
         "ema_decay": (FLOAT + OPT, None),
+        "device_data": (BOOL + STR, "auto"),  # Trainer(device_data=): auto, true, false
     },
     "sharding": {
         "preset": (STR + (dict,), "dp"),
@@ -157,6 +158,9 @@ def check_config(raw: dict) -> dict:
         if cfg["train"][key] < 1:
             raise JaxtrainError(f"config key 'train.{key}' must be a positive integer, got "
                                 f"{cfg['train'][key]}")
+    if cfg["train"]["device_data"] not in (True, False, "auto"):
+        raise JaxtrainError("config key 'train.device_data' must be auto, true or false, "
+                            f"got {cfg['train']['device_data']!r}")
     return cfg
 
 

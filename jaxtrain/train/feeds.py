@@ -4,7 +4,9 @@ Both give the batch of data position `p` as `batch_at(data, batch_size, seed, p)
 data order is a pure function of (seed, position) and a resumed run sees the same batches.
 `DeviceFeed` keeps a small data set on the devices with the order of the current and next
 epoch and gathers each batch inside the compiled call from the state's `data_position`:
-nothing is transferred per step. `HostFeed` puts each (prefetched) batch on the devices.
+nothing is transferred per step. `HostFeed` puts each (prefetched) batch on the devices;
+on many processes each reads and transfers only its own rows of every global batch
+(`sharding.local_batch_rows`).
 Each feed compiles its calls: one step or `steps_per_call` steps, with metrics (for a log
 point) or without (the metric work is then dead code that XLA drops).
 """
@@ -34,6 +36,7 @@ class Batches:
         self.data, self.local = None, False
         if hasattr(data, "loader"):
             self.fn, self.local = data.loader(batch_size, seed), True
+            self.batch_size = batch_size
             return
         if callable(data):
             self.fn = data
@@ -51,7 +54,7 @@ class Batches:
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.per_epoch = self.n // batch_size
         self.epoch, self.order = None, None
-        self.fn = self._batch_at
+        self.fn = None
 
     def order_of(self, epoch: int) -> np.ndarray:
         """The example indices of an epoch's full batches, in order."""
@@ -59,16 +62,26 @@ class Batches:
             self.epoch, self.order = epoch, epoch_order(self.n, self.seed, epoch)
         return self.order[:self.per_epoch * self.batch_size]
 
-    def _batch_at(self, position: int) -> dict:
+    def _batch_at(self, position: int, rows: slice) -> dict:
         epoch, index = divmod(position, self.per_epoch)
         idx = self.order_of(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        return {k: v[idx] for k, v in self.data.items()}
+        return {k: v[idx[rows]] for k, v in self.data.items()}
 
-    def get(self, position: int, count: int):
-        """One batch (`count == 1`) or `count` consecutive batches stacked."""
-        if count == 1:
+    def share(self, position: int, rows: slice = slice(None)):
+        """Rows `rows` of the global batch at `position` (a user's function gives the
+        whole batch, which is then cut)."""
+        if self.data is not None:
+            return self._batch_at(position, rows)
+        if self.local:  # the loader reads this process's rows itself
             return self.fn(position)
-        many = [self.fn(position + i) for i in range(count)]
+        return jax.tree.map(lambda x: x[rows], self.fn(position))
+
+    def get(self, position: int, count: int, rows: slice = slice(None)):
+        """Rows `rows` of one batch (`count == 1`) or of `count` consecutive batches
+        stacked on a new leading axis."""
+        if count == 1:
+            return self.share(position, rows)
+        many = [self.share(position + i, rows) for i in range(count)]
         return jax.tree.map(lambda *xs: np.stack(xs), *many)
 
 
@@ -90,12 +103,16 @@ def without_metrics(call):
 
 
 class HostFeed:
-    """Each call's batch (or `count` stacked batches) put on the mesh by the host."""
+    """Each call's batch (or `count` stacked batches) put on the mesh by the host. Each
+    process reads only its rows of every global batch (all rows on one process); a batch
+    size the mesh cannot split is an error here, before anything compiles."""
 
     def __init__(self, batches: Batches, mesh, calls: dict):
         self.batches, self.mesh, self.calls = batches, mesh, calls
         self.flat, self.stacked = sharding.batch_sharding(mesh), _stacked(mesh)
-        self.checked = False
+        known = batches.data is not None or batches.local
+        self.size = batches.batch_size if known else None
+        self.rows = None if self.size is None else sharding.local_batch_rows(mesh, self.size)
 
     @staticmethod
     def compile(step_fn, mesh, state_shardings, steps_per_call: int) -> dict:
@@ -116,17 +133,13 @@ class HostFeed:
         return self.calls[count, log]
 
     def args(self, position: int, count: int) -> tuple:
-        host = self.batches.get(position, count)
-        if self.batches.local and jax.process_count() > 1:
-            where = self.stacked if count > 1 else self.flat
-            return (jax.tree.map(lambda x: jax.make_array_from_process_local_data(where, x),
-                                 host),)
+        if self.rows is None:  # a user's function: its first batch gives the global size
+            self.size = sharding.global_batch_size(self.batches.fn(position), self.mesh)
+            self.rows = sharding.local_batch_rows(self.mesh, self.size)
+        share = self.batches.get(position, count, self.rows)
         if count > 1:
-            return (jax.device_put(host, self.stacked),)
-        if not self.checked:  # shapes checked once, with a message naming the array
-            self.checked = True
-            return (sharding.shard_batch(host, self.mesh),)
-        return (jax.device_put(host, self.flat),)
+            return (sharding.from_shares(share, self.stacked, self.size, axis=1),)
+        return (sharding.from_shares(share, self.flat, self.size),)
 
 
 def fits_on_devices(batches: Batches, steps_per_call: int, device_data) -> bool:
@@ -145,7 +158,7 @@ class DeviceFeed:
         rep = sharding.replicated(mesh)
         flat = sharding.batch_sharding(mesh)
         bs = batches.batch_size
-        sharding.shard_batch(batches.get(0, 1), mesh)  # a clear error if bs does not divide
+        sharding.local_batch_rows(mesh, bs)  # a clear error if bs does not divide
         self.batches, self.rep = batches, rep
         self.data = jax.device_put({k: np.asarray(v) for k, v in batches.data.items()}, rep)
         self.epoch, self.order, self.base = None, None, None

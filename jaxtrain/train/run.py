@@ -98,7 +98,7 @@ def config_trainer(cfg: dict, state, model, task, model_config: dict, run: str =
         max_to_keep=ckpt["max_to_keep"], async_checkpoint=ckpt["async"],
         model_config=model_config, run_config=run_config or cfg, monitor=task.monitor,
         mode=task.mode, early_stopping=cfg["early_stopping"],
-        eval_batch_size=train["eval_batch_size"],
+        eval_batch_size=train["eval_batch_size"], device_data=train["device_data"],
     )
 
 

@@ -51,6 +51,12 @@ class Trainer:
     table) and the params' `logical_axes` (see `jaxtrain.sharding.state_shardings`).
     Checkpoints go to `checkpoint_dir` (a folder that already holds checkpoints is resumed
     from its latest); logs (JSONL, TensorBoard, `curves.png`) to `log_dir`.
+
+    Launched as several processes (SLURM, mpirun, torchrun, a TPU pod...), call
+    `jaxtrain.sharding.start_from_env()` before creating any array; the Trainer refuses to
+    run when its launcher says there are several processes but none was joined. Then each
+    process feeds its own rows of every batch, all take part in checkpoint saves, and only
+    process 0 writes logs, plots and progress.
     """
 
     def __init__(self, state, loss_fn, *, metric_fn=None, mesh=None, rules="dp",
@@ -69,6 +75,7 @@ class Trainer:
         for name, value in (("log_every", log_every), ("steps_per_call", steps_per_call)):
             if not isinstance(value, int) or value < 1:
                 raise JaxtrainError(f"{name} must be a positive integer, got {value!r}")
+        sharding.check_started()
         self.policy = get_policy(precision)
         self.mesh = mesh if mesh is not None else sharding.make_mesh(data=-1)
         self.loss_fn, self.metric_fn = loss_fn, metric_fn
@@ -305,7 +312,7 @@ class Trainer:
         totals: dict = {}
         multiple = sharding.batch_parallelism(self.mesh)
         for batch in eval_batches(data, self.eval_batch_size, multiple_of=multiple):
-            sums = self.eval_fn(state, sharding.shard_batch(batch, self.mesh))
+            sums = self.eval_fn(state, sharding.shard_global_batch(batch, self.mesh))
             for k, v in jax.device_get(sums).items():
                 totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
         metrics, self.last_eval_arrays = summarize_eval(self.metric_fn, totals)
@@ -325,9 +332,10 @@ class Trainer:
     def _open_logs(self, steps: int) -> None:
         self._pending, self._last_step, self._last_stamp = [], self.step, time.perf_counter()
         self._params_like = self.state_shardings.params
-        self.bar = Progress(steps - self.step, self.run, enabled=self.progress)
+        main = sharding.is_main_process()  # logs are written once, by process 0
+        self.bar = Progress(steps - self.step, self.run, enabled=self.progress and main)
         self.loggers = []
-        if self.log_dir is not None:
+        if self.log_dir is not None and main:
             if self.log_dir.exists() and not self.log_dir.is_dir():
                 raise JaxtrainError(f"log folder {self.log_dir} is a file, not a folder")
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -345,7 +353,7 @@ class Trainer:
         self.bar.close()
         for logger in self.loggers:
             logger.close()
-        if self.plots and self.log_dir is not None and (self.history or self.eval_history):
+        if self.loggers and self.plots and (self.history or self.eval_history):
             try:
                 plot_history(_logged(self.log_dir / "log.jsonl", self.run), self.log_dir /
                              "curves.png", title=self.run)
