@@ -46,7 +46,7 @@ def cmd_train(args) -> int:
     from .train.run import run_config
 
     cfg = load_config(args.config, args.overrides)
-    report = start_processes(args, cfg["sharding"]["mesh"])
+    report = start_processes(args, cfg)
     summary = run_config(cfg, resume=args.resume)
     sample = summary.pop("after_fit", None)
     if report:
@@ -62,16 +62,19 @@ def cmd_train(args) -> int:
     return 0
 
 
-def start_processes(args, mesh_sizes: dict) -> bool:
+def start_processes(args, cfg: dict) -> bool:
     """Join the other processes of a multi-process launch (`sharding.start_from_env`:
     the flags, else the launcher's variables) and, on process 0, say in one line which
-    launcher, how many processes and what global mesh. True on the process that reports."""
+    launcher, how many processes and what global mesh. A mesh that does not fit the global
+    devices, or a batch it cannot split evenly, is an error here, before anything is built.
+    True on the process that reports."""
     from . import sharding
 
     launch = sharding.start_from_env(args.coordinator, args.num_processes, args.process_id,
                                      timeout=args.coordinator_timeout)
     args.multiprocess = launch is not None
-    mesh = sharding.make_mesh(**mesh_sizes)  # a mesh that cannot fit: an error before compile
+    mesh = sharding.make_mesh(**cfg["sharding"]["mesh"])
+    sharding.local_batch_rows(mesh, cfg["train"]["batch_size"])
     if not sharding.is_main_process():
         return False
     print(sharding.describe(launch, mesh), file=sys.stderr, flush=True)
@@ -145,6 +148,7 @@ def build_parser() -> Parser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. train.steps=100 optimizer.learning_rate=1e-3")
     train.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    add_launch_flags(train)
     train.set_defaults(func=cmd_train)
     from .cli_tune import add_commands
 
