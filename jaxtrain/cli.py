@@ -64,8 +64,8 @@ def cmd_train(args) -> int:
 
 def start_processes(args, cfg: dict) -> bool:
     """Join the other processes of a multi-process launch (`sharding.start_from_env`:
-    the flags, else the launcher's variables) and, on process 0, say in one line which
-    launcher, how many processes and what global mesh. A mesh that does not fit the global
+    the flags, else the launcher's variables) and then, on process 0, say in one line
+    which launcher, how many processes and what global mesh. A mesh that does not fit the global
     devices, or a batch it cannot split evenly, is an error here, before anything is built.
     True on the process that reports."""
     from . import sharding
@@ -77,7 +77,8 @@ def start_processes(args, cfg: dict) -> bool:
     sharding.local_batch_rows(mesh, cfg["train"]["batch_size"])
     if not sharding.is_main_process():
         return False
-    print(sharding.describe(launch, mesh), file=sys.stderr, flush=True)
+    if launch is not None:
+        print(sharding.describe(launch, mesh), file=sys.stderr, flush=True)
     return True
 
 

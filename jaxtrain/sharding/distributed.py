@@ -93,7 +93,7 @@ def start_from_env(coordinator: str | None = None, num_processes: int | None = N
 
 def describe(launch: Launch | None, mesh) -> str:
     """One line: the launcher, the process count and the global mesh."""
-    name = "single process" if launch is None else f"{launch.launcher} launch"
+    name = "one process" if launch is None else f"{launch.launcher} launch"
     shape = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
     return (f"{name}: {jax.process_count()} process(es), {jax.device_count()} "
             f"{jax.default_backend()} device(s) ({jax.local_device_count()} local), "
