@@ -27,7 +27,7 @@ STEPS = 8
 HEARTBEAT_BOUND = 150  # s: JAX's heartbeat timeout (100 s) and slack; see docs/scale-out.md
 CONFIG = {
     "seed": 0,
-    "model": {"name": "cnn", "channels": 4, "features": 16},
+    "model": {"name": "cnn", "channels": 8, "features": 16},
     "data": {"name": "digits", "test_fraction": 0.25},
     "task": "classification",
     "optimizer": {"optimizer": "adam", "learning_rate": 3e-3},
