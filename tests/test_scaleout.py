@@ -116,7 +116,9 @@ def test_one_process_and_no_variables_start_nothing(monkeypatch):
 def test_launchers_are_read_from_their_variables(monkeypatch):
     torchrun = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "16",
                 "RANK": "3"}
-    assert detect_launch(env=torchrun) == Launch("torchrun", 16, 3, "10.0.0.1:29500")
+    assert detect_launch(env=torchrun) == Launch("torchrun", 16, 3, "10.0.0.1:29501")
+    assert detect_launch(env={**torchrun, "JAX_COORDINATOR_PORT": "7000"}).coordinator == \
+        "10.0.0.1:7000"
     sky = {"SKYPILOT_NODE_IPS": "10.0.0.7\n10.0.0.8\n", "SKYPILOT_NODE_RANK": "1",
            "SKYPILOT_NUM_NODES": "2"}
     assert detect_launch(env=sky) == Launch("skypilot", 2, 1, "10.0.0.7:8476")

@@ -5,7 +5,9 @@ the process was launched and, when it is one of several, joins `jax.distributed`
 
 1. explicit arguments (`--coordinator`, `--num-processes`, `--process-id`);
 2. torchrun-style variables `MASTER_ADDR`, `MASTER_PORT`, `WORLD_SIZE`, `RANK`
-   (torchrun, `torch.distributed.launch`, Kubeflow's PyTorchJob, many schedulers);
+   (torchrun, `torch.distributed.launch`, Kubeflow's PyTorchJob, many schedulers); the
+   coordinator listens on `JAX_COORDINATOR_PORT` if set, else on `MASTER_PORT + 1`
+   (torchrun's own store already holds `MASTER_PORT`);
 3. SkyPilot's `SKYPILOT_NODE_IPS`, `SKYPILOT_NODE_RANK`, `SKYPILOT_NUM_NODES` (one process
    per node; the coordinator is the first node, port `JAX_COORDINATOR_PORT` or 8476);
 4. the clusters JAX itself detects: SLURM (`srun`), Open MPI's `mpirun`, Cloud TPU VMs and
@@ -58,7 +60,8 @@ def detect_launch(coordinator: str | None = None, num_processes: int | None = No
         return _checked("flags", coordinator, num_processes, process_id)
     torchrun = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
     if all(k in env for k in torchrun):
-        return _checked("torchrun", f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+        port = env.get("JAX_COORDINATOR_PORT") or str(_int(env, "MASTER_PORT") + 1)
+        return _checked("torchrun", f"{env['MASTER_ADDR']}:{port}",
                         _int(env, "WORLD_SIZE"), _int(env, "RANK"))
     sky = ("SKYPILOT_NODE_IPS", "SKYPILOT_NODE_RANK", "SKYPILOT_NUM_NODES")
     if all(k in env for k in sky):
