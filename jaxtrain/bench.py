@@ -33,6 +33,7 @@ BENCHMARKS = {
     "breakdown": ("gpt_breakdown.py", ["--small"]),
     "data": ("data_throughput.py", ["--only", "loader,trainer", "--reps", "1", "--steps", "10",
                                     "--workers", "1"]),
+    "scaling": ("scaling.py", ["--d-model", "64", "--layers", "1", "--repeats", "2"]),
 }
 
 

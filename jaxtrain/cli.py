@@ -159,7 +159,7 @@ def build_parser() -> Parser:
     add_data_commands(sub, positive_int)
     bench = sub.add_parser("bench", help="run the benchmarks (optimizer, loop, sharding, "
                                           "checkpoint, sweep, mfu, conv, metrics, adamw, "
-                                          "breakdown, data)")
+                                          "breakdown, data, scaling)")
     bench.add_argument("names", nargs="*", help="which to run (default: all)")
     bench.add_argument("--json", action="store_true", help="one JSON line per measurement")
     bench.add_argument("--quick", action="store_true", help="small sizes, a quick check")
