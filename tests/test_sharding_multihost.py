@@ -3,9 +3,6 @@ process with 8 devices; only process 0 logs; their checkpoint restores in one pr
 both always exit."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,6 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from _multiprocess import base_env, free_port, launch
 from _sharding_models import train
 from multihost_worker import MESH, STEPS
 
@@ -23,40 +21,13 @@ WORKER = Path(__file__).with_name("multihost_worker.py")
 TIMEOUT = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, *extra: str):
-    """Run both workers; when one ends badly, or at the timeout, end the other too.
-    Returns each process's (exit code, output without gloo's chatter)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKER.parent),
-                                                      env.get("PYTHONPATH")]))
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), port, str(out), *extra],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env) for i in range(2)]
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while any(p.poll() is None for p in procs):
-            failed = any(p.poll() not in (None, 0) for p in procs)
-            if failed or time.monotonic() > deadline:
-                time.sleep(2 if failed else 0)  # a moment for the other to fail by itself
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-                break
-            time.sleep(0.2)
-    finally:
-        results = []
-        for p in procs:
-            text = p.communicate(timeout=30)[0]
-            lines = [ln for ln in text.splitlines() if not ln.startswith("[Gloo]")]
-            results.append((p.returncode, "\n".join(lines)))
-    return results
+    """Run both workers (the launcher ends the other when one fails); returns each
+    process's (exit code, output without gloo's chatter)."""
+    port = str(free_port())
+    commands = [([sys.executable, str(WORKER), str(i), port, str(out), *extra], base_env(4))
+                for i in range(2)]
+    return [(code, text) for code, _, text in launch(commands, TIMEOUT)]
 
 
 @pytest.fixture(scope="module")
