@@ -5,9 +5,7 @@
 
 `train` runs `jaxtrain.cli.main(["train", ...])` unchanged, with the launcher's variables
 as the test set them, and records in ROWS_DIR/rows-<process>.jsonl which rows of which
-global batch every `Batches.share` call read and how many it got; with
-SCALEOUT_DIE=PROCESS:POSITION that process SIGKILLs itself when it reads that position's
-batch (a process lost mid-run, at a known point of the run). `restore` joins the
+global batch every `Batches.share` call read and how many it got. `restore` joins the
 processes (explicit flags from the environment: SCALEOUT_COORDINATOR, ..._NUM, ..._ID),
 restores the latest checkpoint's arrays sharded over all devices and, on process 0, writes
 them gathered to OUT_NPZ. The device count per process comes from XLA_FLAGS.
@@ -17,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import traceback
 
@@ -30,12 +27,7 @@ def train(rows_dir: str, argv: list[str]) -> int:
 
     share = feeds.Batches.share
 
-    die = os.environ.get("SCALEOUT_DIE")
-    die = None if die is None else tuple(int(x) for x in die.split(":"))
-
     def recorded(self, position, rows=slice(None)):
-        if die == (jax.process_index(), position):
-            os.kill(os.getpid(), signal.SIGKILL)
         out = share(self, position, rows)
         size = len(next(iter(out.values())))
         with open(os.path.join(rows_dir, f"rows-{jax.process_index()}.jsonl"), "a") as f:
