@@ -23,7 +23,9 @@ from .errors import JaxtrainError
 BENCHMARKS = {
     "optimizer": ("optimizer_step.py", ["--runs", "3", "--only", "sgd_momentum,adam,adamw,lion"]),
     "loop": ("loop_overhead.py", ["--reps", "2", "--steps", "80"]),
-    "sharding": ("sharding_memory.py", ["--d-model", "128", "--layers", "2"]),
+    "sharding": ("sharding_memory.py", ["--d-model", "128", "--layers", "2", "--ways", "8"]),
+    "scan": ("scan_layers.py", ["--d-model", "128", "--layers", "4", "--steps", "3",
+                                "--reps", "2"]),
     "checkpoint": ("checkpoint_io.py", ["--mb", "50", "--rounds", "1"]),
     "sweep": ("sweep.py", ["--points", "4", "--steps", "50", "--repeats", "1"]),
     "mfu": ("mfu.py", ["--steps", "3", "--reps", "1", "--d-model", "128", "--layers", "2"]),

@@ -1,7 +1,8 @@
 """Flax NNX models whose params carry logical axis names for the sharding rules.
 
 Logical names used: `vocab`, `embed`, `pos`, `heads`, `kv`, `mlp`, `norm`, `classes`,
-`conv_h`, `conv_w`, `conv_in`, `conv_out`. Each model reports its parameter count
+`conv_h`, `conv_w`, `conv_in`, `conv_out`, and `layers` for the stacked layer axis of a
+scanned GPT (no preset splits it). Each model reports its parameter count
 (`param_count(model)`) and training FLOPs (`flops_per_token` / `flops_per_example`).
 """
 
