@@ -13,6 +13,12 @@ Targets (issue 24), checked for the scanned fsdp 8-way row: temporaries at most 
 layers' gathered weights + one layer's gradients + activations (the estimate is printed),
 and peak at most 0.15 of the unrolled dp step's.
 
+Capacity (`--capacity-mib B`, 0 to skip): at the given width, the most layers whose
+scanned step's peak fits B MiB per device under `dp` (8 replicas) and under 8-way
+`fsdp`, found from compiled memory alone (no trial runs): the peak is affine in the
+layer count, so it is measured at 1 and 2 layers, extrapolated, and the answer checked by
+compiling at it and at one layer more.
+
     python benchmarks/sharding_memory.py [--d-model 256 --layers 4 --heads 8 --seq 128]
     python benchmarks/sharding_memory.py --d-model 512 --layers 8 --heads 8 --vocab 256 \
         --seq 64 --batch 8
@@ -55,10 +61,11 @@ def placements(ways: list[int]) -> list[tuple[str, dict, int]]:
 
 
 def build(args, scan_layers: bool, remat: str):
-    with nnx.use_eager_sharding(False):
-        model = GPT(vocab_size=args.vocab, d_model=args.d_model, num_layers=args.layers,
-                    num_heads=args.heads, max_len=args.seq, scan_layers=scan_layers,
-                    remat=remat, rngs=nnx.Rngs(0))
+    with nnx.use_eager_sharding(False):  # shapes only: nothing is initialised
+        model = nnx.eval_shape(lambda: GPT(
+            vocab_size=args.vocab, d_model=args.d_model, num_layers=args.layers,
+            num_heads=args.heads, max_len=args.seq, scan_layers=scan_layers, remat=remat,
+            rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model, nnx.Param)
     axes = logical_axes(params)
     params = nnx.to_pure_dict(params)
@@ -141,6 +148,36 @@ def temp_target_bytes(args, ways: int = 8) -> dict:
             "temp_target_bytes": 3 * layer + activations}
 
 
+def capacity(args, budget: int, batch) -> list[dict]:
+    """The largest layer count (and its params) whose scanned step fits `budget` bytes per
+    device, under dp and under 8-way fsdp."""
+    rows = []
+    for preset, sizes in (("dp", dict(data=8)), ("fsdp", dict(data=1, fsdp=8))):
+        cache = {}
+
+        def peak(layers, preset=preset, sizes=sizes, cache=cache):
+            if layers not in cache:
+                wide = argparse.Namespace(**{**vars(args), "layers": layers})
+                state, axes, step = build(wide, True, args.remat)
+                n = sum(x.size for x in jax.tree.leaves(state["params"]))
+                cache[layers] = (measure(state, axes, step, preset, sizes, 8, batch)[
+                    "peak_bytes"], n)
+            return cache[layers][0]
+
+        slope = peak(2) - peak(1)
+        layers = max(int((budget - (peak(1) - slope)) // slope), 0)
+        while layers > 0 and peak(layers) > budget:
+            layers -= 1
+        while peak(layers + 1) <= budget:
+            layers += 1
+        rows.append({"bench": "sharding_capacity", "placement": preset, "budget_bytes": budget,
+                     "layers": layers, "params": cache[layers][1] if layers else 0,
+                     "peak_bytes": cache[layers][0] if layers else None,
+                     "bytes_per_layer": slope})
+    rows[1]["params_over_dp"] = rows[1]["params"] / max(rows[0]["params"], 1)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-model", type=int, default=256)
@@ -152,6 +189,7 @@ def main():
     parser.add_argument("--remat", default="full", help="remat policy of the scanned GPT")
     parser.add_argument("--ways", default="2,4,8", help="split sizes to measure")
     parser.add_argument("--layouts", default="unrolled,scanned")
+    parser.add_argument("--capacity-mib", type=float, default=256.0)
     args = parser.parse_args()
     ways = [int(n) for n in args.ways.split(",")]
     batch = jnp.zeros((args.batch, args.seq + 1), jnp.int32)
@@ -164,6 +202,7 @@ def main():
                    "remat": args.remat if scanned else "none",
                    **measure(state, axes, step, preset, sizes, n, batch)}
             rows.append(row)
+            print(json.dumps(row), flush=True)  # as measured: long runs show progress
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     dp = {r["layout"]: r for r in rows if r["placement"] == "dp"}
     baseline = dp.get("unrolled", rows[0])
@@ -172,7 +211,6 @@ def main():
         row["state_fraction"] = (row["params_bytes"] + row["opt_state_bytes"]) / full
         row["peak_over_dp"] = row["peak_bytes"] / dp[row["layout"]]["peak_bytes"]
         row["peak_over_unrolled_dp"] = row["peak_bytes"] / baseline["peak_bytes"]
-        print(json.dumps(row))
     target = temp_target_bytes(args)
     print(json.dumps({"bench": "sharding_memory_target", **target}))
     print(f"\nGPT d_model={args.d_model} layers={args.layers} heads={args.heads} "
@@ -195,6 +233,20 @@ def main():
                   f" gathered + {target['layer_bytes'] / MIB:.1f} grads + "
                   f"{target['activation_bytes'] / MIB:.1f} activations); peak "
                   f"{r['peak_over_unrolled_dp']:.3f} of the unrolled dp peak (target <= 0.15)")
+    if args.capacity_mib > 0:
+        found = capacity(args, int(args.capacity_mib * MIB), batch)
+        print(f"\ncapacity: the deepest GPT (d_model={args.d_model}, scanned, remat="
+              f"{args.remat}) whose step's peak fits {args.capacity_mib:g} MiB per device")
+        for row in found:
+            print(json.dumps(row), flush=True)
+        print(f"{'placement':<11} {'layers':>6} {'params':>13} {'peak MiB':>9} {'MiB/layer':>9}")
+        for row in found:
+            peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / MIB:9.1f}"
+            print(f"{row['placement'] + (' 8-way' if row['placement'] == 'fsdp' else ''):<11} "
+                  f"{row['layers']:>6} {row['params']:>13,} {peak:>9} "
+                  f"{row['bytes_per_layer'] / MIB:9.2f}")
+        print(f"fsdp 8-way fits {found[1]['params_over_dp']:.1f}x the params of dp "
+              "(target >= 6x)")
 
 
 if __name__ == "__main__":
