@@ -115,3 +115,13 @@ def test_a_failed_preparation_keeps_the_previous_one(prepared, tmp_path):
     assert (data / "manifest.json").read_text() == before
     with pytest.raises(JaxtrainError, match="not a prepared data set"):
         prepare_text([prepared / "text"], prepared / "text", progress=False)
+
+
+def test_a_rerun_may_read_records_another_way_but_not_other_records():
+    from jaxtrain.train.config import config_changes
+
+    saved = {"data": {"name": "records", "path": "a", "seq_len": 8, "workers": 0}}
+    faster = {"data": {**saved["data"], "workers": 4, "threads": 8, "verify": False}}
+    assert config_changes(saved, faster) == []
+    assert config_changes(saved, {"data": {**saved["data"], "path": "b"}}) == [
+        "data.path: 'a' -> 'b'"]

@@ -20,8 +20,8 @@ reads without loading it):
     train/image-00000.npy    or one shard series per feature (`image`, `label`, ...)
     valid/...
 
-Why a memory-mapped token array and not ArrayRecord: a training window is then one
-slice of a mapped file (any `seq_len`, chosen at training time), about 25x faster to read
+Why a flat token array and not ArrayRecord: a training window is then one contiguous
+read at a computed offset (any `seq_len`, chosen at training time), about 25x faster to read
 at random than a record per window from ArrayRecord (`benchmarks/data_throughput.py`,
 `format` case, and benchmarks/RESULTS.md), and it needs no decoding.
 

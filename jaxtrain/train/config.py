@@ -165,8 +165,10 @@ def check_config(raw: dict) -> dict:
 
 
 # Keys a rerun into the same folder may change and still be the same run: where it writes,
-# how long it trains (a total, so more steps continue it), how it reports.
-RERUN_FREE = ("out", "checkpoint.dir", "checkpoint.async", "train.steps", "logging")
+# how long it trains (a total, so more steps continue it), how it reports, how prepared
+# records are read (the batches do not depend on it).
+RERUN_FREE = ("out", "checkpoint.dir", "checkpoint.async", "train.steps", "logging",
+              "data.workers", "data.threads", "data.prefetch", "data.verify")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
