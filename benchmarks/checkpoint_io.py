@@ -6,8 +6,10 @@ Each round, alternating: Manager save (sync, until on disk) vs writing every arr
 bytes to a file; Manager restore (onto the same shardings) vs reading the files back onto
 the device; then an async save: the time `save()` blocks the caller, the time until the
 write is done, and the time of a jitted step run right after `save()` returns against the
-same step with no save in flight. Prints one JSON line per measurement, then a table of
-medians and median ratios.
+same step with no save in flight; and the per-array checksums the Manager computes at each
+save and verifies at each restore, timed alone (their share of save and restore is the
+integrity check's cost). Prints one JSON line per measurement, then a table of medians and
+median ratios.
 
     python benchmarks/checkpoint_io.py [--mb 500] [--rounds 3] [--dir FOLDER]
 """
@@ -78,6 +80,10 @@ def one_round(arrays: dict, root: Path, r: int, sig: dict) -> dict:
         out["restore_s"], restored = timed(
             lambda: jax.block_until_ready(mngr.restore(State(arrays), sig).arrays))
     np.testing.assert_array_equal(restored["layer_0"]["kernel"], arrays["layer_0"]["kernel"])
+    from jaxtrain.checkpoint.checksum import checksums
+
+    checksums(arrays)  # compiled
+    out["checksum_s"], _ = timed(lambda: checksums(arrays))
     out["plain_write_s"], _ = timed(lambda: plain_write(arrays, root / f"plain{r}"))
     out["plain_read_s"], _ = timed(lambda: plain_read(arrays, root / f"plain{r}"))
 
@@ -135,7 +141,9 @@ def main() -> None:
     summary = {"summary": True, "bytes": rounds[0]["bytes"],
                **{k: med(k) for k in rounds[0] if k != "bytes"},
                "save_over_plain": ratio("save_s", "plain_write_s"),
-               "restore_over_plain": ratio("restore_s", "plain_read_s")}
+               "restore_over_plain": ratio("restore_s", "plain_read_s"),
+               "checksum_share_of_save": ratio("checksum_s", "save_s"),
+               "checksum_share_of_restore": ratio("checksum_s", "restore_s")}
     print(json.dumps(summary))
     print(f"\n{rounds[0]['bytes'] / 2**20:.0f} MiB, {len(rounds)} rounds, medians")
     print(f"{'':36} {'seconds':>8} {'GB/s':>6} {'vs plain':>8}")
@@ -144,6 +152,9 @@ def main() -> None:
     print(f"async save: save() blocks {med('async_blocked_s'):.3f} s, done after "
           f"{med('async_total_s'):.3f} s; a step takes {med('step_alone_s'):.3f} s alone, "
           f"{med('step_during_save_s'):.3f} s while the save is written")
+    print(f"checksums: {med('checksum_s'):.3f} s, {summary['checksum_share_of_save']:.1%} of a "
+          f"save, {summary['checksum_share_of_restore']:.1%} of a restore (each computes them "
+          "once)")
 
 
 if __name__ == "__main__":
