@@ -1,4 +1,7 @@
-"""The `jaxtrain` command. Errors are printed as one line, without a traceback."""
+"""The `jaxtrain` command. Errors are printed as one line, without a traceback: a
+`JaxtrainError` (bad input) exits with 2; any other exception is a fault jaxtrain did not
+foresee, printed as one line asking for a report (exit 1; `JAXTRAIN_TRACEBACK=1` shows
+the traceback)."""
 
 from __future__ import annotations
 
@@ -209,10 +212,11 @@ def main(argv=None) -> int:
         code = _failed(args, f"jaxtrain {args.command}: error: {err}", 2)
     except KeyboardInterrupt:
         code = _failed(args, f"jaxtrain {args.command}: interrupted", 130)
-    except Exception as err:
-        if not getattr(args, "multiprocess", False):
+    except Exception as err:  # not a JaxtrainError: a fault jaxtrain did not foresee
+        if os.environ.get("JAXTRAIN_TRACEBACK"):
             raise
-        code = _failed(args, f"jaxtrain {args.command}: error: {_first_line(err)}", 1)
+        code = _failed(args, f"jaxtrain {args.command}: internal error: {_first_line(err)} "
+                       "(please report it; JAXTRAIN_TRACEBACK=1 shows the traceback)", 1)
     return code
 
 
@@ -232,7 +236,7 @@ def _failed(args, message: str, code: int) -> int:
 
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
 if __name__ == "__main__":

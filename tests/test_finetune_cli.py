@@ -3,6 +3,7 @@ bad input: one line on stderr, exit code 2, nothing written."""
 
 import json
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -102,6 +103,19 @@ def test_bad_input_is_one_line_and_writes_nothing(pretrained, tmp_path, capsys):
          "no param of .* matches the new model"),
         (["finetune", CONFIGS[0], "--from", str(directory), f"out={out}",
           "finetune.lora={rank: 2}"], "finetune.lora.targets"),
+        # another head shape, not excluded: 6 of 8 would load and the run would pass as fine
+        (["finetune", CONFIGS[0], "--from", str(directory), f"out={out}",
+          "finetune.exclude=[]"], r"loaded 6, skipped 2, new 2; 2 saved param\(s\) fit no "
+                                  r"param of the new model: head/bias \(shape"),
+        (["finetune", CONFIGS[0], "--from", str(directory), f"out={out}",
+          "finetune.exclude=[heads/*]"], r"'finetune.exclude': pattern 'heads/\*' matches no "
+                                         r"parameter \(closest: head/"),
+        (["finetune", CONFIGS[0], "--from", str(directory), f"out={out}",
+          "optimizer.freeze=[backbone/conv9/*]"], r"'optimizer.freeze': pattern "
+                                                  r"'backbone/conv9/\*' matches no parameter"),
+        (["finetune", CONFIGS[1], "--from", str(directory), f"out={out}",
+          "finetune.lora.targets=[backbone/dens]"], "'finetune.lora.targets': pattern "
+                                                    "'backbone/dens' matches no parameter"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -109,3 +123,25 @@ def test_bad_input_is_one_line_and_writes_nothing(pretrained, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not out.exists() and not (tmp_path / "nope").exists()
     assert sorted(p.name for p in empty.iterdir()) == []
+
+
+def test_finetune_from_a_folder_whose_newest_step_is_damaged_falls_back(pretrained, tmp_path,
+                                                                        capsys):
+    directory, _ = pretrained
+    copy = tmp_path / "pre"
+    shutil.copytree(directory, copy)
+    files = [p for p in (copy / "200" / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0b100
+    biggest.write_bytes(bytes(data))
+    assert main(["ckpt", "ls", str(copy)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "damaged: checksum mismatch in state/" in lines[2] and not lines[2].endswith("*")
+    with pytest.warns(UserWarning, match=f"skipping damaged checkpoint {copy}/200"):
+        code = main(["finetune", CONFIGS[0], "--from", str(copy), f"out={tmp_path / 'run'}",
+                     "finetune.step=null", "train.steps=2", "train.eval_every=null",
+                     "logging.progress=false", "logging.tensorboard=false",
+                     "logging.plots=false"])
+    assert code == 0
+    assert (copy / "200").is_dir()  # a reader moves nothing

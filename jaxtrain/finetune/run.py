@@ -30,8 +30,16 @@ from ..models import registry as model_registry
 from ..models.lora import apply_lora, merge_lora
 from ..train import TrainState
 from ..train.config import build_optimizer, check_config, read_config
-from ..train.run import config_trainer, data_and_model, fit_summary, rerun_config
+from ..train.run import (
+    check_patterns,
+    config_patterns,
+    config_trainer,
+    data_and_model,
+    fit_summary,
+    rerun_config,
+)
 from ..train.tasks import get_task
+from ..transforms.paths import path_list
 from .flows import load_into, lora_optimizer
 
 DEFAULTS = {"step": None, "include": ["*"], "exclude": [], "mapping": {}, "lora": None,
@@ -62,6 +70,10 @@ def load_finetune_config(path: str | Path, overrides=()) -> tuple[dict, dict]:
     return check_config(raw), ft
 
 
+def _list(value) -> list:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
 def _optimizer(cfg: dict, ft: dict):
     """The optimizer spec's chain (freezing and per-group learning rates are spec keys:
     `freeze`, `groups`); with LoRA, applied to the adapters (and `train_also`) only."""
@@ -81,13 +93,28 @@ def run_finetune(cfg: dict, ft: dict, pretrained: str | Path, resume: bool = Fal
     task = get_task(cfg["task"])
     data, name, kwargs = data_and_model(cfg)
     model = model_registry.build(name, seed, **kwargs)
+    paths = path_list(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    modules = sorted({p.rsplit("/", 1)[0] for p in paths if "/" in p})
+    check_patterns({"finetune.exclude": _list(ft["exclude"])}, paths)
+    if ft["lora"] is not None:
+        check_patterns({"finetune.lora.targets": _list(ft["lora"]["targets"])}, modules)
+        check_patterns({"finetune.lora.train_also": _list(ft["lora"]["train_also"])}, paths)
     report = load_into(model, pretrained, ft["step"], ft["include"], ft["exclude"],
                        ft["mapping"])
+    unaccounted = {p: why for p, why in report.skipped.items() if why != "not selected"}
+    if unaccounted:
+        first = ", ".join(f"{p} ({why})" for p, why in list(unaccounted.items())[:3])
+        raise JaxtrainError(
+            f"--from {pretrained}: {report.summary()}; {len(unaccounted)} saved param(s) fit "
+            f"no param of the new model: {first}; exclude them (finetune.exclude) or rename "
+            "them (finetune.mapping)")
     adapted = []
     if ft["lora"] is not None:
         lora = ft["lora"]
         adapted = apply_lora(model, lora["targets"], lora["rank"], lora["alpha"],
                              lora["dropout"], rngs=nnx.Rngs(seed + 1))
+    check_patterns(config_patterns(cfg), path_list(nnx.to_pure_dict(nnx.state(model,
+                                                                            nnx.Param))))
     state = TrainState.create(model, _optimizer(cfg, ft), jax.random.PRNGKey(seed),
                               ema_decay=train["ema_decay"])
     if ft["restore_optimizer"]:

@@ -153,11 +153,21 @@ def check_config(raw: dict) -> dict:
     if cfg["early_stopping"] is not None:
         cfg["early_stopping"] = _checked(cfg["early_stopping"], EARLY_STOPPING,
                                          "early_stopping.")
-    for key in ("steps", "batch_size", "microbatches", "steps_per_call", "log_every",
-                "eval_batch_size"):
-        if cfg["train"][key] < 1:
-            raise JaxtrainError(f"config key 'train.{key}' must be a positive integer, got "
-                                f"{cfg['train'][key]}")
+    positive = [("train", k) for k in ("steps", "batch_size", "microbatches",
+                                       "steps_per_call", "log_every", "eval_batch_size",
+                                       "eval_every")]
+    positive += [("checkpoint", "every"), ("checkpoint", "max_to_keep")]
+    if cfg["early_stopping"] is not None:
+        positive.append(("early_stopping", "patience"))
+    for section, key in positive:
+        value = cfg[section][key]
+        if value is not None and value < 1:
+            schema = EARLY_STOPPING if section == "early_stopping" else SCHEMA[section]
+            null = " or null" if type(None) in schema[key][0] else ""
+            raise JaxtrainError(f"config key '{section}.{key}' must be a positive integer"
+                                f"{null}, got {value}")
+    if cfg["seed"] < 0:
+        raise JaxtrainError(f"config key 'seed' must be an integer >= 0, got {cfg['seed']}")
     if cfg["train"]["device_data"] not in (True, False, "auto"):
         raise JaxtrainError("config key 'train.device_data' must be auto, true or false, "
                             f"got {cfg['train']['device_data']!r}")

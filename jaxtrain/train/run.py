@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import sys
 from pathlib import Path
 
 import jax
+from flax import nnx
 
 from .. import sharding
 from ..checkpoint import Manager
@@ -13,6 +15,7 @@ from ..data import registry as data_registry
 from ..data.augment import check_augment, with_augmentation
 from ..errors import JaxtrainError
 from ..models import registry as model_registry
+from ..transforms.paths import matches, path_list
 from .config import build_optimizer, config_changes, model_kwargs, with_rerun_free
 from .state import TrainState, param_logical_axes
 from .tasks import get_task
@@ -77,6 +80,41 @@ def rerun_config(cfg: dict, resume: bool = False, flag: str = "--resume") -> dic
     return with_rerun_free(saved, cfg)
 
 
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def config_patterns(cfg: dict) -> dict[str, list[str]]:
+    """The param path patterns of a config (`optimizer.freeze`, `optimizer.groups`,
+    `optimizer.weight_decay.include/exclude`), by config key."""
+    spec = cfg["optimizer"]
+    found = {"optimizer.freeze": _as_list(spec.get("freeze")),
+             "optimizer.groups": list(spec.get("groups") or {})}
+    decay = spec.get("weight_decay")
+    if isinstance(decay, dict):
+        for key in ("include", "exclude"):
+            found[f"optimizer.weight_decay.{key}"] = _as_list(decay.get(key))
+    return found
+
+
+def check_patterns(patterns: dict[str, list[str]], paths: list[str]) -> None:
+    """Refuse a pattern that selects none of `paths`, naming it and the closest paths (a
+    misspelt freeze or group would otherwise train as if it were not there)."""
+    for key, values in patterns.items():
+        for pattern in values:
+            if not isinstance(pattern, str):
+                raise JaxtrainError(f"config key {key!r}: patterns are strings (globs or "
+                                    f"re:regexes), got {pattern!r}")
+            if any(matches(path, pattern) for path in paths):
+                continue
+            plain = pattern[3:] if pattern.startswith("re:") else pattern.replace("*", "")
+            close = difflib.get_close_matches(plain, paths, n=3, cutoff=0.0)
+            raise JaxtrainError(f"config key {key!r}: pattern {pattern!r} matches no "
+                                f"parameter (closest: {', '.join(close)})")
+
+
 def config_trainer(cfg: dict, state, model, task, model_config: dict, run: str = "train",
                    run_config: dict | None = None) -> Trainer:
     """A `Trainer` for `state` set up as the config's train, sharding, checkpoint, early
@@ -128,6 +166,8 @@ def run_config(cfg: dict, resume: bool = False) -> dict:
     data, name, kwargs = data_and_model(cfg)
     model = model_registry.build(name, seed, **kwargs)
     tx = build_optimizer(cfg["optimizer"])
+    check_patterns(config_patterns(cfg), path_list(nnx.to_pure_dict(nnx.state(model,
+                                                                            nnx.Param))))
     state = TrainState.create(model, tx, jax.random.PRNGKey(seed), ema_decay=train["ema_decay"])
     trainer = config_trainer(cfg, state, model, task, {"name": name, **kwargs})
     state = trainer.fit(data["train"], train["steps"], eval_data=data.get("valid"),

@@ -208,7 +208,7 @@ class Trainer:
         in_flight = sharding.InFlight(self.mesh)
         while step < steps and self.stop_reason is None:
             log = crossed(step, step + count, self.log_every) or step + count == steps
-            state, metrics = feed.fn(count, log)(state, *args)
+            state, metrics = self._call(feed.fn(count, log), state, args, feed, position)
             in_flight.add(metrics)
             before, step, position = step, step + count, position + count
             self.step = step
@@ -228,6 +228,21 @@ class Trainer:
                 break
         self._drain()
         return state
+
+    def _call(self, fn, state, args, feed, position):
+        """One compiled call. The first call of each kind traces the loss on a batch: an
+        error there comes from the model, the loss and the data not fitting together (a
+        batch key the loss reads but the data lacks, images too small for the model), so
+        it is reported in one line with the batch's keys and shapes."""
+        try:
+            return fn(state, *args)
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            if isinstance(err, JaxtrainError):
+                raise
+            raise JaxtrainError(
+                f"the model and loss cannot run on the training batches "
+                f"({_describe(feed.batches.fn(position))}): {type(err).__name__}: "
+                f"{(str(err).strip().splitlines() or [''])[0][:300]}") from err
 
     # -- what a checkpoint keeps besides the state ----------------------------------------
 
@@ -394,6 +409,14 @@ def _logged(path: Path, run: str) -> dict:
         if kind is not None:
             series[kind][record.pop("step")] = record
     return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def _describe(batch) -> str:
+    """`key: shape dtype` of each array of a batch."""
+    if not isinstance(batch, dict):
+        return type(batch).__name__
+    return ", ".join(f"{k}: {tuple(getattr(v, 'shape', ()))} {getattr(v, 'dtype', '')}"
+                     for k, v in batch.items())
 
 
 def _shown(values: dict, batch_size: int | None) -> dict:
