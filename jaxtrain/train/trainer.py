@@ -239,9 +239,13 @@ class Trainer:
         except (KeyError, TypeError, ValueError, IndexError) as err:
             if isinstance(err, JaxtrainError):
                 raise
+            try:
+                shapes = _describe(feed.batches.fn(position))
+            except Exception:  # the batch itself cannot be built: the error says why
+                shapes = "?"
             raise JaxtrainError(
-                f"the model and loss cannot run on the training batches "
-                f"({_describe(feed.batches.fn(position))}): {type(err).__name__}: "
+                f"the model and loss cannot run on the training batches ({shapes}): "
+                f"{type(err).__name__}: "
                 f"{(str(err).strip().splitlines() or [''])[0][:300]}") from err
 
     # -- what a checkpoint keeps besides the state ----------------------------------------
