@@ -172,8 +172,26 @@ def test_nan_raise_names_the_step_and_the_first_bad_path(devices):
                                          jax.random.PRNGKey(0),
                                          params={"a": jnp.ones(3), "b": jnp.zeros(2)}),
                        loss, nan_policy="skip", progress=False)
-    final = skipping.fit(data, 10)
+    with pytest.warns(UserWarning, match=r"nan_policy='skip': 1 of the 10 step\(s\) to step "
+                                         r"10 had non-finite values and were skipped"):
+        final = skipping.fit(data, 10)
     assert int(final.step) == 10 and final.nonfinite.tolist() == [7, 2, 1]
+    assert skipping.history[-1][1]["skipped_steps"] == 1
+
+
+def test_nan_skip_stops_after_too_many_in_a_row():
+    def data(position):
+        return {"x": np.ones((8, 3), np.float32),
+                "p": np.full(8, 0.0 if position >= 2 else 1.0, np.float32)}
+
+    state = TrainState.create(lambda p, x: x, optax.sgd(0.01), jax.random.PRNGKey(0),
+                              params={"a": jnp.ones(3), "b": jnp.zeros(2)})
+    trainer = Trainer(state, _nan_at_7_loss, nan_policy="skip", log_every=2, progress=False)
+    with pytest.warns(UserWarning), pytest.raises(
+            NonFiniteError, match="the last 10 steps were all skipped; non-finite value at "
+                                  "step 2: first non-finite is gradient b"):
+        trainer.fit(data, 100)
+    assert trainer.step < 20
 
 
 class _SendSignal(Callback):
@@ -236,3 +254,15 @@ def test_long_log_intervals_on_eight_cpu_devices_do_not_deadlock(devices):
     state, history = fit(state, step, lambda s: batch_at(data, 16, 0, s), 400, trainer.mesh,
                          log_every=10_000, progress=False)
     assert int(state.step) == 800 and history[-1][0] == 800
+
+
+def test_raise_policy_checks_the_updated_params_and_writes_no_checkpoint(tmp_path):
+    # a learning rate that is finite in float64 but not in float32: finite loss and
+    # gradients, infinite params after the first update
+    state = TrainState.create(MLP(nnx.Rngs(0)), optax.sgd(1e39), jax.random.PRNGKey(0))
+    trainer = Trainer(state, classification_loss, batch_size=16, progress=False,
+                      checkpoint_dir=tmp_path, checkpoint_every=1, log_every=1)
+    with pytest.raises(NonFiniteError, match="at step 0: first non-finite is updated param "
+                                             "l1/bias"):
+        trainer.fit(_data(), 5)
+    assert Manager(tmp_path, read_only=True).steps() == []

@@ -134,11 +134,17 @@ def squared_norm(tree) -> jax.Array:
     return sum(jnp.sum(jnp.square(x)) for x in leaves)
 
 
-def first_nonfinite(loss, grads) -> jax.Array:
-    """Index of the first non-finite value: 0 the loss, 1..n the gradient leaves in
-    `jax.tree.leaves` order (n + 1 when all are finite)."""
-    flags = [~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(grads)]
-    return _first_bad([~jnp.isfinite(loss), *flags, jnp.ones((), bool)])[1]
+def first_nonfinite(loss, grads, squared, params) -> jax.Array:
+    """Index of the first non-finite quantity, in the order they are computed: 0 the loss,
+    1..n the gradient leaves (`jax.tree.leaves` order), then the gradient norm (its sum
+    of squares `squared` overflowing float32 while each gradient is finite; index 2n + 1),
+    then n+1..2n the updated params (2n + 2 when all are finite)."""
+    grads_bad = [~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(grads)]
+    params_bad = [~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]
+    n = len(grads_bad)
+    at = _first_bad([~jnp.isfinite(loss), *grads_bad, ~jnp.isfinite(squared), *params_bad,
+                     jnp.ones((), bool)])[1]
+    return jnp.where(at == n + 1, 2 * n + 1, jnp.where(at > n + 1, at - 1, at))
 
 
 def _recorded(state: TrainState, bad, first) -> jax.Array:
@@ -159,7 +165,7 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
     the batch and accumulate gradients (same update as the whole batch, to float
     tolerance). `nan_policy`: `none` (no checks); `skip` (a step with a non-finite loss,
     gradient or new param changes nothing but the step and data position);
-    `raise` (a step with a non-finite loss or gradient is recorded; the `Trainer` stops
+    `raise` (a step with a non-finite loss, gradient or new param is recorded; the `Trainer` stops
     when it reads a later log point's metrics, naming it, and writes no checkpoint from it
     on). `raise` costs
     one flag per step; `skip` selects between the old and new state on every step.
@@ -169,7 +175,8 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
     An optimizer that takes extra args (an Optax `GradientTransformationExtraArgs`, e.g. a
     chain with `reduce_on_plateau`) receives the step's loss as `value=`.
     The state's `nonfinite` records (first bad step, first bad leaf, count); leaf 0 is the
-    loss, 1..n the gradients, n+1..2n the new params, in `jax.tree.leaves` order.
+    loss, 1..n the gradients, n+1..2n the new params, in `jax.tree.leaves` order, 2n+1 the
+    gradient norm (overflowed while each gradient is finite; `raise` only).
     """
     policy = _policy(precision)
     if nan_policy not in NAN_POLICIES:
@@ -202,10 +209,15 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
         if nan_policy == "none" and scaler is None:
             return new_state, metrics
         if nan_policy == "raise" and scaler is None:
-            bad = ~jnp.isfinite(loss) | ~jnp.isfinite(squared)  # from the gradient norm
+            # the loss and gradients from the gradient norm; the updated params too (a
+            # learning rate finite in float64 may overflow them in float32)
+            params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
+                                           for p in jax.tree.leaves(new_state.params)]))
+            bad = ~jnp.isfinite(loss) | ~jnp.isfinite(squared) | ~params_ok
             # which leaf is looked for on the first bad step only (a cond: no pass otherwise)
             first = jax.lax.cond(bad & (state.nonfinite[0] < 0),
-                                 lambda: first_nonfinite(loss, grads),
+                                 lambda: first_nonfinite(loss, grads, squared,
+                                                         new_state.params),
                                  lambda: jnp.asarray(-1, jnp.int32))
             record = _recorded(state, bad, first)
             metrics["nonfinite"] = record

@@ -36,6 +36,9 @@ from .step import make_eval_step, make_train_step
 # Log points whose metrics may wait to be read before the loop blocks on the oldest (a
 # bound on memory when the devices fall far behind; XLA's own queue is shorter on CPU).
 MAX_PENDING_LOGS = 64
+# Under nan_policy='skip', a run stops once this many steps in a row were skipped (counted
+# over whole log intervals in which every step was skipped): it is no longer training.
+MAX_SKIPPED_IN_A_ROW = 10
 
 
 class NonFiniteError(JaxtrainError):
@@ -99,7 +102,7 @@ class Trainer:
         self.callbacks = [c for c in (self.early_stopping, self.checkpointer) if c is not None]
         self.callbacks += list(callbacks)
         self.rules, self.logical_axes = rules, logical_axes
-        self._nan_raise = nan_policy == "raise"
+        self._nan_raise, self._nan_skip = nan_policy == "raise", nan_policy == "skip"
         step_fn = make_train_step(loss_fn, precision=self.policy, microbatches=microbatches,
                                   nan_policy=nan_policy)
         self.state = self._prepare(state)
@@ -167,6 +170,7 @@ class Trainer:
             state = restored if restored is not None else state
         step, position = int(state.step), int(state.data_position)
         self.step, self.start_step = step, step
+        self._skipped, self._skipped_at, self._in_a_row = int(state.nonfinite[2]), step, 0
         self._open_logs(steps)
         for cb in self.callbacks:
             cb.on_fit_start(self, state)
@@ -292,8 +296,11 @@ class Trainer:
                 return
             self._pending.pop(0)
             values = jax.device_get(metrics)
-            self._raise_if_nonfinite(values.pop("nonfinite", None))
+            record = values.pop("nonfinite", None)
+            self._raise_if_nonfinite(record)
             values = {k: float(v) for k, v in values.items()}
+            if self._nan_skip and record is not None:
+                values["skipped_steps"] = float(self._skipped_by(step, record))
             elapsed = stamp - self._last_stamp
             if elapsed > 0:
                 values["steps_per_second"] = (step - self._last_step) / elapsed
@@ -303,6 +310,24 @@ class Trainer:
             self.bar.update(step - self.start_step, _shown(values, self.batch_size))
             for cb in self.callbacks:
                 cb.on_log(self, step, values)
+
+    def _skipped_by(self, step: int, record) -> int:
+        """Under nan_policy='skip': the count of skipped steps by `step`; warns when it
+        grew since the last log point and stops the run (`NonFiniteError`) after
+        `MAX_SKIPPED_IN_A_ROW` in a row."""
+        count = int(record[2])
+        new, interval = count - self._skipped, step - self._skipped_at
+        self._skipped, self._skipped_at = count, step
+        if new <= 0:
+            self._in_a_row = 0
+            return count
+        self._in_a_row = self._in_a_row + new if new == interval else 0
+        warnings.warn(f"nan_policy='skip': {new} of the {interval} step(s) to step {step} had "
+                      f"non-finite values and were skipped ({count} in all)", stacklevel=2)
+        if self._in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise NonFiniteError(f"nan_policy='skip': the last {self._in_a_row} steps were "
+                                 f"all skipped; {self._nonfinite_message(record)}")
+        return count
 
     def check_finite(self, state) -> None:
         """Raise `NonFiniteError` if, under nan_policy='raise', `state` has seen a
@@ -317,12 +342,16 @@ class Trainer:
     def _nonfinite_message(self, record) -> str:
         first_step, leaf, count = (int(x) for x in record)
         paths = path_list(self._params_like)
+        n = len(paths)
         if leaf == 0:
             what = "the loss"
-        elif leaf <= len(paths):
+        elif leaf <= n:
             what = f"gradient {paths[leaf - 1]}"
+        elif leaf <= 2 * n:
+            what = f"updated param {paths[leaf - 1 - n]}"
         else:
-            what = f"param {paths[leaf - 1 - len(paths)]}"
+            what = "the gradient norm (its sum of squares overflowed float32; each gradient " \
+                   "is finite)"
         return (f"non-finite value at step {first_step}: first non-finite is {what} "
                 f"({count} bad step(s) by step {self.step}; no checkpoint was written from "
                 "that step on; nan_policy='skip' skips such steps instead)")
