@@ -244,7 +244,7 @@ class Trainer:
             if isinstance(err, JaxtrainError):
                 raise
             try:
-                shapes = _describe(feed.batches.fn(position))
+                shapes = _describe(feed.batches.share(position))
             except Exception:  # the batch itself cannot be built: the error says why
                 shapes = "?"
             raise JaxtrainError(
