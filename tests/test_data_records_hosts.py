@@ -13,8 +13,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _multiprocess import free_port
 from records_multihost_worker import BATCH, STEPS, train
-from test_sharding_multihost import TIMEOUT, _free_port
+from test_sharding_multihost import TIMEOUT
 
 from jaxtrain.data.prepare import prepare_images
 
@@ -27,7 +28,7 @@ def _launch(records: Path, out: Path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKER.parent),
                                                       env.get("PYTHONPATH")]))
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), port, str(records),
                                str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=env) for i in range(2)]
