@@ -178,31 +178,8 @@ def capacity(args, budget: int, batch) -> list[dict]:
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=256)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--remat", default="full", help="remat policy of the scanned GPT")
-    parser.add_argument("--ways", default="2,4,8", help="split sizes to measure")
-    parser.add_argument("--layouts", default="unrolled,scanned")
-    parser.add_argument("--capacity-mib", type=float, default=256.0)
-    args = parser.parse_args()
-    ways = [int(n) for n in args.ways.split(",")]
-    batch = jnp.zeros((args.batch, args.seq + 1), jnp.int32)
-    rows = []
-    for layout in args.layouts.split(","):
-        scanned = layout == "scanned"
-        state, axes, step = build(args, scanned, args.remat if scanned else "none")
-        for preset, sizes, n in placements(ways):
-            row = {"bench": "sharding_memory", "layout": layout,
-                   "remat": args.remat if scanned else "none",
-                   **measure(state, axes, step, preset, sizes, n, batch)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)  # as measured: long runs show progress
+def report(args, rows, state) -> None:
+    """The derived fractions, the table and the target line of the measured rows."""
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     dp = {r["layout"]: r for r in rows if r["placement"] == "dp"}
     baseline = dp.get("unrolled", rows[0])
@@ -233,6 +210,35 @@ def main():
                   f" gathered + {target['layer_bytes'] / MIB:.1f} grads + "
                   f"{target['activation_bytes'] / MIB:.1f} activations); peak "
                   f"{r['peak_over_unrolled_dp']:.3f} of the unrolled dp peak (target <= 0.15)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--remat", default="full", help="remat policy of the scanned GPT")
+    parser.add_argument("--ways", default="2,4,8", help="split sizes to measure")
+    parser.add_argument("--layouts", default="unrolled,scanned")
+    parser.add_argument("--capacity-mib", type=float, default=256.0)
+    args = parser.parse_args()
+    ways = [int(n) for n in args.ways.split(",")]
+    batch = jnp.zeros((args.batch, args.seq + 1), jnp.int32)
+    rows = []
+    for layout in [x for x in args.layouts.split(",") if x]:
+        scanned = layout == "scanned"
+        state, axes, step = build(args, scanned, args.remat if scanned else "none")
+        for preset, sizes, n in placements(ways):
+            row = {"bench": "sharding_memory", "layout": layout,
+                   "remat": args.remat if scanned else "none",
+                   **measure(state, axes, step, preset, sizes, n, batch)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)  # as measured: long runs show progress
+    if rows:
+        report(args, rows, state)
     if args.capacity_mib > 0:
         found = capacity(args, int(args.capacity_mib * MIB), batch)
         print(f"\ncapacity: the deepest GPT (d_model={args.d_model}, scanned, remat="
