@@ -126,14 +126,17 @@ def test_shampoo_matches_pytorch_optimizer_scalable_shampoo(graft, merge):
     # (6, 6) is compared only unmerged.
     shapes = {"a": (4, 10), "c": (3, 4, 5), "b": (3,)} | ({} if merge else {"d": (6, 6)})
     p0, grads = _problem(shapes)
+    average = not merge  # momentum as a moving average, or summed (the port's default)
     ours = _run_jax(T.shampoo(1e-2, b1=0.9, b2=0.99, weight_decay=0.01, block_size=4,
                               graft=graft, precondition_every=3, start_preconditioning_step=5,
-                              merge_dims=merge), p0, grads)
+                              merge_dims=merge, moving_average_for_momentum=average),
+                    p0, grads)
     theirs = _run_torch(
         lambda ps: ScalableShampoo(
             ps, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01, decoupled_weight_decay=True,
             start_preconditioning_step=5, preconditioning_compute_steps=3, block_size=4,
-            graft_type=GRAFTS[graft], use_svd=True, shape_interpretation=merge),
+            graft_type=GRAFTS[graft], use_svd=True, shape_interpretation=merge,
+            moving_average_for_momentum=average),
         p0, grads)
     _assert_close(ours, theirs, p0)
 

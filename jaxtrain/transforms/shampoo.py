@@ -222,20 +222,24 @@ def shampoo(
     weight_decay: float = 0.0,
     mask=None,
     block_size: int = 128,
-    graft: str = "rmsprop",
+    graft: str = "adagrad",
     precondition_every: int = 10,
     start_preconditioning_step: int = 10,
     matrix_eps: float = 1e-6,
     diagonal_eps: float = 1e-10,
     nesterov: bool = True,
-    moving_average_for_momentum: bool = False,
+    moving_average_for_momentum: bool = True,
     merge_dims: bool = True,
     max_preconditioner_dim: int = 8192,
     exponent_override: int = 0,
     mu_dtype=None,
 ):
     """Blocked, grafted Shampoo (module docstring). `b2` also decays the statistics
-    (1.0: plain sums, AdaGrad-style)."""
+    (1.0: plain sums, AdaGrad-style). Defaults: AdaGrad grafting and momentum as a moving
+    average (an update of the learning rate's size from the first step); the port's
+    defaults (SGD grafting, summed momentum: 1/(1-b1) times larger steps) are one argument
+    away. The 'rmsprop' graft is not bias-corrected (as Google's): its first steps are
+    1/sqrt(1-b2) times larger."""
     check_learning_rate(learning_rate)
     check_unit_interval("shampoo", b1=b1)
     if not 0.0 <= b2 <= 1.0:
