@@ -1,21 +1,17 @@
-"""Two processes x 4 CPU devices (the localhost set-up of test_sharding_multihost.py)
+"""Two processes x 4 CPU devices (the localhost set-up of tests/_multiprocess.py)
 train on prepared records: each reads only its own rows of every global batch, together
 they read each global batch exactly once, and their training equals one process with
 8 devices."""
 
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from _multiprocess import free_port
+from _multiprocess import base_env, free_port, launch
 from records_multihost_worker import BATCH, STEPS, train
-from test_sharding_multihost import TIMEOUT
 
 from jaxtrain.data.prepare import prepare_images
 
@@ -25,23 +21,9 @@ WORKER = Path(__file__).with_name("records_multihost_worker.py")
 
 
 def _launch(records: Path, out: Path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKER.parent),
-                                                      env.get("PYTHONPATH")]))
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), port, str(records),
-                               str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=env) for i in range(2)]
-    deadline = time.monotonic() + TIMEOUT
-    while any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-            time.sleep(2)
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-            break
-        time.sleep(0.2)
-    return [(p.wait(), p.communicate()[0]) for p in procs]
+    port, env = str(free_port()), base_env(4)
+    return launch([([sys.executable, str(WORKER), str(i), port, str(records), str(out)], env)
+                   for i in range(2)], timeout=480)
 
 
 def test_two_processes_read_disjoint_rows_and_train_like_one(devices, tmp_path):
@@ -51,7 +33,7 @@ def test_two_processes_read_disjoint_rows_and_train_like_one(devices, tmp_path):
     write_digit_folders(tmp_path / "pngs")
     prepare_images(tmp_path / "pngs", tmp_path / "records", progress=False)
     results = _launch(tmp_path / "records", tmp_path)
-    for i, (code, text) in enumerate(results):
+    for i, (code, _, text) in enumerate(results):
         assert code == 0, f"worker {i} exited {code}:\n{text[-3000:]}"
     state, losses, data = train(str(tmp_path / "records"))
     one = data["train"].loader(BATCH, 0, process_index=0, process_count=1)
