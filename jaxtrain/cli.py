@@ -33,8 +33,10 @@ def positive_int(text: str) -> int:
 def cmd_demo(args) -> int:
     from .demo import format_table, run_demo
 
+    given = {k: getattr(args, k) for k in ("shots", "seeds", "finetune_steps")
+             if getattr(args, k) is not None}  # else the demo's defaults
     summary = run_demo(out=args.out, seed=args.seed, steps=args.steps,
-                       progress=not args.quiet)
+                       overwrite=args.overwrite, progress=not args.quiet, **given)
     print(format_table(summary))
     print(f"\n{summary['devices']} device(s); fine-tune load: {summary['finetune_load']}")
     print(f"wrote {args.out}/curves.png, {args.out}/log.jsonl, {args.out}/results.json")
@@ -143,7 +145,15 @@ def build_parser() -> Parser:
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--steps", type=positive_int, default=300,
-                      help="steps per training stage (default: 300)")
+                      help="pretraining steps (default: 300)")
+    demo.add_argument("--finetune-steps", type=positive_int,
+                      help="steps of every fine-tune and scratch run (default: steps / 3)")
+    demo.add_argument("--shots", type=positive_int,
+                      help="labelled 5-9 examples per class to fine-tune on (default: 10)")
+    demo.add_argument("--seeds", type=positive_int,
+                      help="fine-tune runs per way, for mean and spread (default: 3)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier run's checkpoint in --out")
     demo.add_argument("--quiet", action="store_true", help="no progress output")
     demo.set_defaults(func=cmd_demo)
     train = sub.add_parser("train", help="train from a YAML config (resumes from its "

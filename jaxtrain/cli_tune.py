@@ -36,21 +36,32 @@ def parse_grid(items: list[str]) -> dict:
     return grid
 
 
-def _problem(args, optimizer=None):
+def _config(args) -> dict:
+    """The checked config with its overrides; `--steps` sets `train.steps` unless an
+    override sets it to another value (refused: which one wins would be a guess)."""
     from .train.config import load_config
-    from .tune.setup import problem_from_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.steps is not None:
-        cfg["train"]["steps"] = args.steps
+    steps = getattr(args, "steps", None)
+    if steps is not None:
+        given = [o for o in args.overrides if o.partition("=")[0].strip() == "train.steps"]
+        if given and cfg["train"]["steps"] != steps:
+            raise JaxtrainError(f"--steps {steps} conflicts with the override {given[-1]}: "
+                                "give the number of steps once")
+        cfg["train"]["steps"] = steps
+    return cfg
+
+
+def _problem(args, one_device_runs: bool = True):
+    from .tune.setup import check_one_device_runs, problem_from_config
+
+    cfg = _config(args)
+    if one_device_runs:
+        check_one_device_runs(cfg, args.command)
     out = Path(args.out or Path(cfg["out"]) / args.command)
+    problem = problem_from_config(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    return problem_from_config(cfg, optimizer), cfg, out
-
-
-def _steps(cfg, spec) -> int:
-    steps = cfg["train"]["steps"]
-    return max(spec.eval_every, steps - steps % spec.eval_every)
+    return problem, cfg, out
 
 
 def cmd_sweep(args) -> int:
@@ -58,8 +69,8 @@ def cmd_sweep(args) -> int:
 
     grid = parse_grid(args.grid or ["learning_rate=log:1e-4:1e-1:8"])
     problem, cfg, out = _problem(args)
-    result = sweep(problem.spec, grid, problem.train, problem.valid,
-                   _steps(cfg, problem.spec), progress=not args.quiet)
+    result = sweep(problem.spec, grid, problem.train, problem.valid, cfg["train"]["steps"],
+                   progress=not args.quiet)
     print(result.table())
     best = result.points[result.best_index()]
     print(f"best: {best}; {len(result.points)} runs in {result.run_seconds:.1f} s "
@@ -73,14 +84,33 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def parse_strategies(names: str, specs: list[str]) -> dict:
+    """`--strategies a,b` (presets or optimizer names) and `--strategy LABEL=YAML` (any
+    optimizer spec) -> {label: name or spec}."""
+    import yaml
+
+    from .yaml_numbers import load
+
+    out: dict = {name: name for name in names.split(",") if name}
+    for item in specs:
+        label, sep, text = item.partition("=")
+        if not sep or not label:
+            raise JaxtrainError(f"--strategy {item!r}: write LABEL={{optimizer: NAME, ...}}")
+        try:
+            out[label] = load(text)
+        except yaml.YAMLError:
+            raise JaxtrainError(f"--strategy {label}: {text!r} is not valid YAML") from None
+    return out
+
+
 def cmd_compare(args) -> int:
     from .tune.compare import compare
 
-    strategies = [s for s in args.strategies.split(",") if s]
+    strategies = parse_strategies(args.strategies, args.strategy or [])
     seeds = [int(s) for s in args.seeds.split(",")]
     problem, cfg, out = _problem(args)
     result = compare(problem.spec, strategies, problem.train, problem.valid,
-                     _steps(cfg, problem.spec), seeds=seeds, target=args.target,
+                     cfg["train"]["steps"], seeds=seeds, target=args.target,
                      progress=not args.quiet)
     print(result.table())
     result.plot(out / "compare.png")
@@ -98,7 +128,7 @@ def cmd_lr_find(args) -> int:
     from .tune.lr_find import lr_find
 
     problem, cfg, out = _problem(args)
-    result = lr_find(problem.spec, problem.train, steps=args.steps or 100,
+    result = lr_find(problem.spec, problem.train, steps=cfg["train"]["steps"],
                      min_lr=args.min_lr, max_lr=args.max_lr, seed=cfg["seed"],
                      progress=not args.quiet)
     result.plot(out / "lr_find.png")
@@ -111,33 +141,46 @@ def cmd_lr_find(args) -> int:
 def cmd_batch_size(args) -> int:
     import jax
 
+    from . import sharding
     from .train import make_train_step
+    from .train.state import param_logical_axes
     from .tune.batch_size import find_batch_size
     from .tune.runs import initial_state
 
-    problem, cfg, out = _problem(args)
-    state = initial_state(problem.spec, cfg["seed"])
-    step = make_train_step(problem.spec.task.loss_fn)
+    problem, cfg, out = _problem(args, one_device_runs=False)
+    spec, train = problem.spec, cfg["train"]
+    state = initial_state(spec, cfg["seed"])
+    mesh = sharding.make_mesh(**cfg["sharding"]["mesh"])
+    shardings = (sharding.state_shardings(state, mesh, cfg["sharding"]["preset"],
+                                          param_logical_axes(spec.model_fn(cfg["seed"]))),
+                 sharding.batch_sharding(mesh))
+    step = make_train_step(spec.task.loss_fn, precision=spec.precision,
+                           microbatches=spec.microbatches)
     example = {k: v[:1] for k, v in problem.train.items()}
     batch_for = lambda n: {k: jax.ShapeDtypeStruct((n, *v.shape[1:]), v.dtype)
                            for k, v in example.items()}
     limit = int(args.limit_mb * 2**20) if args.limit_mb else None
-    result = find_batch_size(step, state, batch_for, limit_bytes=limit)
+    ways = sharding.batch_parallelism(mesh) * spec.microbatches
+    result = find_batch_size(step, state, batch_for, limit_bytes=limit, multiple_of=ways,
+                             shardings=shardings)
     print(result.table())
-    print(f"largest batch that fits: {result.batch_size} "
-          f"({result.peak_bytes / 2**20:.1f} MiB of {result.limit_bytes / 2**20:.0f} MiB); "
-          "keep a larger effective batch with optimizer accumulate: k")
+    print(result.summary())
+    print(f"(precision {train['precision']}, microbatches {spec.microbatches}, "
+          f"{sharding.batch_parallelism(mesh)}-way data parallel)")
     return 0
 
 
 def add_commands(sub, positive_int) -> None:
     """Register the tuning subcommands on the `jaxtrain` parser."""
 
-    def common(parser):
+    def common(parser, steps: bool = True):
         parser.add_argument("config", help="a run config (see configs/)")
         parser.add_argument("overrides", nargs="*", metavar="key=value",
                             help="config overrides, e.g. train.steps=200")
-        parser.add_argument("--steps", type=positive_int, help="training steps per run")
+        if steps:
+            parser.add_argument("--steps", type=positive_int,
+                                help="training steps per run (default: the config's "
+                                     "train.steps)")
         parser.add_argument("--out", help="output folder (default: <config out>/<command>)")
         parser.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -151,8 +194,12 @@ def add_commands(sub, positive_int) -> None:
     p = sub.add_parser("compare", help="compare optimizers, each tuned over learning rates")
     common(p)
     p.add_argument("--strategies", default="sgd,momentum,adam,adamw",
-                   help="comma-separated: sgd, momentum, nesterov, adagrad, rmsprop, adam, "
-                        "adamw, lion, schedule_free")
+                   help="comma-separated presets (sgd, momentum, nesterov, adagrad, rmsprop, "
+                        "adam, adamw, lion, schedule_free) or any optimizer name of "
+                        "jaxtrain.transforms")
+    p.add_argument("--strategy", action="append", metavar="LABEL=SPEC",
+                   help="any optimizer spec as YAML, e.g. 'nsgd={optimizer: {name: "
+                        "normalized_sgd, momentum: 0.9}}' (repeatable)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     p.add_argument("--target", type=float, help="held-out target of the monitored metric")
     p.set_defaults(func=cmd_compare)
@@ -164,9 +211,9 @@ def add_commands(sub, positive_int) -> None:
     p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("batch-size", help="largest batch whose compiled step fits in memory")
-    common(p)
+    common(p, steps=False)
     p.add_argument("--limit-mb", type=float, help="memory limit (default: the device's)")
     p.set_defaults(func=cmd_batch_size)
 
 
-__all__ = ["add_commands", "parse_grid"]
+__all__ = ["add_commands", "parse_grid", "parse_strategies"]

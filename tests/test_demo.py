@@ -6,23 +6,69 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from jaxtrain.demo import run_demo
+from jaxtrain.errors import JaxtrainError
+
+SMALL = dict(steps=60, finetune_steps=20, seeds=2, progress=False)
 
 
-def test_demo_same_accuracies_on_8_and_1_devices(tmp_path, devices):
-    eight = run_demo(tmp_path / "eight", steps=60, devices=devices, progress=False)
-    one = run_demo(tmp_path / "one", steps=60, devices=devices[:1], progress=False)
+def test_demo_same_accuracies_on_8_and_1_devices(tmp_path, devices, capsys):
+    eight = run_demo(tmp_path / "eight", devices=devices, **SMALL)
+    one = run_demo(tmp_path / "one", devices=devices[:1], **SMALL)
     assert eight["devices"] == 8 and one["devices"] == 1
-    for stage, acc in eight["accuracy"].items():
-        assert abs(acc - one["accuracy"][stage]) <= 1e-3, stage
-    assert eight["accuracy"]["pretrain (0-4)"] > 0.9
+    assert abs(eight["pretrain_accuracy"] - one["pretrain_accuracy"]) <= 1e-3
+    for way, acc in eight["accuracy"].items():
+        assert len(acc["runs"]) == 2, way
+        np.testing.assert_allclose(acc["runs"], one["accuracy"][way]["runs"], atol=1e-3)
+        assert acc["mean"] == pytest.approx(np.mean(acc["runs"]))
+        assert acc["std"] == pytest.approx(np.std(acc["runs"]))
+    assert eight["pretrain_accuracy"] > 0.9
+    assert eight["shots"] == 10 and eight["verdict"].startswith("pretraining")
     assert (tmp_path / "eight" / "curves.png").stat().st_size > 1000
     records = [json.loads(line) for line in (tmp_path / "eight" / "log.jsonl").open()]
     assert {r["run"] for r in records} == {"pretrain", "frozen fine-tune", "full fine-tune",
-                                           "scratch"}
+                                           "scratch", "frozen fine-tune (seed 2)",
+                                           "full fine-tune (seed 2)", "scratch (seed 2)"}
     assert (tmp_path / "eight" / "pretrain" / "60").is_dir()
+    # a rerun into the same folder: refused before any work, naming --overwrite ...
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "one").rglob("*")}
+    with pytest.raises(JaxtrainError, match="earlier run.*step 60.*--overwrite"):
+        run_demo(tmp_path / "one", devices=devices[:1], **SMALL)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "one").rglob("*")} == before
+    # ... and with overwrite, it says what it replaces
+    capsys.readouterr()
+    run_demo(tmp_path / "one", devices=devices[:1], overwrite=True, **SMALL)
+    assert "replacing the earlier pretrain checkpoint" in capsys.readouterr().out
+    assert (tmp_path / "one" / "pretrain" / "60").is_dir()
+
+
+def test_few_shot_holds_out_everything_else():
+    from jaxtrain.data import digits_split
+    from jaxtrain.demo import FINETUNE_CLASSES, few_shot
+
+    train, test = digits_split(FINETUNE_CLASSES)
+    small, held_out = few_shot(train, test, 4, seed=3)
+    assert np.bincount(small["label"]).tolist() == [4] * 5
+    assert len(held_out["label"]) == len(train["label"]) + len(test["label"]) - 20
+    seen = {x.tobytes() for x in small["image"]}
+    assert not any(x.tobytes() in seen for x in held_out["image"])  # no example in both
+
+
+def test_verdict_says_plainly_when_pretraining_does_not_win():
+    from jaxtrain.demo import verdict
+
+    lose = {"frozen fine-tune": [0.80, 0.82], "full fine-tune": [0.85, 0.86],
+            "scratch": [0.90, 0.91]}
+    assert verdict(lose).startswith("pretraining does not win: scratch is ahead")
+    tie = {"frozen fine-tune": [0.80, 0.90], "full fine-tune": [0.85, 0.95],
+           "scratch": [0.84, 0.92]}
+    assert verdict(tie).startswith("pretraining does not clearly win")
+    win = {"frozen fine-tune": [0.90, 0.91], "full fine-tune": [0.93, 0.94],
+           "scratch": [0.70, 0.72]}
+    assert verdict(win).startswith("pretraining wins: full fine-tune beats scratch by 22.5")
 
 
 def _cli(*args, cwd=None):
@@ -33,9 +79,16 @@ def _cli(*args, cwd=None):
 
 @pytest.mark.slow
 def test_cli_demo_runs(tmp_path):
-    result = _cli("demo", "--out", str(tmp_path / "o"), "--steps", "40", "--quiet")
+    args = ("demo", "--out", str(tmp_path / "o"), "--steps", "40", "--finetune-steps", "10",
+            "--seeds", "2", "--shots", "5", "--quiet")
+    result = _cli(*args)
     assert result.returncode == 0, result.stderr
-    assert "full fine-tune (5-9)" in result.stdout and "scratch (5-9)" in result.stdout
+    assert "5 examples per class" in result.stdout and "mean ± std over 2 seeds" in result.stdout
+    assert "scratch" in result.stdout
+    assert any(line.startswith("pretraining") for line in result.stdout.splitlines())
+    again = _cli(*args)  # the same --out again: one line naming --overwrite
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
 
 
 def test_cli_refuses_negative_steps(tmp_path):

@@ -125,8 +125,11 @@ def test_local_sgd_all_reduces_once_per_round_and_data_parallel_every_step(devic
     dp_step = sharding.compile_step(make_train_step(_loss), mesh, shardings)
     batch = {k: v[0] for k, v in batches.items()}
     dp_ops, dp_bytes = all_reduce_stats(dp_step.lower(train_state, batch).compile().as_text())
-    assert dp_ops >= 1 and dp_bytes >= param_bytes  # the gradients, every step
-    assert steps * dp_bytes / nbytes >= steps  # per round: H gradient all-reduces vs one
+    # the gradients, every step (plus at most a few scalar metrics: loss, gradient norm)
+    assert dp_ops >= 1 and param_bytes <= dp_bytes <= param_bytes + 4 * 8
+    # so a round of `steps` data-parallel steps moves `steps` times what local SGD moves
+    # (to within those scalars)
+    assert steps * dp_bytes // nbytes == steps
 
 
 def test_local_sgd_refuses_a_mesh_with_model_axes_and_a_bad_period(devices):

@@ -24,9 +24,12 @@ def test_step_passes_its_loss_to_reduce_on_plateau():
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1, eps=0)
     scales, expected = [], []
     for i, value in enumerate(np.asarray(losses)):
-        state, _ = step(state, {"i": jnp.asarray([i])})
+        state, metrics = step(state, {"i": jnp.asarray([i])})
         sched.step(float(value))
         scales.append(float(transforms.current_hyperparams(state.opt_state)["plateau_scale"]))
         expected.append(opt.param_groups[0]["lr"] / 0.1)
+        # the logged rate is the one in force: torch's lr (it left out the plateau's scale)
+        np.testing.assert_allclose(float(metrics["learning_rate"]), opt.param_groups[0]["lr"],
+                                   rtol=1e-6)
     np.testing.assert_allclose(scales, expected)
     assert min(expected) < 1.0  # the sequence does trigger reductions

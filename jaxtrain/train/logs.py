@@ -58,7 +58,8 @@ class JsonlLogger:
 def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path,
                 ylabel: str = "training loss", title: str = "", log_scale: bool = True) -> Path:
     """One line per run of (step, value) points, saved as a PNG (losses on a log axis,
-    bounded metrics such as accuracy with `log_scale=False`)."""
+    bounded metrics such as accuracy with `log_scale=False`); markers on a line of 30
+    points or fewer, so that a run with one evaluation still shows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,7 +69,8 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path,
     for name, points in curves.items():
         if points:
             steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, label=name)
+            ax.plot(steps, values, label=name, marker="o" if len(points) <= 30 else None,
+                    ms=3)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     if log_scale:

@@ -73,6 +73,16 @@ def _gradients(loss_fn, policy: Policy, state: TrainState, model_state, batch, r
     return loss, aux, model_state, grads
 
 
+def _slices(batch, microbatches: int):
+    """The batch as `microbatches` strided slices (examples i, i+m, ...) on a new leading
+    axis: each device's contiguous block of the batch holds its share of every
+    microbatch, so no data moves between devices."""
+    size = jax.tree.leaves(batch)[0].shape[0]
+    return jax.tree.map(
+        lambda x: x.reshape(size // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1),
+        batch)
+
+
 def _accumulated(loss_fn, policy, microbatches: int, unroll, state, batch, rng, scale):
     """`_gradients` averaged over `microbatches` equal slices of the batch, one after the
     other in a `lax.scan` (model state threads through them in order)."""
@@ -83,12 +93,7 @@ def _accumulated(loss_fn, policy, microbatches: int, unroll, state, batch, rng, 
         raise JaxtrainError(
             f"batch size {size} is not divisible by microbatches={microbatches}"
         )
-    # Strided slices (examples i, i+m, ...): each device's contiguous block of the batch
-    # holds its share of every microbatch, so no data moves between devices.
-    split = jax.tree.map(
-        lambda x: x.reshape(size // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1),
-        batch,
-    )
+    split = _slices(batch, microbatches)
 
     def one(model_state, micro, i):
         return _gradients(loss_fn, policy, state, model_state, micro, jax.random.fold_in(rng, i),
@@ -112,6 +117,22 @@ def _accumulated(loss_fn, policy, microbatches: int, unroll, state, batch, rng, 
     mean = lambda t: jax.tree.map(lambda x: x / microbatches, t)
     grads = jax.tree.map(lambda g, p: (g / microbatches).astype(p.dtype), grads, state.params)
     return mean(loss), mean(aux), model_state, grads
+
+
+def _objective(loss_fn, policy: Policy, microbatches: int, state: TrainState, batch, rng):
+    """`params -> mean loss` on this step's batch, with its rng and the model state before
+    the step (updates to that state are dropped): what a line search or a second-order
+    method evaluates. Over microbatches, the mean of theirs (same slices as the step)."""
+
+    def value(params, batch, i):
+        model = state.adapter.bind(policy.cast_to_compute(params), state.model_state, True)
+        rng_i = rng if microbatches == 1 else jax.random.fold_in(rng, i)
+        return jnp.asarray(loss_fn(model, policy.cast_to_compute(batch), rng_i)[0], F32)
+
+    if microbatches == 1:
+        return lambda params: value(params, batch, 0)
+    return lambda params: jnp.mean(jax.lax.map(
+        lambda xs: value(params, *xs), (_slices(batch, microbatches), jnp.arange(microbatches))))
 
 
 def _where(cond, a, b):
@@ -172,8 +193,10 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
     `unroll`: of the microbatch `lax.scan` (default: see `default_unroll`).
     With a `LossScale` in the state, a non-finite gradient skips the step and halves
     the scale whatever the policy.
-    An optimizer that takes extra args (an Optax `GradientTransformationExtraArgs`, e.g. a
-    chain with `reduce_on_plateau`) receives the step's loss as `value=`.
+    An optimizer that takes extra args (an Optax `GradientTransformationExtraArgs`: a
+    chain with `reduce_on_plateau`, `lbfgs`, `newton`, `newton_cg`) receives the step's
+    loss as `value=`, the gradient as `grad=` and `value_fn=` (params -> the loss on this
+    batch), under Optax's names.
     The state's `nonfinite` records (first bad step, first bad leaf, count); leaf 0 is the
     loss, 1..n the gradients, n+1..2n the new params, in `jax.tree.leaves` order, 2n+1 the
     gradient norm (overflowed while each gradient is finite; `raise` only).
@@ -194,16 +217,21 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
             grads = jax.tree.map(lambda g: (g.astype(F32) / scale).astype(g.dtype), grads)
         squared = squared_norm(grads)
         grad_norm = jnp.sqrt(squared)
-        # transforms that take extra args (reduce_on_plateau, ...) get the loss as `value`
-        extra = {"value": loss} if isinstance(state.tx, optax.GradientTransformationExtraArgs) \
-            else {}
+        extra = {}
+        if isinstance(state.tx, optax.GradientTransformationExtraArgs):
+            # the loss for reduce_on_plateau; grad and the objective for line searches and
+            # second-order methods (traced only where a transform calls it)
+            extra = {"value": loss, "grad": grads,
+                     "value_fn": _objective(loss_fn, policy, microbatches, state, batch,
+                                            step_rng)}
         new_state = state.apply_gradients(grads, **extra).replace(
             model_state=model_state, data_position=state.data_position + 1
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
         hyper = current_hyperparams(new_state.opt_state)
-        if "learning_rate" in hyper:
-            metrics["learning_rate"] = jnp.asarray(hyper["learning_rate"], F32)
+        if "learning_rate" in hyper:  # the rate in force: times a plateau's scale
+            metrics["learning_rate"] = (jnp.asarray(hyper["learning_rate"], F32)
+                                        * jnp.asarray(hyper.get("plateau_scale", 1.0), F32))
         if scaler is not None:
             metrics["loss_scale"] = scale
         if nan_policy == "none" and scaler is None:

@@ -1,13 +1,33 @@
 """Second-order optimizers under Optax's extra-args convention.
 
 `update(grad, state, params, value=..., grad=..., value_fn=...)`: the incoming updates
-are the gradient, and `value_fn(params) -> scalar loss` is the objective whose curvature
-is used. Extra arguments that a method does not need are accepted and ignored, so the
-same loop drives `newton`, `newton_cg` and `lbfgs`.
+are the gradient, `value` the loss at `params` and `value_fn(params) -> scalar loss` the
+objective whose curvature is used (`jaxtrain.train.make_train_step` passes all three).
+Extra arguments that a method does not need are accepted and ignored, so the same loop
+drives `newton`, `newton_cg` and `lbfgs`.
+
+`newton` and `newton_cg` are made for non-convex losses too (Martens 2010, "Deep learning
+via Hessian-free optimization"; Nocedal & Wright ch. 4 and 7):
+
+- Levenberg-Marquardt damping: the direction solves (H + lambda*I) d = g. With
+  `adaptive=True` lambda follows the reduction ratio rho = (actual decrease) /
+  (decrease predicted by the quadratic model g.s + s.H.s/2): x3/2 when rho < 1/4 (the
+  model was too optimistic), x2/3 when rho > 3/4.
+- A negative-curvature guard: CG stops at the first direction p with p.(H + lambda*I).p
+  <= 0 (Steihaug), keeping what it had (the gradient if nothing); the exact method uses
+  |eigenvalues| of H (saddle-free Newton, Dauphin et al. 2014). A direction that is not a
+  descent direction, or not finite, is replaced by the gradient.
+- A backtracking (Armijo) line search on `value_fn`: the step lr*d is halved until the
+  loss decreases enough, at most `MAX_BACKTRACKS` times; a step that never does is
+  not taken (the update is zero and lambda grows).
+
+`adaptive=False` is the plain damped step theta - lr*(H + damping*I)^-1 g: no line search,
+fixed damping, no guard (for convex problems and for checks against closed forms).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -19,23 +39,134 @@ from jax.flatten_util import ravel_pytree
 from ..errors import JaxtrainError
 from .validate import check_learning_rate, check_nonnegative, check_positive
 
+BOOST, DROP = 1.5, 2.0 / 3.0  # Martens' damping factors
+LOW_RATIO, HIGH_RATIO = 0.25, 0.75
+MIN_DAMPING = 1e-4  # where a zero damping grows from
+ARMIJO = 1e-4  # sufficient decrease: f(x - t*s) <= f(x) - ARMIJO * t * g.s
+MAX_BACKTRACKS = 8
+
 
 class NewtonState(NamedTuple):
-    """Number of steps taken."""
+    """Steps taken; the damping for the next step; the last step's reduction ratio and
+    line-search factor (1: full step, 0: step rejected)."""
 
     count: jax.Array
+    damping: jax.Array
+    ratio: jax.Array
+    step_size: jax.Array
 
 
 def _require_value_fn(name, value_fn):
     if value_fn is None:
         raise JaxtrainError(
-            f"{name}: update needs value_fn=<params -> scalar loss> as a keyword argument"
+            f"{name}: update needs value_fn=<params -> scalar loss> as a keyword argument "
+            "(jaxtrain's train step passes it)"
         )
 
 
-def scale_by_newton(damping: float = 0.0, max_params: int = 4096):
-    """The Newton direction (H + damping*I)^-1 g from the exact Hessian of the flattened
-    params (an n x n matrix: refused at `init` above `max_params` params)."""
+def _hvp(f, x):
+    """v -> H(x) v for the scalar function `f` of a flat vector, linearized once."""
+    return jax.linearize(jax.grad(f), x)[1]
+
+
+def _solve_exact(f, x, g, damping, adaptive):
+    """(H + damping*I)^-1 g from the exact Hessian; with `adaptive`, |eigenvalues|."""
+    hessian = jax.hessian(f)(x)
+    if not adaptive:
+        return jnp.linalg.solve(hessian + damping * jnp.eye(x.size, dtype=x.dtype), g)
+    w, q = jnp.linalg.eigh(hessian)
+    return q @ ((q.T @ g) / (jnp.abs(w) + damping))
+
+
+def _solve_cg(f, x, g, damping, max_steps, tol, guard):
+    """Conjugate gradients on (H + damping*I) d = g from Hessian-vector products, to
+    relative residual `tol`; with `guard`, stops at negative curvature (Steihaug)."""
+    hvp = _hvp(f, x)
+    matvec = lambda v: hvp(v) + damping * v
+    stop = (tol * jnp.linalg.norm(g)) ** 2
+
+    def cond(c):
+        i, _, _, _, rs, done = c
+        return (i < max_steps) & (rs > stop) & ~done
+
+    def body(c):
+        i, d, r, p, rs, _ = c
+        ap = matvec(p)
+        pap = p @ ap
+        negative = guard & (pap <= 0)
+        alpha = rs / pap
+        d_new, r_new = d + alpha * p, r - alpha * ap
+        rs_new = r_new @ r_new
+        p_new = r_new + (rs_new / rs) * p
+        keep = lambda old, new: jnp.where(negative, old, new)
+        return (i + 1, keep(d, d_new), keep(r, r_new), keep(p, p_new), keep(rs, rs_new),
+                negative)
+
+    zero = jnp.zeros_like(g)
+    start = (jnp.zeros([], jnp.int32), zero, g, g, g @ g, jnp.zeros([], bool))
+    _, d, _, _, _, _ = jax.lax.while_loop(cond, body, start)
+    return d
+
+
+def _damped_newton(solve, name, learning_rate, damping, adaptive):
+    """One transform: direction from `solve(f, x, g, damping)`, then (with `adaptive`) the
+    guard, the line search and the damping update of the module docstring. It applies the
+    learning rate itself, since the line search must test the step actually taken."""
+
+    def init(params):
+        del params
+        return NewtonState(jnp.zeros([], jnp.int32), jnp.asarray(damping, jnp.float32),
+                           jnp.full([], jnp.nan, jnp.float32), jnp.ones([], jnp.float32))
+
+    def update(updates, state, params=None, *, value=None, value_fn=None, **extra_args):
+        del extra_args
+        _require_value_fn(name, value_fn)
+        x, unravel = ravel_pytree(params)
+        g = ravel_pytree(updates)[0].astype(x.dtype)
+        f = lambda v: value_fn(unravel(v)).astype(x.dtype)
+        lam = state.damping.astype(x.dtype)
+        d = solve(f, x, g, lam)
+        count = optax.safe_increment(state.count)
+        if not adaptive:
+            new = NewtonState(count, state.damping, state.ratio, state.step_size)
+            return unravel(-learning_rate * d), new
+
+        f0 = f(x) if value is None else jnp.asarray(value, x.dtype)
+        slope = g @ d
+        descent = (slope > 0) & jnp.all(jnp.isfinite(d))
+        d = jnp.where(descent, d, g)
+        slope = jnp.where(descent, slope, g @ g)
+        curvature = d @ _hvp(f, x)(d)  # d.H.d, undamped: the model's curvature
+
+        def cond(c):
+            k, t, fx = c
+            enough = jnp.isfinite(fx) & (fx <= f0 - ARMIJO * t * learning_rate * slope)
+            return ~enough & (k < MAX_BACKTRACKS)
+
+        def body(c):
+            k, t, _ = c
+            return k + 1, t / 2, f(x - (t / 2) * learning_rate * d)
+
+        one = jnp.ones([], x.dtype)
+        _, t, fx = jax.lax.while_loop(cond, body, (jnp.zeros([], jnp.int32), one,
+                                                   f(x - learning_rate * d)))
+        taken = jnp.isfinite(fx) & (fx <= f0 - ARMIJO * t * learning_rate * slope)
+        s = t * learning_rate
+        predicted = -s * slope + 0.5 * s * s * curvature
+        ratio = jnp.where(taken & (predicted < 0), (fx - f0) / predicted, -jnp.inf)
+        lam = jnp.where(ratio < LOW_RATIO, jnp.maximum(lam, MIN_DAMPING) * BOOST,
+                        jnp.where(ratio > HIGH_RATIO, lam * DROP, lam))
+        step = jnp.where(taken, s, 0.0)
+        new = NewtonState(count, lam.astype(jnp.float32), ratio.astype(jnp.float32),
+                          jnp.where(taken, t, 0.0).astype(jnp.float32))
+        return unravel(-step * d), new
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _exact(learning_rate, *, damping, adaptive, max_params):
+    tx = _damped_newton(functools.partial(_solve_exact, adaptive=adaptive), "newton",
+                        learning_rate, damping, adaptive)
 
     def init(params):
         n = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
@@ -45,87 +176,60 @@ def scale_by_newton(damping: float = 0.0, max_params: int = 4096):
                 f"Hessian would be {n}x{n}. Use newton_cg (Hessian-vector products, any "
                 f"size) or raise max_params"
             )
-        return NewtonState(jnp.zeros([], jnp.int32))
+        return tx.init(params)
 
-    def update(updates, state, params=None, *, value_fn=None, **extra_args):
-        del extra_args
-        _require_value_fn("newton", value_fn)
-        flat, unravel = ravel_pytree(params)
-        grad, _ = ravel_pytree(updates)
-        hessian = jax.hessian(lambda x: value_fn(unravel(x)))(flat)
-        hessian = hessian + damping * jnp.eye(flat.size, dtype=hessian.dtype)
-        direction = jnp.linalg.solve(hessian, grad)
-        return unravel(direction), NewtonState(optax.safe_increment(state.count))
-
-    return optax.GradientTransformationExtraArgs(init, update)
+    return optax.GradientTransformationExtraArgs(init, tx.update)
 
 
-def scale_by_newton_cg(damping: float = 0.0, max_cg_steps: int = 50, tol: float = 1e-6):
-    """The Newton direction solved by conjugate gradients on Hessian-vector products
-    (forward-over-reverse: jvp of grad), so the Hessian is never formed."""
-
-    def init(params):
-        del params
-        return NewtonState(jnp.zeros([], jnp.int32))
-
-    def update(updates, state, params=None, *, value_fn=None, **extra_args):
-        del extra_args
-        _require_value_fn("newton_cg", value_fn)
-        grad_fn = jax.grad(value_fn)
-
-        def hvp(v):
-            hv = jax.jvp(grad_fn, (params,), (v,))[1]
-            return jax.tree.map(lambda a, b: a + damping * b, hv, v)
-
-        direction, _ = jax.scipy.sparse.linalg.cg(hvp, updates, tol=tol, maxiter=max_cg_steps)
-        return direction, NewtonState(optax.safe_increment(state.count))
-
-    return optax.GradientTransformationExtraArgs(init, update)
+def _hessian_free(learning_rate, *, damping, adaptive, max_cg_steps, tol):
+    solve = lambda f, x, g, lam: _solve_cg(f, x, g, lam, max_cg_steps, tol, adaptive)
+    return _damped_newton(solve, "newton_cg", learning_rate, damping, adaptive)
 
 
-def _newton(learning_rate, damping, max_params):
-    return optax.chain(
-        scale_by_newton(damping, max_params), optax.scale_by_learning_rate(learning_rate)
-    )
+def _check_damping(name, damping, adaptive):
+    check_nonnegative(name, damping=damping)
+    if not isinstance(adaptive, bool):
+        raise JaxtrainError(f"{name}: adaptive must be true or false, got {adaptive!r}")
 
 
-def _newton_cg(learning_rate, damping, max_cg_steps, tol):
-    return optax.chain(
-        scale_by_newton_cg(damping, max_cg_steps, tol), optax.scale_by_learning_rate(learning_rate)
-    )
-
-
-def newton(learning_rate=1.0, damping: float = 0.0, max_params: int = 4096):
-    """Damped Newton: theta <- theta - lr * (H + damping*I)^-1 g, exact Hessian. For small
-    models only: `init` refuses more than `max_params` params."""
+def newton(learning_rate=1.0, damping: float = 0.0, max_params: int = 4096,
+           adaptive: bool = True):
+    """Newton with the exact Hessian of the flattened params: theta <- theta - lr *
+    (|H| + lambda*I)^-1 g with adaptive damping and a line search (module docstring);
+    `adaptive=False`: the plain step with (H + damping*I). For small models only: `init`
+    refuses more than `max_params` params."""
     check_learning_rate(learning_rate)
-    check_nonnegative("newton", damping=damping)
+    _check_damping("newton", damping, adaptive)
     if not (isinstance(max_params, int) and max_params > 0):
         raise JaxtrainError(f"newton: max_params must be a positive int, got {max_params!r}")
-    return optax.inject_hyperparams(_newton, static_args=("max_params",))(
-        learning_rate=learning_rate, damping=damping, max_params=max_params
-    )
+    factory = functools.partial(_exact, damping=damping, adaptive=adaptive,
+                                max_params=max_params)
+    return optax.inject_hyperparams(factory)(learning_rate=learning_rate)
 
 
-def newton_cg(learning_rate=1.0, damping: float = 0.0, max_cg_steps: int = 50, tol: float = 1e-6):
-    """Hessian-free Newton: the step solves (H + damping*I) d = g by at most `max_cg_steps`
-    CG iterations to relative residual `tol`. Any model size. Needs H + damping*I positive
-    definite (raise `damping` on non-convex losses)."""
+def newton_cg(learning_rate=1.0, damping: float = 1.0, max_cg_steps: int = 50,
+              tol: float = 1e-6, adaptive: bool = True):
+    """Hessian-free Newton: (H + lambda*I) d = g solved by at most `max_cg_steps` CG
+    iterations on Hessian-vector products to relative residual `tol`, any model size.
+    `damping` is lambda's start; with `adaptive` (default) it follows the reduction
+    ratio, CG stops at negative curvature and a line search guards the step (module
+    docstring), which is what lets it train non-convex models."""
     check_learning_rate(learning_rate)
-    check_nonnegative("newton_cg", damping=damping)
+    _check_damping("newton_cg", damping, adaptive)
     check_positive("newton_cg", tol=tol)
     if not (isinstance(max_cg_steps, int) and max_cg_steps > 0):
         raise JaxtrainError(f"newton_cg: max_cg_steps must be a positive int, got {max_cg_steps!r}")
-    return optax.inject_hyperparams(_newton_cg, static_args=("max_cg_steps",))(
-        learning_rate=learning_rate, damping=damping, max_cg_steps=max_cg_steps, tol=tol
-    )
+    factory = functools.partial(_hessian_free, damping=damping, adaptive=adaptive,
+                                max_cg_steps=max_cg_steps, tol=tol)
+    return optax.inject_hyperparams(factory)(learning_rate=learning_rate)
 
 
 def lbfgs(
     learning_rate=None, memory_size: int = 10, scale_init_precond: bool = True, linesearch=None
 ):
     """L-BFGS with a zoom line search (strong Wolfe), Optax's. `learning_rate=None` lets the
-    line search choose the step; drive it with `optax.value_and_grad_from_state`."""
+    line search choose the step. Needs `value`, `grad` and `value_fn` as extra args (the
+    train step passes them); outside it, drive it with `optax.value_and_grad_from_state`."""
     if learning_rate is not None:
         check_learning_rate(learning_rate)
     if not (isinstance(memory_size, int) and memory_size > 0):

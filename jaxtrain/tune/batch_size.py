@@ -22,6 +22,7 @@ class BatchSizeResult:
     peak_bytes: int  # of the chosen batch
     limit_bytes: int
     tried: dict[int, int]  # batch size -> peak bytes (compiled), in the order tried
+    limited: bool = True  # False: every size up to the search cap fit (no limit found)
 
     def table(self) -> str:
         lines = ["batch size  peak memory   fits"]
@@ -29,6 +30,15 @@ class BatchSizeResult:
             fits = "yes" if peak <= self.limit_bytes else "no"
             lines.append(f"{b:>10}  {peak / 2**20:>8.1f} MiB  {fits}")
         return "\n".join(lines)
+
+    def summary(self) -> str:
+        """One line: the largest batch that fits, or that no limit was found."""
+        of = f"{self.peak_bytes / 2**20:.1f} MiB per device of {self.limit_bytes / 2**20:.0f} MiB"
+        if not self.limited:
+            return (f"no memory limit found up to batch size {self.batch_size} ({of}): memory "
+                    "does not bound the batch here")
+        return (f"largest batch that fits: {self.batch_size} ({of}); keep a larger effective "
+                "batch with optimizer accumulate: k")
 
 
 def device_memory_limit(device=None) -> int:
@@ -42,13 +52,27 @@ def device_memory_limit(device=None) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def compiled_peak_bytes(step_fn, state, batch_for, batch_size: int, donate: bool = True) -> int:
-    """Peak device bytes of `step_fn(state, batch_for(batch_size))`, compiled, not run."""
-    batch = batch_for(batch_size)
-    abstract = lambda tree: jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)), tree)
+def _abstract(tree, sharding=None):
+    """ShapeDtypeStructs of `tree`'s leaves, placed by `sharding` (a tree of shardings like
+    `tree`, or one sharding for every leaf, or None)."""
+    struct = lambda x, s=None: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x),
+                                                    sharding=s)
+    if sharding is None:
+        return jax.tree.map(struct, tree)
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: struct(x, sharding), tree)
+    return jax.tree.map(struct, tree, sharding)
+
+
+def compiled_peak_bytes(step_fn, state, batch_for, batch_size: int, donate: bool = True,
+                        shardings=None) -> int:
+    """Peak bytes per device of `step_fn(state, batch_for(batch_size))`, compiled, not run;
+    `shardings`: (state shardings, batch sharding) to compile it as placed on a mesh."""
+    state_sh, batch_sh = shardings or (None, None)
     jitted = jax.jit(step_fn, donate_argnums=(0,) if donate else ())
-    analysis = jitted.lower(abstract(state), abstract(batch)).compile().memory_analysis()
+    lowered = jitted.lower(_abstract(state, state_sh), _abstract(batch_for(batch_size),
+                                                                  batch_sh))
+    analysis = lowered.compile().memory_analysis()
     if analysis is None:
         raise JaxtrainError("this backend gives no memory analysis of compiled code")
     return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
@@ -57,11 +81,14 @@ def compiled_peak_bytes(step_fn, state, batch_for, batch_size: int, donate: bool
 
 def find_batch_size(step_fn, state, batch_for, limit_bytes: int | None = None,
                     start: int = 1, max_batch: int = 2**20, multiple_of: int = 1,
-                    headroom: float = 0.9) -> BatchSizeResult:
+                    headroom: float = 0.9, shardings=None) -> BatchSizeResult:
     """Double from `start` until the compiled step no longer fits in `headroom` x the
     limit, then bisect; sizes are multiples of `multiple_of` (the data-parallel ways).
+    When even `max_batch` fits, the result says so (`limited=False`): its batch size is
+    the search cap, not a limit.
 
-    `batch_for(n)` gives a batch of `n` examples (arrays or ShapeDtypeStructs).
+    `batch_for(n)` gives a batch of `n` examples (arrays or ShapeDtypeStructs);
+    `shardings` as `compiled_peak_bytes`.
     """
     if multiple_of < 1 or start < 1 or max_batch < start:
         raise JaxtrainError(f"need 1 <= start <= max_batch and multiple_of >= 1, got start="
@@ -71,7 +98,8 @@ def find_batch_size(step_fn, state, batch_for, limit_bytes: int | None = None,
 
     def fits(b: int) -> bool:
         if b not in tried:
-            tried[b] = compiled_peak_bytes(step_fn, state, batch_for, b)
+            tried[b] = compiled_peak_bytes(step_fn, state, batch_for, b,
+                                           shardings=shardings)
         return tried[b] <= limit
 
     round_up = lambda b: -(-b // multiple_of) * multiple_of
@@ -94,4 +122,4 @@ def find_batch_size(step_fn, state, batch_for, limit_bytes: int | None = None,
                 good = mid
             else:
                 bad = mid
-    return BatchSizeResult(good, tried[good], limit, tried)
+    return BatchSizeResult(good, tried[good], limit, tried, limited=bad is not None)

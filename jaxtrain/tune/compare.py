@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import JaxtrainError
-from ..train import plot_curves
 from ..transforms.spec import build as build_spec
+from ..transforms.spec import optimizer_factories
 from .runs import RunSpec
 from .sweep import SweepResult, sweep
 
@@ -82,22 +82,73 @@ class Comparison:
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
-        curves = {f"{r.name} (lr {r.learning_rate:.3g})": r.curve for r in self.results}
-        return plot_curves(curves, path, ylabel=f"held-out {self.monitor}",
-                           title="strategies, each at its tuned learning rate",
-                           log_scale=self.mode == "min")
+        """Left: each strategy's final held-out metric against its learning rates (mean
+        over seeds, their range shaded), the tuned rate starred, the target dotted.
+        Right: at the tuned rates, the held-out curves (mean over seeds; markers when
+        few), or the training loss per step when runs were evaluated once."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for i, r in enumerate(self.results):
+            c = f"C{i % 10}"
+            rates = sorted({p["learning_rate"] for p in r.sweep.points})
+            final = r.sweep.final()
+            rows = [[p["learning_rate"] == lr for p in r.sweep.points] for lr in rates]
+            mean = [np.nanmean(final[m]) for m in rows]
+            left.plot(rates, mean, "o-", color=c, label=r.name)
+            left.fill_between(rates, [np.nanmin(final[m]) for m in rows],
+                              [np.nanmax(final[m]) for m in rows], color=c, alpha=0.15)
+            left.plot([r.learning_rate], [r.final.mean()], "*", color=c, ms=14)
+            tuned = np.array([p["learning_rate"] == r.learning_rate for p in r.sweep.points])
+            if len(r.sweep.eval_steps) > 1:
+                steps, values = r.sweep.eval_steps, r.sweep.evals[self.monitor][tuned]
+            else:
+                steps = np.arange(1, r.sweep.train_loss.shape[1] + 1)
+                values = r.sweep.train_loss[tuned]
+            right.plot(steps, values.mean(0), color=c, marker="o" if len(steps) <= 30 else None,
+                       ms=3, label=f"{r.name} (lr {r.learning_rate:.3g})")
+        left.axhline(self.target, color="k", ls=":", lw=1, label=f"target {self.target:.4g}")
+        left.set_xscale("log")
+        left.set_xlabel("learning rate")
+        left.set_ylabel(f"final held-out {self.monitor}")
+        left.set_title(f"tuning: mean and range over seeds {self.seeds}; * tuned")
+        once = all(len(r.sweep.eval_steps) == 1 for r in self.results)
+        right.set_ylabel("training loss" if once else f"held-out {self.monitor}")
+        if once or self.mode == "min":
+            right.set_yscale("log")
+        right.set_xlabel("step")
+        right.set_title("at the tuned learning rates, mean over seeds")
+        for ax in (left, right):
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
 
 
-def strategy_spec(name: str) -> dict:
-    """The optimizer spec of a named strategy."""
-    if name not in STRATEGIES:
-        import difflib
+def strategy_spec(strategy) -> dict:
+    """The optimizer spec of a strategy: a preset of `STRATEGIES`, the name of any optimizer
+    of `jaxtrain.transforms`, or a spec (a dict, as `jaxtrain.transforms.spec.build`)."""
+    if isinstance(strategy, dict):
+        return dict(strategy)
+    if strategy in STRATEGIES:
+        return dict(STRATEGIES[strategy])
+    optimizers = optimizer_factories()
+    if strategy in optimizers:
+        return {"optimizer": strategy}
+    import difflib
 
-        close = difflib.get_close_matches(name, STRATEGIES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise JaxtrainError(f"unknown strategy {name!r}{hint}; valid: "
-                            f"{', '.join(STRATEGIES)}")
-    return dict(STRATEGIES[name])
+    valid = [*STRATEGIES, *sorted(set(optimizers) - set(STRATEGIES))]
+    close = difflib.get_close_matches(str(strategy), valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise JaxtrainError(f"unknown strategy {strategy!r}{hint}; valid: a preset "
+                        f"({', '.join(STRATEGIES)}), any optimizer of jaxtrain.transforms "
+                        f"({', '.join(sorted(optimizers))}) or a spec mapping")
 
 
 def _first_reaching(values: np.ndarray, steps: np.ndarray, target: float, mode: str) -> float:
@@ -105,19 +156,25 @@ def _first_reaching(values: np.ndarray, steps: np.ndarray, target: float, mode: 
     return float(steps[np.argmax(hit)]) if hit.any() else float("inf")
 
 
-def compare(spec: RunSpec, strategies: list[str], train: dict, valid: dict, steps: int,
+def compare(spec: RunSpec, strategies, train: dict, valid: dict, steps: int,
             seeds=(0, 1), lr_grids: dict | None = None, target: float | None = None,
             devices=None, progress: bool = True) -> Comparison:
-    """Tune and run every strategy on the problem of `spec` (see the module docstring)."""
+    """Tune and run every strategy on the problem of `spec` (see the module docstring).
+    `strategies`: names (see `strategy_spec`), or {label: name or spec}."""
     if not strategies:
         raise JaxtrainError("give at least one strategy")
-    specs = {name: strategy_spec(name) for name in strategies}
+    if not isinstance(strategies, dict):
+        strategies = {name: name for name in strategies}
+    specs = {label: strategy_spec(s) for label, s in strategies.items()}
     sweeps = {}
     for name, opt in specs.items():
         grid = {"learning_rate": list((lr_grids or {}).get(name)
                                       or LR_GRIDS.get(name, DEFAULT_LR_GRID)),
                 "seed": list(seeds)}
-        tx = build_spec({**opt, "learning_rate": grid["learning_rate"][0]})
+        try:
+            tx = build_spec({**opt, "learning_rate": grid["learning_rate"][0]})
+        except JaxtrainError as err:
+            raise JaxtrainError(f"strategy {name!r}: {err}") from None
         if progress:
             print(f"compare: {name}: {len(grid['learning_rate'])} learning rates x "
                   f"{len(seeds)} seeds", flush=True)

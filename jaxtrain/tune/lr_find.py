@@ -38,6 +38,10 @@ class LRFindResult:
         ax.plot(self.learning_rates, self.smoothed, label="smoothed")
         ax.axvline(self.suggestion, color="C3", ls="--", label=f"suggested {self.suggestion:.3g}")
         ax.set_xscale("log")
+        # the diverging tail (up to 4x the best loss) would flatten the rest: stop the
+        # axis at 1.5x the starting loss
+        low = np.nanmin(np.where(np.isfinite(self.losses), self.losses, np.nan))
+        ax.set_ylim(low - 0.05 * abs(low), 1.5 * self.smoothed[0])
         ax.set_xlabel("learning rate")
         ax.set_ylabel("training loss")
         ax.grid(True, alpha=0.3)
@@ -74,8 +78,8 @@ def lr_find(spec: RunSpec, train: dict, steps: int = 100, min_lr: float = 1e-6,
     if steps < 3:
         raise JaxtrainError(f"steps must be >= 3, got {steps}")
     rates = np.geomspace(min_lr, max_lr, steps)
-    start, step, _ = make_runner(spec)
-    step = jax.jit(step, donate_argnums=(0,))
+    start, chunk, _ = make_runner(spec)
+    step = jax.jit(chunk, donate_argnums=(0,))  # one step per call: each loss decides
     set_rate = jax.jit(lambda s, lr: start(s, {"learning_rate": lr}))
     n = len(next(iter(train.values())))
     indices = batch_indices(n, spec.batch_size, seed, steps)
@@ -84,8 +88,8 @@ def lr_find(spec: RunSpec, train: dict, steps: int = 100, min_lr: float = 1e-6,
     losses, best = [], math.inf
     for i, lr in enumerate(rates):
         state = set_rate(state, np.float32(lr))
-        state, loss = step(state, indices[i], train)
-        loss = float(loss)  # the test needs each loss to decide whether to stop
+        state, loss = step(state, indices[i:i + 1], train)
+        loss = float(loss[0])  # the test needs each loss to decide whether to stop
         losses.append(loss)
         bar.update(i + 1, {"lr": float(lr), "loss": loss})
         best = min(best, loss)

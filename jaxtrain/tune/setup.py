@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..errors import JaxtrainError
 from ..models import registry as model_registry
 from ..train.config import build_optimizer
+from ..train.precision import get_policy
 from ..train.run import data_and_model
 from ..train.tasks import get_task
 from .runs import RunSpec
@@ -21,21 +23,38 @@ class Problem:
     config: dict
 
 
+def check_one_device_runs(cfg: dict, command: str) -> None:
+    """Refuse, in one line, a config whose sharding splits one model over devices: `sweep`,
+    `compare` and `lr-find` run each training run whole on one device (many runs side by
+    side on a `sweep` mesh axis), which for data parallelism gives the same numbers."""
+    mesh, preset = cfg["sharding"]["mesh"], cfg["sharding"]["preset"]
+    split = {k: v for k, v in mesh.items() if k != "data" and v != 1}
+    if split or preset != "dp":
+        what = ", ".join(f"sharding.mesh.{k}={v}" for k, v in split.items()) or \
+            f"sharding.preset={preset!r}"
+        raise JaxtrainError(f"{command} runs each training run on one device; the config asks "
+                            f"for {what}: set sharding.preset=dp and only sharding.mesh.data")
+
+
 def problem_from_config(cfg: dict, optimizer: dict | None = None,
                         max_eval_examples: int = 1024,
                         max_train_examples: int = 65536) -> Problem:
-    """The model, data, task and optimizer of a checked run config; `optimizer` (a
-    transforms spec) replaces the config's. Held-out data is capped at
-    `max_eval_examples` so that every evaluation of every run stays cheap. The runs hold
-    their training set on the devices: prepared records (`data: {name: records}`) give
-    a seeded random subset of at most `max_train_examples` examples."""
+    """The model, data, task and optimizer of a checked run config, with its step's
+    precision and microbatches; `optimizer` (a transforms spec) replaces the config's.
+    Held-out data is capped at `max_eval_examples` so that every evaluation of every run
+    stays cheap. The runs hold their training set on the devices: prepared records
+    (`data: {name: records}`) give a seeded random subset of at most
+    `max_train_examples` examples."""
     data, name, kwargs = data_and_model(cfg)
+    train = cfg["train"]
     spec = RunSpec(
         model_fn=lambda seed: model_registry.build(name, seed, **kwargs),
         task=get_task(cfg["task"]),
         tx=build_optimizer(optimizer or cfg["optimizer"]),
-        batch_size=cfg["train"]["batch_size"],
-        eval_every=cfg["train"]["eval_every"] or max(1, cfg["train"]["steps"] // 10),
+        batch_size=train["batch_size"],
+        eval_every=train["eval_every"] or max(1, train["steps"] // 10),
+        precision=get_policy(train["precision"]),
+        microbatches=train["microbatches"],
     )
     valid = {k: v[:max_eval_examples] for k, v in data["valid"].items()}
     train = data["train"]

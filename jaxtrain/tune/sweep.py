@@ -1,9 +1,13 @@
 """A hyperparameter grid trained as one vmapped, jitted program.
 
 Every grid point is a whole training run; their states are stacked on a leading axis and
-advanced together (`jax.vmap`), one `eval_every`-step chunk per compiled call, sharded
-over the devices along a `sweep` mesh axis. `seed` in the grid varies the init and the
-data order; every other name sets an injected hyperparameter of the optimizer.
+advanced together (`jax.vmap`), sharded over the devices along a `sweep` mesh axis, one
+`eval_every`-step chunk (a `lax.scan`) per compiled call, then a held-out evaluation;
+runs of `steps` not a multiple of `eval_every` end with a shorter chunk and one more
+evaluation. On CPU a model with a convolution takes one step per call instead (XLA:CPU
+runs convolutions in loops ~24x slower, and unrolling a long chunk compiles slowly).
+`seed` in the grid varies the init and the data order; every other name sets an injected
+hyperparameter of the optimizer.
 """
 
 from __future__ import annotations
@@ -20,8 +24,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..errors import JaxtrainError
-from ..train import Progress, plot_curves
-from .runs import RunSpec, batch_indices, initial_state, injected_names, make_runner
+from ..train import Progress
+from .runs import (
+    RunSpec,
+    batch_indices,
+    conv_on_cpu,
+    initial_state,
+    injected_names,
+    make_runner,
+)
 
 
 def expand_grid(grid: dict) -> list[dict]:
@@ -88,11 +99,82 @@ class SweepResult:
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
+        """Left: the final (line) and best (dashed) held-out metric against the swept
+        value, mean over seeds with their range shaded, the best point starred (one line
+        per value of a second swept name); log axis for rates and wide ranges. Right:
+        every run's held-out curve (markers when there are few evaluations), or its
+        training loss per step when it was evaluated once."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [n for n in self.points[0] if n != "seed"]
+        x_name = names[0] if names else "seed"
+        lines_by = names[1] if len(names) > 1 else None
+        final, best = self.final(), self.best()
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+        groups = sorted({p.get(lines_by) for p in self.points}, key=lambda v: (v is None, v))
+        for color, group in enumerate(groups):
+            rows = [i for i, p in enumerate(self.points) if p.get(lines_by) == group]
+            xs = sorted({self.points[i][x_name] for i in rows})
+            stats = []
+            for x in xs:
+                at = [i for i in rows if self.points[i][x_name] == x]
+                stats.append([np.nanmean(final[at]), np.nanmin(final[at]),
+                              np.nanmax(final[at]), np.nanmean(best[at])])
+            mean, lo, hi, best_mean = np.array(stats).T
+            label = "" if lines_by is None else f"{lines_by}={group:.3g}: "
+            c = f"C{color % 10}"
+            left.plot(xs, mean, "o-", color=c, label=f"{label}final")
+            if len(self.eval_steps) > 1:  # else the best is the final
+                left.plot(xs, best_mean, "s--", color=c, alpha=0.6, ms=4,
+                          label=f"{label}best")
+            if len(set(p.get("seed", 0) for p in self.points)) > 1:
+                left.fill_between(xs, lo, hi, color=c, alpha=0.15)
+        top = self.points[self.best_index()]
+        at = [i for i, p in enumerate(self.points)
+              if all(p[n] == top[n] for n in names)]
+        left.plot([top[x_name]], [np.nanmean(final[at])], "*", color="k", ms=16,
+                  label=f"best: {', '.join(f'{n}={top[n]:.3g}' for n in names) or 'seed'}")
+        values = np.array([p[x_name] for p in self.points], float)
+        if x_name == "learning_rate" or (values.min() > 0 and values.max() / values.min() > 20):
+            left.set_xscale("log")
+        seeds = sorted({p.get("seed", 0) for p in self.points})
+        left.set_xlabel(x_name)
+        left.set_ylabel(f"held-out {self.monitor}")
+        left.set_title(f"after {int(self.eval_steps[-1])} steps"
+                       + (f"; mean and range over seeds {seeds}" if len(seeds) > 1 else ""))
+        left.grid(True, alpha=0.3)
+        left.legend(fontsize="small")
+
         label = lambda p: ", ".join(f"{k}={v:.3g}" for k, v in p.items())
-        curves = {label(p): list(zip(self.eval_steps.tolist(), self.evals["loss"][i].tolist(),
-                                     strict=True))
-                  for i, p in enumerate(self.points)}
-        return plot_curves(curves, path, ylabel="held-out loss", title="sweep")
+        if len(self.eval_steps) > 1:
+            steps, values, what = self.eval_steps, self.evals[self.monitor], \
+                f"held-out {self.monitor}"
+            log = self.mode == "min"
+        else:  # one evaluation is one point per run: show the training loss instead
+            steps, values, what = np.arange(1, self.train_loss.shape[1] + 1), \
+                self.train_loss, "training loss"
+            log = True
+        marker = "o" if len(steps) <= 30 else None
+        for i, p in enumerate(self.points):
+            right.plot(steps, values[i], marker=marker, ms=3, lw=1,
+                       label=label(p) if len(self.points) <= 12 else None)
+        finite = values[np.isfinite(values)]
+        if log and finite.size and finite.min() > 0:
+            right.set_yscale("log")
+        right.set_xlabel("step")
+        right.set_ylabel(what)
+        right.set_title(f"{what} of every run")
+        right.grid(True, alpha=0.3)
+        if len(self.points) <= 12:
+            right.legend(fontsize="x-small")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
 
 
 def sweep_mesh(devices=None) -> Mesh:
@@ -105,12 +187,17 @@ def _stack(trees):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def eval_ends(steps: int, eval_every: int) -> list[int]:
+    """The steps after which a sweep evaluates: multiples of `eval_every`, and `steps`."""
+    ends = list(range(eval_every, steps + 1, eval_every))
+    return ends if ends and ends[-1] == steps else [*ends, steps]
+
+
 def sweep(spec: RunSpec, grid: dict, train: dict, valid: dict, steps: int, devices=None,
           progress: bool = True, keep_params: bool = False) -> SweepResult:
     """Train every point of `grid` for `steps` steps as one vmapped program."""
-    if steps <= 0 or steps % spec.eval_every:
-        raise JaxtrainError(f"steps ({steps}) must be a positive multiple of eval_every "
-                            f"({spec.eval_every})")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise JaxtrainError(f"steps must be a positive integer, got {steps!r}")
     points = expand_grid(grid)
     seeds = sorted({int(p.get("seed", 0)) for p in points})
     base = initial_state(spec, seeds[0])
@@ -133,31 +220,37 @@ def sweep(spec: RunSpec, grid: dict, train: dict, valid: dict, steps: int, devic
                            along)
     n_train = len(next(iter(train.values())))
     indices = np.stack([batch_indices(n_train, spec.batch_size, int(p.get("seed", 0)), steps)
-                        for p in padded])
+                        for p in padded], axis=1)  # (steps, runs, batch)
+    one_step_calls = conv_on_cpu(spec, base, train)
     train, valid = jax.device_put((train, valid), everywhere)
 
-    start, step, evaluate = make_runner(spec)
+    start, chunk, evaluate = make_runner(spec)
     start = jax.jit(jax.vmap(start), out_shardings=along)
-    step = jax.jit(jax.vmap(step, in_axes=(0, 0, None)), donate_argnums=(0,),
-                   out_shardings=along)
+    chunk = jax.jit(jax.vmap(chunk, in_axes=(0, 1, None), out_axes=(0, 1)),
+                    donate_argnums=(0,), out_shardings=(along, NamedSharding(
+                        mesh, PartitionSpec(None, "sweep"))))
     evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, None)), out_shardings=along)
     state = start(state, hyper)
-    indices = jax.device_put(np.ascontiguousarray(indices.transpose(1, 0, 2)),
-                             NamedSharding(mesh, PartitionSpec(None, "sweep")))
+    indices = jax.device_put(indices, NamedSharding(mesh, PartitionSpec(None, "sweep")))
+    ends = eval_ends(steps, spec.eval_every)
+    calls = [(a, b) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    if one_step_calls:
+        calls = [(i, i + 1) for i in range(steps)]
 
     t0 = time.perf_counter()
-    step = step.lower(state, indices[0], train).compile()
+    compiled = {n: chunk.lower(state, indices[:n], train).compile()
+                for n in {b - a for a, b in calls}}
     evaluate = evaluate.lower(state, valid).compile()
     compile_seconds = time.perf_counter() - t0
     bar = Progress(steps, f"sweep ({len(points)} runs)", enabled=progress)
     losses, evals = [], []
     t0 = time.perf_counter()
-    for i in range(steps):
-        state, loss = step(state, indices[i], train)
+    for a, b in calls:
+        state, loss = compiled[b - a](state, indices[a:b], train)
         losses.append(loss)
-        if (i + 1) % spec.eval_every == 0:
+        if b in ends:
             evals.append(evaluate(state, valid))
-            bar.update(i + 1, {})
+            bar.update(b, {})
     losses, evals = jax.device_get((losses, evals))
     run_seconds = time.perf_counter() - t0
     bar.close()
@@ -165,9 +258,9 @@ def sweep(spec: RunSpec, grid: dict, train: dict, valid: dict, steps: int, devic
     n = len(points)
     return SweepResult(
         points=points,
-        train_loss=np.stack(losses, axis=1)[:n],
+        train_loss=np.concatenate(losses, axis=0).T[:n],
         evals={k: np.stack([e[k] for e in evals], axis=1)[:n] for k in evals[0]},
-        eval_steps=np.arange(1, steps // spec.eval_every + 1) * spec.eval_every,
+        eval_steps=np.array(ends),
         monitor=spec.task.monitor,
         mode=spec.task.mode,
         compile_seconds=compile_seconds,
