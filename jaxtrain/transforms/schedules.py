@@ -5,8 +5,14 @@ Each is built on the Optax schedule where Optax is exact; where Optax and
 `torch.optim.lr_scheduler` disagree (one-cycle phase ends, torch's cyclic and
 warm-restart schedules that Optax lacks) the torch twin is followed and the difference
 is documented. Every schedule with a torch twin gives the twin's value at every step
-(tests/test_schedules.py). Past its last step a schedule holds its final value, where
-torch's CosineAnnealingLR would climb back up.
+(tests/test_schedules.py). Past its last step a schedule holds its final value exactly
+(never a rounding below it, never NaN), where torch's CosineAnnealingLR would climb back
+up.
+
+Steps are counted in floating point (float32; float64 when `jax_enable_x64` is on), not
+in int32: steps and lengths beyond 2**31 (runs counted in tokens) work, and nothing
+wraps around. Quotients are never trusted to be exact under `jit` (XLA turns `t / 5`
+into `t * 0.2`), so ends are reached by clipping and floors are corrected by a multiply.
 """
 
 from __future__ import annotations
@@ -23,6 +29,26 @@ from ..errors import JaxtrainError
 Schedule = Callable[[int], jnp.ndarray]
 DECAY_SHAPES = ("linear", "cosine", "sqrt")
 CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
+
+
+def _steps(step):
+    """`step` as a float array in JAX's default float dtype (float64 under x64)."""
+    return jnp.asarray(step, dtype=jnp.result_type(float))
+
+
+def _floor_div(t, d: int):
+    """floor(t / d) for whole-number floats `t`, exact where `t / d` rounds wrong."""
+    d = float(d)  # a Python int beyond int32 would not convert
+    q = jnp.floor(t / d)
+    q = jnp.where(q * d > t, q - 1, q)
+    return jnp.where((q + 1) * d <= t, q + 1, q)
+
+
+def _fraction_left(step, steps: int):
+    """(steps - t) / steps for t clipped to [0, steps]: exactly 0 from `steps` on."""
+    steps = float(steps)  # a Python int beyond int32 would not convert
+    remaining = steps - jnp.clip(_steps(step), 0.0, steps)
+    return jnp.clip(remaining / steps, 0.0, 1.0)
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -54,7 +80,7 @@ def _power(base: float, exponent):
     """
     if base < 0:
         raise JaxtrainError(f"a decay rate must be >= 0, got {base!r}")
-    exponent = jnp.asarray(exponent, jnp.float32)
+    exponent = _steps(exponent)
     if base == 0:
         return jnp.where(exponent > 0, 0.0, 1.0)
     return jnp.exp(exponent * math.log(base))
@@ -68,18 +94,19 @@ def constant(value) -> Schedule:
 def linear(init_value, end_value, steps) -> Schedule:
     """From `init_value` to `end_value` in a straight line over `steps`, then held
     (torch LinearLR with start/end factors relative to the base rate)."""
-    return optax.linear_schedule(
-        _finite("init_value", init_value), _finite("end_value", end_value),
-        _positive_int("steps", steps),
-    )
+    init_value, end_value = _finite("init_value", init_value), _finite("end_value", end_value)
+    steps = _positive_int("steps", steps)
+    return lambda step: end_value + (init_value - end_value) * _fraction_left(step, steps)
 
 
 def polynomial(init_value, end_value, power, steps) -> Schedule:
     """(init - end) * (1 - t/steps)**power + end, then held (torch PolynomialLR, end 0)."""
-    return optax.polynomial_schedule(
-        _finite("init_value", init_value), _finite("end_value", end_value),
-        _finite("power", power), _positive_int("steps", steps),
-    )
+    init_value, end_value = _finite("init_value", init_value), _finite("end_value", end_value)
+    power, steps = _finite("power", power), _positive_int("steps", steps)
+    if power < 0:
+        raise JaxtrainError(f"power must be >= 0, got {power!r}")
+    return lambda step: (end_value
+                         + (init_value - end_value) * _fraction_left(step, steps) ** power)
 
 
 def exponential(init_value, decay_rate, transition_steps=1, staircase=False) -> Schedule:
@@ -89,8 +116,8 @@ def exponential(init_value, decay_rate, transition_steps=1, staircase=False) -> 
     transition_steps = _positive_int("transition_steps", transition_steps)
 
     def schedule(step):
-        p = jnp.asarray(step, jnp.float32) / transition_steps
-        p = jnp.floor(p) if staircase else p
+        t = _steps(step)
+        p = _floor_div(t, transition_steps) if staircase else t / float(transition_steps)
         return init_value * _power(decay_rate, p)
 
     return schedule
@@ -100,7 +127,7 @@ def step_decay(init_value, step_size, gamma) -> Schedule:
     """init * gamma**(t // step_size) (torch StepLR)."""
     init_value, gamma = _finite("init_value", init_value), _finite("gamma", gamma)
     step_size = _positive_int("step_size", step_size)
-    return lambda step: init_value * _power(gamma, jnp.asarray(step) // step_size)
+    return lambda step: init_value * _power(gamma, _floor_div(_steps(step), step_size))
 
 
 def multistep_decay(init_value, milestones, gamma) -> Schedule:
@@ -110,9 +137,16 @@ def multistep_decay(init_value, milestones, gamma) -> Schedule:
     if isinstance(milestones, str | bytes) or not isinstance(milestones, Sequence):
         raise JaxtrainError(f"milestones must be a list of step numbers, got {milestones!r}")
     counts = Counter(_positive_int("milestones[]", m, 0) for m in milestones)
-    return optax.piecewise_constant_schedule(
-        init_value, {m: gamma**n for m, n in sorted(counts.items())}
-    )
+    ends, powers = list(counts), [gamma**n for n in counts.values()]
+
+    def schedule(step):
+        t = _steps(step)
+        value = jnp.asarray(init_value, t.dtype)
+        for end, factor in zip(ends, powers, strict=True):
+            value = jnp.where(t >= float(end), value * factor, value)
+        return value
+
+    return schedule
 
 
 def cosine(init_value, decay_steps, final_value=0.0) -> Schedule:
@@ -123,8 +157,8 @@ def cosine(init_value, decay_steps, final_value=0.0) -> Schedule:
     decay_steps = _positive_int("decay_steps", decay_steps)
 
     def schedule(step):
-        remaining = decay_steps - jnp.clip(jnp.asarray(step), 0, decay_steps)
-        return final_value + (init_value - final_value) * _half_cosine(remaining, decay_steps)
+        left = _fraction_left(step, decay_steps)
+        return final_value + (init_value - final_value) * _half_cosine(left, 1.0)
 
     return schedule
 
@@ -158,9 +192,9 @@ def wsd(peak_value, warmup_steps, stable_steps, decay_steps, final_value=0.0,
         raise JaxtrainError(f"decay_shape must be one of {DECAY_SHAPES}, got {decay_shape!r}")
 
     def schedule(step):
-        step = jnp.asarray(step)
-        warm = peak_value * step / max(warmup_steps, 1)
-        done = jnp.clip(step - warmup_steps - stable_steps, 0, decay_steps) / decay_steps
+        step = _steps(step)
+        warm = peak_value * step / float(max(warmup_steps, 1))
+        done = 1.0 - _fraction_left(step - float(warmup_steps + stable_steps), decay_steps)
         if decay_shape == "linear":
             keep = 1.0 - done
         elif decay_shape == "cosine":
@@ -168,7 +202,7 @@ def wsd(peak_value, warmup_steps, stable_steps, decay_steps, final_value=0.0,
         else:
             keep = 1.0 - jnp.sqrt(done)
         decayed = final_value + (peak_value - final_value) * keep
-        return jnp.where(step < warmup_steps, warm, decayed).astype(jnp.float32)
+        return jnp.where(step < float(warmup_steps), warm, decayed)
 
     return schedule
 
@@ -180,9 +214,10 @@ def inverse_sqrt(peak_value, warmup_steps) -> Schedule:
     warmup_steps = _positive_int("warmup_steps", warmup_steps)
 
     def schedule(step):
-        t = jnp.asarray(step, jnp.float32)
-        return jnp.where(t < warmup_steps, peak_value * t / warmup_steps,
-                         peak_value * jnp.sqrt(warmup_steps / jnp.maximum(t, 1.0)))
+        t = _steps(step)
+        warm = float(warmup_steps)
+        return jnp.where(t < warm, peak_value * t / warm,
+                         peak_value * jnp.sqrt(warm / jnp.maximum(t, 1.0)))
 
     return schedule
 
@@ -209,7 +244,7 @@ def one_cycle(peak_value, total_steps, pct_start=0.3, div_factor=25.0,
         return end + (start - end) * _half_cosine(length - done, length)
 
     def schedule(step):
-        t = jnp.clip(jnp.asarray(step, jnp.float32), 0.0, down_end)
+        t = jnp.clip(_steps(step), 0.0, down_end)
         up = anneal(initial, peak_value, t, up_end)
         down = anneal(peak_value, final, t - up_end, down_end - up_end)
         return jnp.where(t <= up_end, up, down)
@@ -226,12 +261,14 @@ def cyclic(base_value, max_value, step_size_up, mode="triangular", gamma=1.0) ->
     gamma = _finite("gamma", gamma)
     if mode not in CYCLIC_MODES:
         raise JaxtrainError(f"mode must be one of {CYCLIC_MODES}, got {mode!r}")
-    total = 2.0 * step_size_up
+    total = 2 * step_size_up
 
     def schedule(step):
-        t = jnp.asarray(step, jnp.float32)
-        cycle = jnp.floor(1.0 + t / total)
-        x = 1.0 + t / total - cycle
+        t = _steps(step)
+        done = _floor_div(t, total)  # whole cycles done
+        cycle = 1.0 + done
+        # the remainder (exact in float64; clipped where float32 rounds t), as a fraction
+        x = jnp.clip((t - done * total) / float(total), 0.0, 1.0)
         height = (max_value - base_value) * jnp.where(x <= 0.5, x / 0.5, (x - 1.0) / -0.5)
         if mode == "triangular":
             scale = 1.0
@@ -250,25 +287,25 @@ def cosine_restarts(init_value, first_period, period_mult=1, final_value=0.0) ->
     last (an integer >= 1, as in torch)."""
     init_value, final_value = _finite("init_value", init_value), _finite("final_value",
                                                                          final_value)
-    first_period = _positive_int("first_period", first_period)
+    first_period = float(_positive_int("first_period", first_period))
     period_mult = _positive_int("period_mult", period_mult)
 
-    def start(k):  # the first step of period k
+    def start(k):  # the first step of period k (whole numbers, in floating point)
         if period_mult == 1:
             return k * first_period
-        return first_period * (period_mult**k - 1) // (period_mult - 1)
+        return jnp.round(first_period * (period_mult**k - 1) / (period_mult - 1))
 
     def schedule(step):
-        t = jnp.asarray(step, jnp.int32)
+        t = jnp.maximum(_steps(step), 0.0)
         if period_mult == 1:
-            n = t // first_period
-        else:  # the period holding t, from the log, then fixed up to integer exactness
+            n = _floor_div(t, first_period)
+        else:  # the period holding t, from the log, then fixed up to exactness
             est = jnp.log(t / first_period * (period_mult - 1) + 1.0) / math.log(period_mult)
-            n = jnp.floor(est).astype(jnp.int32)
+            n = jnp.floor(est)
             n = jnp.where(start(n) > t, n - 1, n)
             n = jnp.where(start(n + 1) <= t, n + 1, n)
-        since = (t - start(n)).astype(jnp.float32)
-        period = (first_period * jnp.asarray(period_mult, jnp.int32) ** n).astype(jnp.float32)
+        since = jnp.clip(t - start(n), 0.0, None)
+        period = first_period * jnp.round(jnp.asarray(period_mult, t.dtype) ** n)
         return final_value + (init_value - final_value) * _half_cosine(period - since, period)
 
     return schedule
@@ -276,7 +313,7 @@ def cosine_restarts(init_value, first_period, period_mult=1, final_value=0.0) ->
 
 def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     """`schedules[i]` from `boundaries[i-1]` on, each restarted at 0 there
-    (`optax.join_schedules`; torch SequentialLR)."""
+    (as `optax.join_schedules`, with float steps; torch SequentialLR)."""
     schedules, boundaries = list(schedules), list(boundaries)
     if len(boundaries) != len(schedules) - 1:
         raise JaxtrainError(f"join needs one boundary fewer than schedules: got "
@@ -285,7 +322,15 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
         _positive_int("boundaries[]", b, 0)
     if boundaries != sorted(boundaries):
         raise JaxtrainError(f"join boundaries must increase, got {boundaries}")
-    return optax.join_schedules(schedules, boundaries)
+
+    def schedule(step):
+        t = _steps(step)
+        value = schedules[0](t)
+        for boundary, piece in zip(boundaries, schedules[1:], strict=True):
+            value = jnp.where(t < float(boundary), value, piece(t - float(boundary)))
+        return value
+
+    return schedule
 
 
 SCHEDULES = {
