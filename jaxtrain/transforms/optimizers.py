@@ -9,13 +9,13 @@ differs from torch.optim, an argument selects torch's (docs/transforms.md says w
 from __future__ import annotations
 
 import inspect
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from .inject import hyperparam_dtype, injected
 from .validate import (
     check_learning_rate,
     check_nonnegative,
@@ -24,9 +24,11 @@ from .validate import (
     with_mask_check,
 )
 
-# Arguments that are never hyperparameters to inject: masks (callables would be taken
-# for schedules) and integers that shape the computation.
+# Arguments that are never hyperparameters to inject: masks and dtypes (callables would
+# be taken for schedules), integers that shape the computation, formula selectors.
 _STATIC = {
+    "dtype_momentum",
+    "mu_dtype",
     "mask",
     "weight_decay_mask",
     "trust_ratio_mask",
@@ -35,6 +37,7 @@ _STATIC = {
     "ns_coeffs",
     "warmup_steps",
     "max_of",
+    "eps_of",
     "momentum_decay",
 }
 
@@ -80,7 +83,7 @@ def _scale_by_amsgrad_torch(b1, b2, eps):
         del params
         mu, nu, count = _adam_moments(updates, state, b1, b2)
         nu_max = jax.tree.map(jnp.maximum, state.extra, nu)
-        t = count.astype(jnp.float32)
+        t = count.astype(jnp.result_type(b2, jnp.float32))
         bc1, bc2 = 1 - b1**t, 1 - b2**t
         out = jax.tree.map(lambda m, v: (m / bc1) / (jnp.sqrt(v / bc2) + eps), mu, nu_max)
         return out, _TorchAdamState(count, mu, nu, nu_max)
@@ -93,12 +96,13 @@ def _scale_by_nadam_torch(b1, b2, eps, momentum_decay):
 
     def init(params):
         mu, nu = optax.tree.zeros_like(params), optax.tree.zeros_like(params)
-        return _TorchAdamState(jnp.zeros([], jnp.int32), mu, nu, jnp.ones([], jnp.float32))
+        product = jnp.ones([], hyperparam_dtype(params))
+        return _TorchAdamState(jnp.zeros([], jnp.int32), mu, nu, product)
 
     def update(updates, state, params=None):
         del params
         mu, nu, count = _adam_moments(updates, state, b1, b2)
-        t = count.astype(jnp.float32)
+        t = count.astype(state.extra.dtype)
         mu_t = b1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
         mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1.0) * momentum_decay))
         product = state.extra * mu_t
@@ -117,15 +121,51 @@ def _scale_by_nadam_torch(b1, b2, eps, momentum_decay):
     return optax.GradientTransformation(init, update)
 
 
+def _scale_by_radam_torch(b1, b2, eps, threshold):
+    """torch.optim.RAdam: eps added to the square root of the raw second moment, the
+    bias correction sqrt(1 - b2^t) applied after; rectified while rho_t > threshold."""
+
+    def init(params):
+        mu, nu = optax.tree.zeros_like(params), optax.tree.zeros_like(params)
+        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), mu, nu)
+
+    def update(updates, state, params=None):
+        del params
+        mu, nu, count = _adam_moments(updates, state, b1, b2)
+        t = count.astype(jnp.result_type(b2, jnp.float32))
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        rho_inf = 2 / (1 - b2) - 1
+        rho = rho_inf - 2 * t * b2**t / bc2
+        rect = jnp.sqrt(jnp.maximum(
+            (rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho), 0.0))
+        out = jax.tree.map(
+            lambda m, v: jnp.where(rho > threshold,
+                                   m / bc1 * rect * jnp.sqrt(bc2) / (jnp.sqrt(v) + eps),
+                                   m / bc1),
+            mu, nu)
+        return out, optax.ScaleByAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
 def _injected(factory, only=None, **hyperparams):
-    """`factory` under `optax.inject_hyperparams`; with `only`, just those names are
-    injected (every other argument of `factory`, defaults included, stays a Python
-    constant): for adadelta and lars, runtime rho/eps or
-    weight_decay/trust_coefficient made the update 15-25% slower than Optax's (measured),
-    while an injected learning rate alone costs nothing."""
-    names = inspect.signature(factory).parameters if only is not None else hyperparams
+    """`factory` with its hyperparameters injected (`inject.injected`: float32
+    hyperparameters, dtypes kept, arrays used as given); with `only`, just those names
+    are injected (every other argument of `factory`, defaults included, stays a Python
+    constant): for adadelta and lars, runtime rho/eps or weight_decay/trust_coefficient
+    made the update 15-25% slower than Optax's (measured), while an injected learning
+    rate alone costs nothing."""
+    names = inspect.signature(factory).parameters  # defaults too: inject binds them
     static = tuple(k for k in names if k in _STATIC or (only is not None and k not in only))
-    return optax.inject_hyperparams(factory, static_args=static)(**hyperparams)
+    return injected(factory, static, **hyperparams)
+
+
+def _none_if_zero(value):
+    """None for a momentum of None or a concrete 0 (no momentum buffer in the state); a
+    traced value (under jit, vmap or an outer inject_hyperparams) is kept as it is."""
+    if value is None or isinstance(value, jax.core.Tracer):
+        return value
+    return None if float(value) == 0.0 else value
 
 
 def _betas(name, **betas):
@@ -138,10 +178,10 @@ def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False):
     Full-batch gradient descent is this fed the gradient of the whole data set.
     """
     check_learning_rate(learning_rate)
-    if not (momentum >= 0.0 and math.isfinite(momentum)):
-        raise ValueError(f"sgd: momentum must be a finite number >= 0, got {momentum!r}")
+    check_nonnegative("sgd", momentum=momentum)
     return _injected(
-        optax.sgd, learning_rate=learning_rate, momentum=momentum or None, nesterov=nesterov
+        optax.sgd, learning_rate=learning_rate, momentum=_none_if_zero(momentum),
+        nesterov=nesterov,
     )
 
 
@@ -214,7 +254,7 @@ def rmsprop(
         eps=eps,
         eps_in_sqrt=eps_in_sqrt,
         centered=centered,
-        momentum=momentum or None,
+        momentum=_none_if_zero(momentum),
         nesterov=nesterov,
     )
 
@@ -350,17 +390,34 @@ def nadamw(
     return with_mask_check(tx, mask, "nadamw: mask")
 
 
+def _radam(learning_rate, b1, b2, eps, threshold, eps_of):
+    if eps_of == "corrected":
+        return optax.radam(learning_rate, b1, b2, eps, threshold=threshold)
+    return optax.chain(
+        _scale_by_radam_torch(b1, b2, eps, threshold), optax.scale_by_learning_rate(learning_rate)
+    )
+
+
 def radam(
-    learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, threshold: float = 5.0
+    learning_rate,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    threshold: float = 5.0,
+    eps_of: str = "corrected",
 ):
     """RAdam (Liu et al., 2020): Adam with the variance rectification term, plain momentum
-    SGD while the approximated SMA length is below `threshold`."""
+    SGD while the approximated SMA length is below `threshold`. `eps_of="corrected"`
+    (Optax) adds eps to sqrt of the bias-corrected second moment (rectified while
+    rho_t >= threshold); `"raw"` adds it to sqrt of the raw moment and bias-corrects
+    after (rectified while rho_t > threshold), as torch.optim.RAdam."""
     check_learning_rate(learning_rate)
     _betas("radam", b1=b1, b2=b2)
     check_nonnegative("radam", eps=eps, threshold=threshold)
-    return _injected(
-        optax.radam, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, threshold=threshold
-    )
+    if eps_of not in ("corrected", "raw"):
+        raise ValueError(f"radam: eps_of must be 'corrected' or 'raw', got {eps_of!r}")
+    return _injected(_radam, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                     threshold=threshold, eps_of=eps_of)
 
 
 def _normalized_sgd(learning_rate, beta, eps):

@@ -61,7 +61,8 @@ def check_positive(name: str, **values) -> None:
     """Each of `values` must be a finite number > 0."""
     for key, value in values.items():
         check_nonnegative(name, **{key: value})
-        if float(value) == 0.0:
+        arr = _concrete(value)
+        if arr is not None and float(arr) == 0.0:
             raise JaxtrainError(f"{name}: {key} must be > 0, got {value!r}")
 
 
