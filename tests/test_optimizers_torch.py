@@ -101,7 +101,7 @@ CASES = {
     "adamw": (T.adamw(0.01, weight_decay=0.1), lambda p: optim.AdamW(p, lr=0.01, weight_decay=0.1)),
     "adamax": (T.adamax(0.01), lambda p: optim.Adamax(p, lr=0.01)),
     "amsgrad": (T.amsgrad(0.01, max_of="raw"), lambda p: optim.Adam(p, lr=0.01, amsgrad=True)),
-    "radam": (T.radam(0.01), lambda p: optim.RAdam(p, lr=0.01)),
+    "radam": (T.radam(0.01, eps_of="raw"), lambda p: optim.RAdam(p, lr=0.01)),
     "nadam": (T.nadam(0.01, momentum_decay=4e-3), lambda p: optim.NAdam(p, lr=0.01)),
     "nadamw": (
         T.nadamw(0.01, weight_decay=0.1, momentum_decay=4e-3),
@@ -129,3 +129,39 @@ DIFFERS = {
 def test_optax_default_formula_differs_from_torch(name):
     ours, make = DIFFERS[name]
     assert _max_rel_err(_ours(ours), _torch(make)) > 1e-3
+
+
+def _float64_gap(ours, make):
+    """Max relative gap of our float64 trajectory from torch's, both in float64."""
+    with jax.enable_x64(True):
+        params = {k: jnp.asarray(v, jnp.float64) for k, v in _init().items()}
+        grads = {k: np.asarray(v, np.float64) for k, v in _grads().items()}
+
+        def step(carry, g):
+            p, state = carry
+            updates, state = ours.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+            return (p, state), p
+
+        _, traj = jax.jit(lambda p, gs: jax.lax.scan(step, (p, ours.init(p)), gs))(params, grads)
+        assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(traj))
+    tparams = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+               for k, v in _init().items()}
+    opt = make(list(tparams.values()))
+    theirs = {k: [] for k in tparams}
+    for t in range(STEPS):
+        for k, p in tparams.items():
+            p.grad = torch.tensor(grads[k][t])
+        opt.step()
+        for k, p in tparams.items():
+            theirs[k].append(p.detach().numpy().copy())
+    return _max_rel_err(jax.tree.map(np.asarray, traj), {k: np.stack(v) for k, v in theirs.items()})
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-3])
+def test_radam_raw_form_is_torch_radam_in_float64(eps):
+    """`eps_of='raw'` is torch.optim.RAdam to float64 rounding; Optax's form (the default)
+    is not, by more at a larger eps."""
+    torch_radam = lambda p: optim.RAdam(p, lr=0.01, eps=eps)  # noqa: E731
+    assert _float64_gap(T.radam(0.01, eps=eps, eps_of="raw"), torch_radam) < 1e-13
+    assert _float64_gap(T.radam(0.01, eps=eps), torch_radam) > (1e-10 if eps < 1e-6 else 1e-5)
