@@ -205,7 +205,10 @@ def test_traced_hyperparameters(name, variant, request):
     def schedule(count):
         return LR / (1.0 + count)
 
-    outer = optax.inject_hyperparams(FACTORIES[name])(learning_rate=schedule, **fixed, **hps)
+    ints = [k for k, p in inspect.signature(FACTORIES[name]).parameters.items()
+            if isinstance(p.default, int) and not isinstance(p.default, bool)]  # shapes
+    outer = optax.inject_hyperparams(FACTORIES[name], static_args=ints)(
+        learning_rate=schedule, **fixed, **hps)
     _close(run(outer, params, grads), run(make(name, variant, learning_rate=schedule),
                                           params, grads),
            f"{name}: inside inject_hyperparams, the outer schedule")

@@ -93,3 +93,21 @@ def test_paths_globs_and_regexes():
     assert not T.matches("head/kernel", "backbone/*")
     assert T.matches("head/kernel", "re:head/(kernel|bias)")
     assert T.path_list(_params()) == ["backbone/w", "head/b"]
+
+
+def test_current_hyperparams_of_an_nnx_optimizer():
+    """nnx.Optimizer holds its state's leaves in Variables: the hyperparameters are found
+    there too, from the optimizer or its opt_state, and follow a schedule's steps."""
+    from flax import nnx
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     T.adamw(T.schedules.linear(0.1, 0.0, 10), weight_decay=0.05))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    grads = nnx.state(model, nnx.Param)
+    for _ in range(2):  # the reported rate is the one the last update used: schedule(1)
+        opt.update(model, jax.tree.map(jnp.ones_like, grads))
+    for where in (opt, opt.opt_state):
+        hp = T.current_hyperparams(where)
+        assert float(hp["learning_rate"]) == pytest.approx(0.09)
+        assert float(hp["weight_decay"]) == pytest.approx(0.05)

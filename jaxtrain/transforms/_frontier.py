@@ -14,14 +14,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from .inject import injected
+
 
 def inject(factory, static=(), **hyperparams):
-    """`factory(**hyperparams)` under `optax.inject_hyperparams`, the names in `static`
-    (shapes, strings, masks) left as Python values, the numbers held in float32."""
+    """`factory(**hyperparams)` injected as every jaxtrain optimizer is (`inject.injected`:
+    numbers held in float32, arrays used as given, e.g. inside an outer
+    `optax.inject_hyperparams`), the names in `static` (shapes, strings, masks) left as
+    Python values."""
     static = tuple(k for k in hyperparams if k in static)
-    return optax.inject_hyperparams(
-        factory, static_args=static, hyperparam_dtype=jnp.float32
-    )(**hyperparams)
+    return injected(factory, static, jnp.float32, **hyperparams)
 
 
 def finish(scale, learning_rate, weight_decay=0.0, mask=None):

@@ -51,15 +51,27 @@ def _walk(node, group: str | None, visit) -> None:
             _walk(child, group, visit)
 
 
+def _number(value):
+    """`value` as a number or array; a Flax NNX Variable (how `nnx.Optimizer` holds its
+    state's leaves) gives its value; None for anything else."""
+    if isinstance(value, jax.Array | float | int):
+        return value
+    get_value = getattr(value, "get_value", None)
+    return _number(get_value()) if callable(get_value) else None
+
+
 def current_hyperparams(opt_state) -> dict:
-    """The hyperparameters in force, by name (see the module docstring for the names)."""
+    """The hyperparameters in force, by name (see the module docstring for the names).
+    `opt_state` is an optimizer state, or a Flax `nnx.Optimizer` (or its `opt_state`)."""
     found: dict = {}
+    opt_state = getattr(opt_state, "opt_state", opt_state)  # an nnx.Optimizer
 
     def visit(node, group):
         values = ({"plateau_scale": node.scale} if isinstance(node, PlateauState)
                   else node.hyperparams)
         for name, value in values.items():
-            if not isinstance(value, jax.Array | float | int):
+            value = _number(value)
+            if value is None:
                 continue
             if group is not None:
                 found.setdefault(f"{group}/{name}", value)

@@ -56,9 +56,11 @@ def _given_as_array(name, value, static) -> bool:
     return name not in static and isinstance(value, jax.Array | np.ndarray)
 
 
-def injected(factory, static=(), **hyperparams) -> optax.GradientTransformationExtraArgs:
+def injected(factory, static=(), dtype=None, **hyperparams
+             ) -> optax.GradientTransformationExtraArgs:
     """`factory(**hyperparams)` with its non-`static` numeric arguments injected (see the
-    module docstring)."""
+    module docstring), held in `dtype` if given (else float32 or the params' wider one)."""
+    fixed_dtype = dtype
     given = {k: v for k, v in hyperparams.items() if _given_as_array(k, v, static)}
 
     def make(dtype):
@@ -66,10 +68,10 @@ def injected(factory, static=(), **hyperparams) -> optax.GradientTransformationE
                                         hyperparam_dtype=dtype)(**hyperparams)
 
     def init(params):
-        return make(hyperparam_dtype(params)).init(params)
+        return make(fixed_dtype or hyperparam_dtype(params)).init(params)
 
     def update(updates, state, params=None, **extra):
-        dtype = hyperparam_dtype(params if params is not None else updates)
+        dtype = fixed_dtype or hyperparam_dtype(params if params is not None else updates)
         if given:
             state = state._replace(hyperparams={
                 **state.hyperparams, **{k: _as_hyperparam(v, dtype) for k, v in given.items()}})

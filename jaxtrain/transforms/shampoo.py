@@ -242,8 +242,7 @@ def shampoo(
     1/sqrt(1-b2) times larger."""
     check_learning_rate(learning_rate)
     check_unit_interval("shampoo", b1=b1)
-    if not 0.0 <= b2 <= 1.0:
-        raise JaxtrainError(f"shampoo: b2 must be a number in [0, 1], got {b2!r}")
+    check_unit_interval("shampoo", closed=True, b2=b2)
     check_nonnegative("shampoo", weight_decay=weight_decay, matrix_eps=matrix_eps,
                       diagonal_eps=diagonal_eps)
     if graft not in GRAFTS:

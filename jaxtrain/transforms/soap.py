@@ -88,8 +88,8 @@ def scale_by_soap(b1=0.95, b2=0.95, shampoo_beta=None, eps=1e-8, precondition_fr
                  for p in leaves]
         return ScaleBySoapState(jnp.zeros([], jnp.int32), zeros_f32(params, mu_dtype),
                                 zeros_f32(params, mu_dtype), stats,
-                                [tuple(None if s is None else jnp.eye(s.shape[0]) for s in st)
-                                 for st in stats])
+                                [tuple(None if s is None else jnp.eye(s.shape[0], dtype=s.dtype)
+                                       for s in st) for st in stats])
 
     def update(updates, state, params=None):
         del params

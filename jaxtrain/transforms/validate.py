@@ -35,14 +35,17 @@ def check_learning_rate(learning_rate, name: str = "learning_rate") -> None:
         )
 
 
-def check_unit_interval(name: str, **values) -> None:
-    """Each of `values` (b1, b2, decay, rho...) must lie in [0, 1)."""
+def check_unit_interval(name: str, closed: bool = False, **values) -> None:
+    """Each of `values` (b1, b2, decay, rho...) must lie in [0, 1) ([0, 1] if `closed`).
+    Traced values cannot be inspected and are let through."""
     for key, value in values.items():
         arr = _concrete(value)
         if arr is None:
             continue
-        if arr.shape != () or not 0.0 <= float(arr) < 1.0:
-            raise JaxtrainError(f"{name}: {key} must be a number in [0, 1), got {value!r}")
+        x = float(arr) if arr.shape == () else math.nan
+        if not (0.0 <= x <= 1.0 if closed else 0.0 <= x < 1.0):
+            raise JaxtrainError(f"{name}: {key} must be a number in [0, 1{']' if closed else ')'}"
+                                f", got {value!r}")
 
 
 def check_nonnegative(name: str, **values) -> None:

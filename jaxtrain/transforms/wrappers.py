@@ -122,7 +122,9 @@ class EmaState(NamedTuple):
 def ema(decay: float) -> optax.GradientTransformation:
     """Keep `ema = decay * ema + (1 - decay) * new_params` in the state (starting from
     the initial params); the updates pass unchanged. Put it last in the chain; read the
-    average with `ema_params(opt_state)`."""
+    average with `ema_params(opt_state)`. torch's `AveragedModel` with
+    `get_ema_multi_avg_fn(decay)` gives the same only if `update_parameters` is called
+    once before training: its first call copies the params instead of averaging."""
     decay = _unit("ema: decay", decay)
 
     def init(params):
