@@ -221,3 +221,24 @@ def test_hyperparams_through_every_wrapper_and_set_hyperparams():
 def test_bad_arguments(call, word):
     with pytest.raises(JaxtrainError, match=word):
         call()
+
+
+def test_accumulate_adam_on_bfloat16_params_stays_finite():
+    """Accumulated Adam on bfloat16 params: finite, params and hyperparameters in the
+    dtypes asked for (b2 in bfloat16 would be 1.0 and the bias correction divide by 0)."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.bfloat16)}
+    tx = W.accumulate(2, T.adam(0.01))
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for t in range(6):
+        grads = {"w": jnp.asarray(np.random.default_rng(t).normal(size=(8, 4)), jnp.bfloat16)}
+        params, state = step(params, state, grads)
+    assert params["w"].dtype == jnp.bfloat16
+    assert np.all(np.isfinite(np.asarray(params["w"], np.float32)))
+    assert T.current_hyperparams(state)["b2"].dtype == jnp.float32
