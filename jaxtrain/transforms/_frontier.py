@@ -48,8 +48,8 @@ def f32(x):
 
 
 def zeros_f32(params, dtype=None):
-    """Zeros shaped like `params`, in `dtype` (float32 when None)."""
-    return jax.tree.map(lambda p: jnp.zeros(p.shape, dtype or jnp.float32), params)
+    """Zeros shaped and sharded like `params`, in `dtype` (float32 when None)."""
+    return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype or jnp.float32), params)
 
 
 def in_f32(tx):
