@@ -17,7 +17,10 @@ Shape (every section but `model`, `data`, `task` and `optimizer` has defaults):
     logging: {tensorboard, plots, progress}
 
 Model kwargs the data set knows (`num_classes`, `vocab_size`, ...) are filled in from
-the data's `info` when the model takes them and the config does not set them.
+the data's `info` when the model takes them and the config does not set them. Counts and
+intervals (`train.eval_every`, `checkpoint.every`, ...) are positive or null, `seed` >= 0.
+A run's checked config is saved with its checkpoints; a rerun into the same folder must
+match it but for `RERUN_FREE` keys (`config_changes`).
 """
 
 from __future__ import annotations
