@@ -192,7 +192,11 @@ def test_damping_follows_the_reduction_ratio():
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("method", ["newton_cg", "newton", "lbfgs"])
+@pytest.mark.parametrize("method", [
+    "newton_cg",
+    pytest.param("newton", marks=pytest.mark.slow),  # a 1210x1210 Hessian per step
+    "lbfgs",
+])
 def test_config_trains_the_digits_mlp_full_batch(method, tmp_path):
     """`jaxtrain train configs/digits_mlp_<method>.yaml` for 4 steps: the step hands the
     method value_fn (before, the first step raised for want of it)."""
