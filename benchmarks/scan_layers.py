@@ -16,44 +16,27 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+from sharding_memory import build  # noqa: E402
 
 from jaxtrain import sharding  # noqa: E402
-from jaxtrain.models import GPT, logical_axes  # noqa: E402
 
 
 def variant(args, mesh, scan_layers: bool, remat: str):
     """(compiled step, placed state, compile seconds) of one GPT layout."""
-    with nnx.use_eager_sharding(False):
-        model = GPT(vocab_size=args.vocab, d_model=args.d_model, num_layers=args.layers,
-                    num_heads=args.heads, max_len=args.seq, scan_layers=scan_layers,
-                    remat=remat, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    axes = logical_axes(params)
-    params = nnx.to_pure_dict(params)
-    tx = optax.adamw(1e-3)
-
-    def step(state, batch):
-        def loss(p):
-            logits = nnx.merge(graphdef, p)(batch[:, :-1])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-
-        value, grads = jax.value_and_grad(loss)(state["params"])
-        updates, opt = tx.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt}, {
-            "loss": value}
-
-    state = {"params": params, "opt_state": tx.init(params)}
+    state, axes, step = build(args, scan_layers, remat, shapes_only=False)
     shardings = sharding.state_shardings(state, mesh, "fsdp", axes)
     state = sharding.place(state, shardings)
     batch = sharding.shard_batch(np.zeros((args.batch, args.seq + 1), np.int32), mesh)

@@ -60,12 +60,15 @@ def placements(ways: list[int]) -> list[tuple[str, dict, int]]:
     return rows
 
 
-def build(args, scan_layers: bool, remat: str):
-    with nnx.use_eager_sharding(False):  # shapes only: nothing is initialised
-        model = nnx.eval_shape(lambda: GPT(
-            vocab_size=args.vocab, d_model=args.d_model, num_layers=args.layers,
-            num_heads=args.heads, max_len=args.seq, scan_layers=scan_layers, remat=remat,
-            rngs=nnx.Rngs(0)))
+def build(args, scan_layers: bool, remat: str, shapes_only: bool = True):
+    """(AdamW state, logical axes, step) of the GPT `args` describes; with `shapes_only`
+    the state is shapes (nothing initialised), else real arrays (seed 0)."""
+    make = lambda: GPT(  # noqa: E731
+        vocab_size=args.vocab, d_model=args.d_model, num_layers=args.layers,
+        num_heads=args.heads, max_len=args.seq, scan_layers=scan_layers, remat=remat,
+        rngs=nnx.Rngs(0))
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(make) if shapes_only else make()
     graphdef, params = nnx.split(model, nnx.Param)
     axes = logical_axes(params)
     params = nnx.to_pure_dict(params)
@@ -81,7 +84,8 @@ def build(args, scan_layers: bool, remat: str):
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt}, {
             "loss": value}
 
-    state = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p)}, params)
+    init = lambda p: {"params": p, "opt_state": tx.init(p)}  # noqa: E731
+    state = jax.eval_shape(init, params) if shapes_only else init(params)
     return state, axes, step
 
 

@@ -7,7 +7,9 @@ into `--out` (default: the config's `out` folder plus the command's name).
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,37 @@ def parse_grid(items: list[str]) -> dict:
         if name == "seed":
             grid[name] = [int(v) for v in grid[name]]
     return grid
+
+
+def seed_list(text: str) -> list[int]:
+    """`0,1,2` -> [0, 1, 2]: comma-separated seeds, each an integer >= 0."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated integers >= 0 (e.g. 0,1,2), got {text!r}") from None
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {text!r}")
+    return seeds
+
+
+def finite_float(text: str) -> float:
+    """A finite number (nan and inf would make every comparison with it false)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a learning rate, a memory limit)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
 
 
 def _config(args) -> dict:
@@ -107,7 +140,7 @@ def cmd_compare(args) -> int:
     from .tune.compare import compare
 
     strategies = parse_strategies(args.strategies, args.strategy or [])
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     problem, cfg, out = _problem(args)
     result = compare(problem.spec, strategies, problem.train, problem.valid,
                      cfg["train"]["steps"], seeds=seeds, target=args.target,
@@ -200,19 +233,22 @@ def add_commands(sub, positive_int) -> None:
     p.add_argument("--strategy", action="append", metavar="LABEL=SPEC",
                    help="any optimizer spec as YAML, e.g. 'nsgd={optimizer: {name: "
                         "normalized_sgd, momentum: 0.9}}' (repeatable)")
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
-    p.add_argument("--target", type=float, help="held-out target of the monitored metric")
+    p.add_argument("--seeds", type=seed_list, default=[0, 1],
+                   help="comma-separated seeds (default 0,1)")
+    p.add_argument("--target", type=finite_float,
+                   help="held-out target of the monitored metric")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("lr-find", help="the learning-rate range test")
     common(p)
-    p.add_argument("--min-lr", type=float, default=1e-6)
-    p.add_argument("--max-lr", type=float, default=1.0)
+    p.add_argument("--min-lr", type=positive_float, default=1e-6)
+    p.add_argument("--max-lr", type=positive_float, default=1.0)
     p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("batch-size", help="largest batch whose compiled step fits in memory")
     common(p, steps=False)
-    p.add_argument("--limit-mb", type=float, help="memory limit (default: the device's)")
+    p.add_argument("--limit-mb", type=positive_float,
+                   help="memory limit (default: the device's)")
     p.set_defaults(func=cmd_batch_size)
 
 

@@ -63,3 +63,19 @@ def test_an_unforeseen_fault_is_one_line_with_exit_code_1(monkeypatch, capsys):
     monkeypatch.setenv("JAXTRAIN_TRACEBACK", "1")
     with pytest.raises(RuntimeError):
         main(["ckpt", "ls", "x"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compare", CONFIG, "--seeds", "0,x"], "--seeds: must be comma-separated integers"),
+    (["compare", CONFIG, "--seeds", "0,-1"], "--seeds: seeds must be >= 0"),
+    (["compare", CONFIG, "--target", "nan"], "--target: must be a finite number, got 'nan'"),
+    (["lr-find", CONFIG, "--min-lr", "-1"], "--min-lr: must be > 0"),
+    (["batch-size", CONFIG, "--limit-mb", "inf"], "--limit-mb: must be a finite number"),
+])
+def test_bad_tuning_flags_are_refused_before_any_work(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

@@ -215,6 +215,15 @@ def _train(tx, steps):
      ["learning_rate", "decay_steps"]),
     ({"optimizer": "adam", "learning_rate": 0.1, "freeze": [1]}, ["freeze", "a string"]),
     ({"optimizer": "adam"}, ["optimizer", "needs learning_rate"]),
+    ({"optimizer": "adam", "learning_rate": {"schedule": "linear", "init_value": 1.0,
+                                            "end_value": -1.0, "steps": 10}},
+     ["learning_rate", "-0.2 at step 6", ">= 0"]),
+    ({"optimizer": "adam", "learning_rate": {
+        "schedule": "join", "boundaries": [5],
+        "schedules": [{"schedule": "constant", "value": 0.1},
+                      {"schedule": "cosine", "init_value": -0.1, "decay_steps": 10}]}},
+     ["learning_rate.schedules[1]", "at step 0", ">= 0"]),
+    ({"optimizer": {"name": "adam", "eps": 0.0}, "learning_rate": 0.1}, ["eps must be > 0"]),
     ({"learning_rate": 0.1}, ["missing key 'optimizer'"]),
     ("optimizer: [adam", ["not valid YAML"]),
     ("- adam", ["spec", "expected a mapping"]),
@@ -224,3 +233,21 @@ def test_mistakes_are_named(config, words):
         spec.build(config)
     for word in words:
         assert word in str(err.value), (word, str(err.value))
+
+
+# Optimizers whose eps only keeps a denominator off zero: eps=0 divides 0 by 0 on the
+# first zero gradient, so it is refused (adagrad's initial accumulator already does that).
+EPS_GUARDED = ("adam", "adamw", "adamax", "amsgrad", "nadam", "radam", "lamb", "rmsprop",
+               "adadelta", "schedule_free_adamw", "ademamix", "mars", "muon", "soap")
+
+
+@pytest.mark.parametrize("name", EPS_GUARDED)
+def test_eps_zero_is_refused_where_it_would_divide_by_zero(name):
+    with pytest.raises(JaxtrainError, match=f"{name}: eps must be > 0, got 0.0"):
+        getattr(T, name)(learning_rate=0.1, eps=0.0)
+
+
+@pytest.mark.parametrize("patterns", [5, [5], None])
+def test_freeze_needs_path_patterns(patterns):
+    with pytest.raises(JaxtrainError, match="path patterns"):
+        T.freeze(patterns)

@@ -217,9 +217,9 @@ def _finish(output: Output, manifest: dict, progress: bool) -> dict:
     return manifest
 
 
-def up_to_date(out: str | Path, fp: str) -> dict | None:
+def up_to_date(out: str | Path, fp: str, progress: bool = False) -> dict | None:
     """The manifest in `out` if it was made from the same inputs and options and all
-    its files are still there at their recorded sizes."""
+    its files are still there at their recorded sizes (said on stderr when `progress`)."""
     path = Path(out) / MANIFEST
     if not path.is_file():
         return None
@@ -233,6 +233,8 @@ def up_to_date(out: str | Path, fp: str) -> dict | None:
         f = Path(out) / entry["file"]
         if not f.is_file() or f.stat().st_size != entry["bytes"]:
             return None
+    if progress:
+        print(f"{out} is up to date (same inputs and options): nothing to do", file=sys.stderr)
     return manifest
 
 
@@ -334,11 +336,8 @@ def prepare_text(paths, out, tokenizer: str = "bytes", vocab_size: int = 4096,
     elif tokenizer != "bytes":
         options["tokenizer"] = BPE.from_file(tokenizer).digest
     fp = fingerprint("text", files, options)
-    done = up_to_date(out, fp)
+    done = up_to_date(out, fp, progress)
     if done is not None:
-        if progress:
-            print(f"{out} is up to date (same inputs and options): nothing to do",
-                  file=sys.stderr)
         return done
     output = Output(out)
     try:
@@ -463,11 +462,8 @@ def prepare_images(root, out, image_size=None, valid_fraction: float = 0.1, seed
     options = {"image_size": size, "valid_fraction": valid_fraction, "seed": seed,
                "shard_mb": shard_mb}
     fp = fingerprint("images", files, options)
-    done = up_to_date(out, fp)
+    done = up_to_date(out, fp, progress)
     if done is not None:
-        if progress:
-            print(f"{out} is up to date (same inputs and options): nothing to do",
-                  file=sys.stderr)
         return done
     held = _held_out(len(items), valid_fraction, seed)
     output = Output(out)
@@ -547,11 +543,8 @@ def prepare_arrays(paths, out, valid_fraction: float = 0.1, seed: int = 0,
     files = input_files(paths, (".npy", ".npz"))
     options = {"valid_fraction": valid_fraction, "seed": seed, "shard_mb": shard_mb}
     fp = fingerprint("arrays", files, options)
-    done = up_to_date(out, fp)
+    done = up_to_date(out, fp, progress)
     if done is not None:
-        if progress:
-            print(f"{out} is up to date (same inputs and options): nothing to do",
-                  file=sys.stderr)
         return done
     arrays = _open_arrays(files)
     n = len(next(iter(arrays.values())))

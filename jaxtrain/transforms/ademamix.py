@@ -16,7 +16,13 @@ import jax.numpy as jnp
 import optax
 
 from ._frontier import f32, finish, in_f32, inject
-from .validate import check_learning_rate, check_nonnegative, check_unit_interval, with_mask_check
+from .validate import (
+    check_learning_rate,
+    check_nonnegative,
+    check_positive,
+    check_unit_interval,
+    with_mask_check,
+)
 
 
 def alpha_schedule(alpha, warmup_steps: int):
@@ -64,7 +70,8 @@ def ademamix(
     `t_alpha_beta3`). `mu_dtype` stores the three moments (float32 by default)."""
     check_learning_rate(learning_rate)
     check_unit_interval("ademamix", b1=b1, b2=b2, b3=b3)
-    check_nonnegative("ademamix", alpha=alpha, eps=eps, weight_decay=weight_decay)
+    check_positive("ademamix", eps=eps)
+    check_nonnegative("ademamix", alpha=alpha, weight_decay=weight_decay)
     tx = inject(
         _ademamix, static=("mask", "mu_dtype", "alpha_warmup_steps", "b3_warmup_steps"),
         learning_rate=learning_rate, b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps,

@@ -22,7 +22,13 @@ import jax.numpy as jnp
 import optax
 
 from ._frontier import f32, finish, in_f32, inject, zeros_f32
-from .validate import check_learning_rate, check_nonnegative, check_unit_interval, with_mask_check
+from .validate import (
+    check_learning_rate,
+    check_nonnegative,
+    check_positive,
+    check_unit_interval,
+    with_mask_check,
+)
 
 
 class ScaleByMarsState(NamedTuple):
@@ -105,7 +111,8 @@ def mars(
     if adam_learning_rate is not None:
         check_learning_rate(adam_learning_rate, "mars: adam_learning_rate")
     check_unit_interval("mars", b1=b1, b2=b2, adam_b1=adam_b1, adam_b2=adam_b2)
-    check_nonnegative("mars", gamma=gamma, eps=eps, weight_decay=weight_decay,
+    check_positive("mars", eps=eps)
+    check_nonnegative("mars", gamma=gamma, weight_decay=weight_decay,
                       adam_weight_decay=adam_weight_decay)
     tx = inject(
         _mars, static=("mask", "optimize_1d", "eps_inside_correction", "mu_dtype"),

@@ -12,7 +12,7 @@ Paths are those of the param tree with Flax NNX `Variable` wrappers looked throu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import jax
 
@@ -62,7 +62,7 @@ class Mask:
 def _patterns(patterns) -> list[str]:
     flat = []
     for p in patterns:
-        flat.extend([p] if isinstance(p, str) else list(p))
+        flat.extend([p] if isinstance(p, str) else list(p) if isinstance(p, Iterable) else [p])
     if not flat or not all(isinstance(p, str) for p in flat):
         raise JaxtrainError(f"a mask needs path patterns (strings), got {patterns!r}")
     return flat

@@ -228,7 +228,7 @@ def adadelta(learning_rate=1.0, rho: float = 0.9, eps: float = 1e-6):
     """Adadelta (Zeiler, 2012), as torch.optim.Adadelta (whose default lr, 1.0, we share)."""
     check_learning_rate(learning_rate)
     _betas("adadelta", rho=rho)
-    check_nonnegative("adadelta", eps=eps)
+    check_positive("adadelta", eps=eps)
     return _injected(optax.adadelta, only=("learning_rate",), learning_rate=learning_rate,
                      rho=rho, eps=eps)
 
@@ -246,7 +246,8 @@ def rmsprop(
     there) with `eps_in_sqrt=False`."""
     check_learning_rate(learning_rate)
     _betas("rmsprop", decay=decay)
-    check_nonnegative("rmsprop", eps=eps, momentum=momentum)
+    check_positive("rmsprop", eps=eps)
+    check_nonnegative("rmsprop", momentum=momentum)
     return _injected(
         optax.rmsprop,
         learning_rate=learning_rate,
@@ -263,7 +264,7 @@ def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
     """Adam (Kingma & Ba, 2015); the same update as torch.optim.Adam."""
     check_learning_rate(learning_rate)
     _betas("adam", b1=b1, b2=b2)
-    check_nonnegative("adam", eps=eps)
+    check_positive("adam", eps=eps)
     return _injected(optax.adam, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
@@ -279,7 +280,8 @@ def adamw(
     learning rate, as torch.optim.AdamW (whose default weight_decay, 1e-2, we share)."""
     check_learning_rate(learning_rate)
     _betas("adamw", b1=b1, b2=b2)
-    check_nonnegative("adamw", eps=eps, weight_decay=weight_decay)
+    check_positive("adamw", eps=eps)
+    check_nonnegative("adamw", weight_decay=weight_decay)
     tx = _injected(
         optax.adamw,
         learning_rate=learning_rate,
@@ -296,7 +298,7 @@ def adamax(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8)
     """Adamax (Adam with the infinity norm), as torch.optim.Adamax."""
     check_learning_rate(learning_rate)
     _betas("adamax", b1=b1, b2=b2)
-    check_nonnegative("adamax", eps=eps)
+    check_positive("adamax", eps=eps)
     return _injected(optax.adamax, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
@@ -320,7 +322,7 @@ def amsgrad(
     and corrects afterwards, as torch.optim.Adam(amsgrad=True)."""
     check_learning_rate(learning_rate)
     _betas("amsgrad", b1=b1, b2=b2)
-    check_nonnegative("amsgrad", eps=eps)
+    check_positive("amsgrad", eps=eps)
     if max_of not in ("corrected", "raw"):
         raise ValueError(f"amsgrad: max_of must be 'corrected' or 'raw', got {max_of!r}")
     return _injected(_amsgrad, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, max_of=max_of)
@@ -339,7 +341,8 @@ def _nadamw(learning_rate, b1, b2, eps, weight_decay, mask, momentum_decay):
 def _check_nadam(name, learning_rate, b1, b2, eps, momentum_decay):
     check_learning_rate(learning_rate)
     _betas(name, b1=b1, b2=b2)
-    check_nonnegative(name, eps=eps, momentum_decay=momentum_decay)
+    check_positive(name, eps=eps)
+    check_nonnegative(name, momentum_decay=momentum_decay)
 
 
 def nadam(
@@ -413,7 +416,8 @@ def radam(
     after (rectified while rho_t > threshold), as torch.optim.RAdam."""
     check_learning_rate(learning_rate)
     _betas("radam", b1=b1, b2=b2)
-    check_nonnegative("radam", eps=eps, threshold=threshold)
+    check_positive("radam", eps=eps)
+    check_nonnegative("radam", threshold=threshold)
     if eps_of not in ("corrected", "raw"):
         raise ValueError(f"radam: eps_of must be 'corrected' or 'raw', got {eps_of!r}")
     return _injected(_radam, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
@@ -478,7 +482,8 @@ def lamb(
     ratio ||theta|| / ||step||."""
     check_learning_rate(learning_rate)
     _betas("lamb", b1=b1, b2=b2)
-    check_nonnegative("lamb", eps=eps, weight_decay=weight_decay)
+    check_positive("lamb", eps=eps)
+    check_nonnegative("lamb", weight_decay=weight_decay)
     tx = _injected(
         optax.lamb,
         learning_rate=learning_rate,
@@ -568,7 +573,8 @@ def schedule_free_adamw(
     'y' sequence; evaluate with `schedule_free_eval_params(opt_state, params)`."""
     check_learning_rate(learning_rate)
     _betas("schedule_free_adamw", b1=b1, b2=b2)
-    check_nonnegative("schedule_free_adamw", eps=eps, weight_decay=weight_decay)
+    check_positive("schedule_free_adamw", eps=eps)
+    check_nonnegative("schedule_free_adamw", weight_decay=weight_decay)
     tx = _injected(
         optax.contrib.schedule_free_adamw,
         learning_rate=learning_rate,

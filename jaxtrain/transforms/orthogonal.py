@@ -40,7 +40,7 @@ from optax.contrib._muon import orthogonalize_via_newton_schulz, scale_by_shape
 from ..errors import JaxtrainError
 from ._frontier import f32, finish, in_f32, inject, zeros_f32
 from .paths import matches, path_str
-from .validate import check_learning_rate, check_nonnegative, check_unit_interval
+from .validate import check_learning_rate, check_nonnegative, check_positive, check_unit_interval
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 ADAM_PATHS = ("*embed*", "*head/*")
@@ -172,8 +172,8 @@ def muon(
     if adam_learning_rate is not None:
         check_learning_rate(adam_learning_rate, "muon: adam_learning_rate")
     check_unit_interval("muon", beta=beta, adam_b1=adam_b1, adam_b2=adam_b2)
-    check_nonnegative("muon", eps=eps, weight_decay=weight_decay,
-                      adam_weight_decay=adam_weight_decay)
+    check_positive("muon", eps=eps)
+    check_nonnegative("muon", weight_decay=weight_decay, adam_weight_decay=adam_weight_decay)
     if not isinstance(ns_steps, int) or ns_steps < 1:
         raise JaxtrainError(f"muon: ns_steps must be an integer >= 1, got {ns_steps!r}")
     adam_paths = (adam_paths,) if isinstance(adam_paths, str) else tuple(adam_paths)

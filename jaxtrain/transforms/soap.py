@@ -26,7 +26,13 @@ import jax.numpy as jnp
 import optax
 
 from ._frontier import f32, finish, inject, zeros_f32
-from .validate import check_learning_rate, check_nonnegative, check_unit_interval, with_mask_check
+from .validate import (
+    check_learning_rate,
+    check_nonnegative,
+    check_positive,
+    check_unit_interval,
+    with_mask_check,
+)
 
 
 class ScaleBySoapState(NamedTuple):
@@ -179,7 +185,8 @@ def soap(
     check_learning_rate(learning_rate)
     check_unit_interval("soap", b1=b1, b2=b2,
                         **({} if shampoo_beta is None else {"shampoo_beta": shampoo_beta}))
-    check_nonnegative("soap", eps=eps, weight_decay=weight_decay)
+    check_positive("soap", eps=eps)
+    check_nonnegative("soap", weight_decay=weight_decay)
     for name, value in (("precondition_frequency", precondition_frequency),
                         ("max_precondition_dim", max_precondition_dim)):
         if not isinstance(value, int) or value < 1:

@@ -38,6 +38,8 @@ import inspect
 import math
 import re
 
+import jax.numpy as jnp
+import numpy as np
 import optax
 import yaml
 
@@ -188,8 +190,26 @@ def _learning_rate(where: str, value):
         spec["schedules"] = [_learning_rate(f"{where}.schedules[{i}]", p) if isinstance(p, dict)
                              else _fail(f"{where}.schedules[{i}]", "expected a schedule "
                                         f"mapping, got {p!r}") for i, p in enumerate(parts)]
-        return _call(where, schedules.join, spec, passthrough=("schedules",))
-    return _call(where, schedules.SCHEDULES[name], spec)
+        return _nonnegative(where, _call(where, schedules.join, spec,
+                                         passthrough=("schedules",)))
+    return _nonnegative(where, _call(where, schedules.SCHEDULES[name], spec))
+
+
+# Steps at which a configured schedule is checked: every step of a short run, then
+# log-spaced up to 1e12 (schedules hold their final value past their end).
+_CHECK_STEPS = np.unique(np.concatenate([np.arange(1024.0), np.geomspace(1024, 1e12, 256)]))
+
+
+def _nonnegative(where: str, schedule):
+    """`schedule`, refused when it is negative or not finite at some step (a negative
+    learning rate trains by gradient ascent)."""
+    values = np.asarray(schedule(jnp.asarray(_CHECK_STEPS)), np.float64)
+    bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
+    if bad.size:
+        i = bad[0]
+        _fail(where, f"the schedule is {values[i]:.3g} at step {int(_CHECK_STEPS[i])}: a "
+                     "learning rate must stay finite and >= 0 (check its end or peak values)")
+    return schedule
 
 
 def _optimizer(where: str, value, learning_rate):
