@@ -107,7 +107,7 @@ def test_every_command_takes_records(prepared, tmp_path, capsys):
     for command, extra in (("sweep", ["--grid", "learning_rate=1e-3,3e-3"]),
                            ("compare", ["--strategies", "sgd,adam", "--seeds", "0"]),
                            ("lr-find", []), ("batch-size", ["--limit-mb", "64"])):
-        code = main([command, config, *common, "train.eval_every=2", "--steps", "4",
+        code = main([command, config, *common, "train.eval_every=2", "train.steps=4",
                      "--out", str(tmp_path / command), "--quiet", *extra])
         assert code == 0, command
     assert (tmp_path / "sweep" / "sweep.json").exists()
