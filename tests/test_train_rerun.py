@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_train_loop import MLP, _data
 
 from jaxtrain import JaxtrainError, transforms
 from jaxtrain.checkpoint import Manager
@@ -33,21 +34,6 @@ from jaxtrain.train.logs import keep_until, read_log
 from jaxtrain.train.run import rerun_config
 
 CONFIG = Path(__file__).parent.parent / "configs" / "digits_cnn.yaml"
-
-
-class MLP(nnx.Module):
-    def __init__(self, rngs):
-        self.l1 = nnx.Linear(8, 16, rngs=rngs)
-        self.l2 = nnx.Linear(16, 3, rngs=rngs)
-
-    def __call__(self, x):
-        return self.l2(jax.nn.relu(self.l1(x)))
-
-
-def _data(n=96, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 8)).astype(np.float32)
-    return {"image": x, "label": (x[:, :3].argmax(1)).astype(np.int32)}
 
 
 def _trainer(folder, **kw):
