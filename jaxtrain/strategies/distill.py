@@ -19,6 +19,7 @@ from flax import nnx
 
 from ..checkpoint import Manager
 from ..errors import JaxtrainError
+from ..transforms.paths import path_str
 
 
 def distillation_loss(student_logits, teacher_logits, labels, temperature: float = 4.0,
@@ -41,24 +42,33 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature: float
 
 def load_teacher(model: nnx.Module, directory: str | Path, step: int | None = None):
     """`model` (a fresh module of the teacher's architecture) with the params saved in the
-    checkpoint folder `directory`, in eval mode."""
+    checkpoint folder `directory`, in eval mode. Params are matched by path (an
+    `nnx.List`'s integer keys come back from a checkpoint as strings)."""
     if not Path(directory).is_dir():
         raise JaxtrainError(f"teacher checkpoint folder {directory} does not exist")
     mngr = Manager(directory, read_only=True)
     try:
-        saved = mngr.restore_arrays(step)["params"]
+        saved = _by_path(mngr.restore_arrays(step, items=["params"])["params"])
     finally:
         mngr.close()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    expected = jax.tree.map(jnp.shape, nnx.to_pure_dict(params))
-    got = jax.tree.map(jnp.shape, saved)
+    fresh = nnx.to_pure_dict(params)
+    expected = {k: tuple(v.shape) for k, v in _by_path(fresh).items()}
+    got = {k: tuple(v.shape) for k, v in saved.items()}
     if expected != got:
+        diff = sorted(set(expected.items()) ^ set(got.items()))[0][0]
         raise JaxtrainError(f"teacher checkpoint {directory} does not fit the teacher model: "
-                            f"saved shapes {got} vs model {expected}")
-    nnx.replace_by_pure_dict(params, saved)
+                            f"{diff}: saved {got.get(diff, 'absent')}, model "
+                            f"{expected.get(diff, 'absent')}")
+    nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: jnp.asarray(saved[path_str(kp)], leaf.dtype), fresh))
     teacher = nnx.merge(graphdef, params, rest)
     teacher.eval()
     return teacher
+
+
+def _by_path(tree) -> dict:
+    return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def make_distill_loss(teacher: nnx.Module, temperature: float = 4.0, alpha: float = 0.9):

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from ..errors import JaxtrainError
 from .language_model import lm_loss, lm_metrics, lm_sample
 from .metrics import MetricSet, classification_report, perplexity_summary
+from .regression import mse_loss, regression_report
 from .step import classification_loss
 
 
@@ -31,6 +32,7 @@ TASKS = {
     "classification": Task(classification_loss, classification_report, "accuracy", "max"),
     "language_model": Task(lm_loss, MetricSet(lm_metrics, perplexity_summary, "lm_metrics"),
                            "loss", "min", after_fit=lm_sample),
+    "regression": Task(mse_loss, regression_report, "loss", "min"),
 }
 
 
