@@ -7,8 +7,8 @@ update smaller than half a unit in the last place, so long runs stall. Two remed
   (E[round(x)] = x) and small updates survive on average;
 - `fp32_master(inner)`: keep a float32 copy of the params in the optimizer state, run
   `inner` on it, and give the bfloat16 params the master's nearest value.
-`low_precision_state(inner, dtype)` stores `inner`'s float state (Adam's moments...) in
-`dtype`, computing in float32.
+`low_precision_state(inner, dtype)` stores `inner`'s float per-param state (Adam's
+moments...) in `dtype`, computing in float32; scalars (injected hyperparameters) keep theirs.
 Both return float32 updates such that `optax.apply_updates` lands exactly on the rounded
 value (the difference of two bfloat16 numbers is exact in float32).
 """
@@ -88,13 +88,16 @@ def fp32_master(inner: optax.GradientTransformation) -> optax.GradientTransforma
 
 def low_precision_state(inner: optax.GradientTransformation, dtype=jnp.bfloat16
                         ) -> optax.GradientTransformationExtraArgs:
-    """`inner` with its floating-point state stored in `dtype` (computed in float32)."""
+    """`inner` with its floating-point per-param state stored in `dtype` (computed in
+    float32); scalar leaves (hyperparameters, counts) are left as they are."""
     inner = optax.with_extra_args_support(inner)
 
     def cast(tree, to):
+        # per-param buffers only: a scalar is a hyperparameter or a scale (Adam's b2=0.999
+        # is 1.0 in bfloat16, which makes its bias correction divide by zero)
         return jax.tree.map(
-            lambda x: x.astype(to) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x,
-            tree)
+            lambda x: x.astype(to) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+            and jnp.ndim(x) > 0 else x, tree)
 
     def init_fn(params):
         return cast(inner.init(params), dtype)

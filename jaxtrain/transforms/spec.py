@@ -20,12 +20,18 @@ Keys (all but `optimizer` optional):
   reduce_on_plateau ({factor, patience, rtol, atol, cooldown, min_scale}),
   freeze ([globs]), ema (decay), lookahead ({sync_period, alpha}),
   stale_gradients (delay: apply the gradient of `delay` steps ago, see staleness.py),
-  accumulate (k), skip_nonfinite (max_consecutive).
+  accumulate (k), skip_nonfinite (max_consecutive),
+  prune ({sparsity: a fraction or {final, begin_step, end_step, initial} (Zhu & Gupta's
+  polynomial schedule), scope, prune: [globs], update_every}; see pruning.py),
+  state_dtype (bfloat16 or float16: the optimizer's state stored in it, computed in
+  float32; low_precision.py), stochastic_rounding (true or {seed}: bfloat16 params move
+  to an unbiased stochastic rounding of params + update; low_precision.py).
 
 The chain, inside out: clipping, coupled decay (l2/l1), the optimizer (per group, each
 with its decoupled decay), reduce_on_plateau, freeze; then lookahead around that, ema
 after it, stale_gradients around those, accumulate around all of it and skip_nonfinite
-outermost. Mistakes raise a
+outermost. The optimizer's state is stored in `state_dtype`; `prune` and then
+`stochastic_rounding` come last in the inner chain (after freeze). Mistakes raise a
 `JaxtrainError` naming the key: an unknown key or name with the closest valid one and
 the valid set, a wrong type with the type expected.
 """
@@ -38,6 +44,7 @@ import inspect
 import math
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -45,13 +52,16 @@ import yaml
 
 from .. import yaml_numbers
 from ..errors import JaxtrainError
-from . import decay, masks, plateau, schedules, staleness, wrappers
+from . import decay, low_precision, masks, plateau, pruning, schedules, staleness, wrappers
 
 OPTIMIZER_MODULES = ("optimizers", "second_order", "ademamix", "mars", "orthogonal", "soap",
                      "shampoo", "kron")
 TOP_KEYS = ("optimizer", "learning_rate", "weight_decay", "groups", "clip_global_norm",
             "clip", "adaptive_grad_clip", "reduce_on_plateau", "freeze", "ema", "lookahead",
-            "stale_gradients", "accumulate", "skip_nonfinite")
+            "stale_gradients", "accumulate", "skip_nonfinite", "prune", "state_dtype",
+            "stochastic_rounding")
+PRUNE_SCHEDULE_KEYS = ("final", "begin_step", "end_step", "initial")
+STATE_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DECAY_KEYS = ("rate", "kind", "exclude", "include", "min_ndim")
 DECAY_KINDS = ("decoupled", "l2", "l1")
 
@@ -285,6 +295,36 @@ def _group_optimizer(where, factory, kwargs, decay_rule):
     )
 
 
+def _prune(value) -> optax.GradientTransformation:
+    """`magnitude_prune` from the `prune` entry (its sparsity a fraction or a schedule)."""
+    spec = dict(_mapping("prune", value))
+    if "sparsity" not in spec:
+        _fail("prune", "needs 'sparsity' (a fraction in [0, 1), or {final, begin_step, "
+                       "end_step, initial} for Zhu & Gupta's schedule)")
+    sparsity = spec["sparsity"]
+    if isinstance(sparsity, dict):
+        where = "prune.sparsity"
+        _check_keys(where, _mapping(where, sparsity), PRUNE_SCHEDULE_KEYS)
+        sparsity = _call(where, pruning.polynomial_sparsity, sparsity)
+    elif not _is_number(sparsity):
+        _fail("prune.sparsity", f"expected a fraction or a schedule mapping, got {sparsity!r}")
+    if "prune" in spec:
+        spec["prune"] = _patterns("prune.prune", spec["prune"])
+    return _call("prune", pruning.magnitude_prune, {**spec, "sparsity": sparsity},
+                 passthrough=("sparsity", "prune"))
+
+
+def _stochastic_rounding(value) -> optax.GradientTransformation:
+    """`stochastic_rounding` keyed by `seed` (`true`: seed 0)."""
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        _fail("stochastic_rounding", f"expected true or {{seed: int}}, got {value!r}")
+    _check_keys("stochastic_rounding", value, ("seed",))
+    seed = _expect("stochastic_rounding.seed", value.get("seed", 0), "int")
+    return low_precision.stochastic_rounding(jax.random.PRNGKey(seed))
+
+
 def build(config) -> optax.GradientTransformationExtraArgs:
     """The chain described by `config`: a dict, or YAML text (see the module docstring)."""
     if isinstance(config, str):
@@ -316,6 +356,11 @@ def build(config) -> optax.GradientTransformationExtraArgs:
             groups[pattern] = _group_optimizer(where, g_factory, {**g_kwargs, **override},
                                                decay_rule)
         core = wrappers.per_group(groups, default=core)
+    if "state_dtype" in cfg:
+        name = _expect("state_dtype", cfg["state_dtype"], "str")
+        if name not in STATE_DTYPES:
+            _unknown("state_dtype", "dtype", name, STATE_DTYPES)
+        core = low_precision.low_precision_state(core, STATE_DTYPES[name])
 
     chain = []
     if "clip_global_norm" in cfg:
@@ -336,6 +381,10 @@ def build(config) -> optax.GradientTransformationExtraArgs:
                            _mapping("reduce_on_plateau", cfg["reduce_on_plateau"])))
     if "freeze" in cfg:
         chain.append(wrappers.freeze(_patterns("freeze", cfg["freeze"])))
+    if "prune" in cfg:
+        chain.append(_prune(cfg["prune"]))
+    if "stochastic_rounding" in cfg:
+        chain.append(_stochastic_rounding(cfg["stochastic_rounding"]))
     tx = optax.chain(*chain)
     if "lookahead" in cfg:
         def lookahead(sync_period: int = 5, alpha: float = 0.5):
