@@ -184,3 +184,26 @@ def test_strategy_spec_keys_refuse_bad_values_in_one_line(entry, message):
     with pytest.raises(JaxtrainError) as err:
         build({"optimizer": "adam", "learning_rate": 1e-3, **entry}).init({"kernel": np.ones(3)})
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_plateau_on_held_out_accuracy_takes_torch_decisions(tmp_path):
+    """configs/digits_mlp_plateau.yaml: the learning rate of the step after each
+    evaluation is the one torch's ReduceLROnPlateau(mode='max') gives when stepped with
+    the same held-out accuracies; the steps between evaluations keep it."""
+    torch = pytest.importorskip("torch")
+
+    cfg = _config("digits_mlp_plateau.yaml", tmp_path, "train.steps=24", "train.eval_every=2",
+                  "train.log_every=1", "optimizer.reduce_on_plateau.patience=0",
+                  "optimizer.reduce_on_plateau.rtol=0.1", "checkpoint.at_end=false")
+    run_config(cfg)
+    lr = {r["step"]: r["learning_rate"] for r in _log(tmp_path)}
+    evals = [(r["step"], r["accuracy"]) for r in _log(tmp_path, "train/eval")]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5,
+                                                       patience=0, threshold=0.1)
+    expected = {1: 0.05, 2: 0.05}
+    for step, accuracy in evals[:-1]:
+        sched.step(accuracy)
+        expected[step + 1] = expected[step + 2] = opt.param_groups[0]["lr"]
+    assert len(set(expected.values())) > 2  # it did reduce, more than once
+    assert lr == pytest.approx(expected, rel=1e-6)

@@ -2,7 +2,9 @@
 
 A callback's hooks run on the host between compiled calls. `on_step_end` runs after every
 call, so it must not read device values (that would sync the hot path); `on_log` and
-`on_eval` receive metrics already on the host.
+`on_eval` receive metrics already on the host; `on_eval` may return a new state (one
+that carries the held-out value into the optimizer state, say), which the loop continues
+from.
 """
 
 from __future__ import annotations
@@ -46,6 +48,24 @@ class Callback:
     def on_eval(self, trainer, step: int, metrics: dict, state) -> None: ...
 
     def on_fit_end(self, trainer, state) -> None: ...
+
+
+class PlateauOnEval(Callback):
+    """Feed the held-out `monitor` of each evaluation to the optimizer's
+    `reduce_on_plateau(monitor=...)`, which decides on it at the next step
+    (`jaxtrain.transforms.plateau.observe_plateau`)."""
+
+    def __init__(self, monitor: str):
+        self.monitor = monitor
+
+    def on_eval(self, trainer, step, metrics, state):
+        from ..transforms.plateau import observe_plateau
+
+        if self.monitor not in metrics:
+            raise JaxtrainError(f"optimizer.reduce_on_plateau.monitor is {self.monitor!r}, "
+                                f"but evaluation gives only {', '.join(sorted(metrics))}")
+        return state.replace(opt_state=observe_plateau(state.opt_state,
+                                                       metrics[self.monitor]))
 
 
 class EarlyStopping(Callback):

@@ -16,6 +16,7 @@ from ..data.augment import check_augment, with_augmentation
 from ..errors import JaxtrainError
 from ..models import registry as model_registry
 from ..transforms.paths import matches, path_list
+from .callbacks import PlateauOnEval
 from .config import build_optimizer, config_changes, model_kwargs, with_rerun_free
 from .state import TrainState, param_logical_axes
 from .tasks import get_task
@@ -122,6 +123,11 @@ def config_trainer(cfg: dict, state, model, task, model_config: dict, run: str =
     `data.augment` asks for it)."""
     train, out, ckpt = cfg["train"], Path(cfg["out"]), cfg["checkpoint"]
     loss_fn = with_augmentation(task.loss_fn, cfg["data"].get("augment"))
+    plateau = cfg["optimizer"].get("reduce_on_plateau")
+    monitor = plateau.get("monitor") if isinstance(plateau, dict) else None
+    if monitor is not None and train["eval_every"] is None:
+        raise JaxtrainError(f"config key 'optimizer.reduce_on_plateau.monitor' watches the "
+                            f"held-out {monitor!r}: set train.eval_every too")
     return Trainer(
         state, loss_fn, metric_fn=task.metric_fn,
         mesh=sharding.make_mesh(**cfg["sharding"]["mesh"]),
@@ -137,6 +143,7 @@ def config_trainer(cfg: dict, state, model, task, model_config: dict, run: str =
         model_config=model_config, run_config=run_config or cfg, monitor=task.monitor,
         mode=task.mode, early_stopping=cfg["early_stopping"],
         eval_batch_size=train["eval_batch_size"], device_data=train["device_data"],
+        callbacks=[] if monitor is None else [PlateauOnEval(monitor)],
     )
 
 

@@ -98,9 +98,10 @@ class Trainer:
         self.checkpointer = None if checkpoint_dir is None else Checkpointer(
             checkpoint_dir, checkpoint_every, checkpoint_best, checkpoint_at_end, max_to_keep,
             async_checkpoint, monitor=monitor, mode=self.mode)
-        # early stopping first: a checkpoint taken at an evaluation records its decision
-        self.callbacks = [c for c in (self.early_stopping, self.checkpointer) if c is not None]
-        self.callbacks += list(callbacks)
+        # the checkpointer last: a checkpoint taken at an evaluation records the decisions
+        # of early stopping and of the other callbacks (and the state one returned)
+        self.callbacks = [c for c in (self.early_stopping, *callbacks, self.checkpointer)
+                          if c is not None]
         self.rules, self.logical_axes = rules, logical_axes
         self._nan_raise, self._nan_skip = nan_policy == "raise", nan_policy == "skip"
         step_fn = make_train_step(loss_fn, precision=self.policy, microbatches=microbatches,
@@ -222,7 +223,7 @@ class Trainer:
             if log:
                 self._log(step, metrics)
             if eval_data is not None and (crossed(before, step, eval_every) or step == steps):
-                self._evaluate(state, eval_data, step)
+                state = self._evaluate(state, eval_data, step)
             for cb in self.callbacks:
                 cb.on_step_end(self, before, step, state)
             if self._signal is not None:
@@ -356,7 +357,9 @@ class Trainer:
                 f"({count} bad step(s) by step {self.step}; no checkpoint was written from "
                 "that step on; nan_policy='skip' skips such steps instead)")
 
-    def _evaluate(self, state, data, step: int) -> dict:
+    def _evaluate(self, state, data, step: int):
+        """Evaluate `state` on `data`, report, run the callbacks' `on_eval`; the state to
+        continue from (a callback may return a new one)."""
         totals: dict = {}
         multiple = sharding.batch_parallelism(self.mesh)
         for batch in eval_batches(data, self.eval_batch_size, multiple_of=multiple):
@@ -372,8 +375,8 @@ class Trainer:
         self.eval_history.append((step, metrics))
         self._write(f"{self.run}/eval", step, metrics)
         for cb in self.callbacks:
-            cb.on_eval(self, step, metrics, state)
-        return metrics
+            state = cb.on_eval(self, step, metrics, state) or state
+        return state
 
     # -- logs and signals ----------------------------------------------------------------
 
