@@ -67,19 +67,20 @@ def cmd_train(args) -> int:
     return 0
 
 
-def start_processes(args, cfg: dict) -> bool:
+def start_processes(args, cfg) -> bool:
     """Join the other processes of a multi-process launch (`sharding.start_from_env`:
     the flags, else the launcher's variables) and then, on process 0, say in one line
     which launcher, how many processes and what global mesh. A mesh that does not fit the global
     devices, or a batch it cannot split evenly, is an error here, before anything is built.
     True on the process that reports."""
     from . import sharding
+    from .config import to_dict
 
     launch = sharding.start_from_env(args.coordinator, args.num_processes, args.process_id,
                                      timeout=args.coordinator_timeout)
     args.multiprocess = launch is not None
-    mesh = sharding.make_mesh(**cfg["sharding"]["mesh"])
-    sharding.local_batch_rows(mesh, cfg["train"]["batch_size"])
+    mesh = sharding.make_mesh(**to_dict(cfg.sharding.mesh))
+    sharding.local_batch_rows(mesh, cfg.train.batch_size)
     if not sharding.is_main_process():
         return False
     if launch is not None:
@@ -122,8 +123,8 @@ def cmd_finetune(args) -> int:
     pretrained, *trailing = args.pretrained  # overrides may come after --from DIR
     if any("=" not in item for item in trailing):
         raise JaxtrainError(f"--from takes one folder, got {args.pretrained}")
-    cfg, ft = load_finetune_config(args.config, [*args.overrides, *trailing])
-    summary = run_finetune(cfg, ft, pretrained, resume=args.resume)
+    cfg = load_finetune_config(args.config, [*args.overrides, *trailing], pretrained)
+    summary = run_finetune(cfg, resume=args.resume)
     print(json.dumps(summary))
     return 0 if summary["interrupted"] is None else 130
 

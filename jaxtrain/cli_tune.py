@@ -69,19 +69,21 @@ def positive_float(text: str) -> float:
     return value
 
 
-def _config(args) -> dict:
+def _config(args):
     """The checked config with its overrides; `--steps` sets `train.steps` unless an
     override sets it to another value (refused: which one wins would be a guess)."""
+    from dataclasses import replace
+
     from .train.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     steps = getattr(args, "steps", None)
     if steps is not None:
         given = [o for o in args.overrides if o.partition("=")[0].strip() == "train.steps"]
-        if given and cfg["train"]["steps"] != steps:
+        if given and cfg.train.steps != steps:
             raise JaxtrainError(f"--steps {steps} conflicts with the override {given[-1]}: "
                                 "give the number of steps once")
-        cfg["train"]["steps"] = steps
+        cfg = replace(cfg, train=replace(cfg.train, steps=steps))
     return cfg
 
 
@@ -91,7 +93,7 @@ def _problem(args, one_device_runs: bool = True):
     cfg = _config(args)
     if one_device_runs:
         check_one_device_runs(cfg, args.command)
-    out = Path(args.out or Path(cfg["out"]) / args.command)
+    out = Path(args.out or Path(cfg.out) / args.command)
     problem = problem_from_config(cfg)
     out.mkdir(parents=True, exist_ok=True)
     return problem, cfg, out
@@ -102,7 +104,7 @@ def cmd_sweep(args) -> int:
 
     grid = parse_grid(args.grid or ["learning_rate=log:1e-4:1e-1:8"])
     problem, cfg, out = _problem(args)
-    result = sweep(problem.spec, grid, problem.train, problem.valid, cfg["train"]["steps"],
+    result = sweep(problem.spec, grid, problem.train, problem.valid, cfg.train.steps,
                    progress=not args.quiet)
     print(result.table())
     best = result.points[result.best_index()]
@@ -143,7 +145,7 @@ def cmd_compare(args) -> int:
     seeds = args.seeds
     problem, cfg, out = _problem(args)
     result = compare(problem.spec, strategies, problem.train, problem.valid,
-                     cfg["train"]["steps"], seeds=seeds, target=args.target,
+                     cfg.train.steps, seeds=seeds, target=args.target,
                      progress=not args.quiet)
     print(result.table())
     result.plot(out / "compare.png")
@@ -161,8 +163,8 @@ def cmd_lr_find(args) -> int:
     from .tune.lr_find import lr_find
 
     problem, cfg, out = _problem(args)
-    result = lr_find(problem.spec, problem.train, steps=cfg["train"]["steps"],
-                     min_lr=args.min_lr, max_lr=args.max_lr, seed=cfg["seed"],
+    result = lr_find(problem.spec, problem.train, steps=cfg.train.steps,
+                     min_lr=args.min_lr, max_lr=args.max_lr, seed=cfg.seed,
                      progress=not args.quiet)
     result.plot(out / "lr_find.png")
     print(f"suggested learning rate: {result.suggestion:.3g} "
@@ -175,17 +177,18 @@ def cmd_batch_size(args) -> int:
     import jax
 
     from . import sharding
+    from .config import to_dict
     from .train import make_train_step
     from .train.state import param_logical_axes
     from .tune.batch_size import find_batch_size
     from .tune.runs import initial_state
 
     problem, cfg, out = _problem(args, one_device_runs=False)
-    spec, train = problem.spec, cfg["train"]
-    state = initial_state(spec, cfg["seed"])
-    mesh = sharding.make_mesh(**cfg["sharding"]["mesh"])
-    shardings = (sharding.state_shardings(state, mesh, cfg["sharding"]["preset"],
-                                          param_logical_axes(spec.model_fn(cfg["seed"]))),
+    spec, train = problem.spec, cfg.train
+    state = initial_state(spec, cfg.seed)
+    mesh = sharding.make_mesh(**to_dict(cfg.sharding.mesh))
+    shardings = (sharding.state_shardings(state, mesh, cfg.sharding.preset,
+                                          param_logical_axes(spec.model_fn(cfg.seed))),
                  sharding.batch_sharding(mesh))
     step = make_train_step(spec.task.loss_fn, precision=spec.precision,
                            microbatches=spec.microbatches)
@@ -198,7 +201,7 @@ def cmd_batch_size(args) -> int:
                              shardings=shardings)
     print(result.table())
     print(result.summary())
-    print(f"(precision {train['precision']}, microbatches {spec.microbatches}, "
+    print(f"(precision {train.precision}, microbatches {spec.microbatches}, "
           f"{sharding.batch_parallelism(mesh)}-way data parallel)")
     return 0
 

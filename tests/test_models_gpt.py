@@ -160,10 +160,10 @@ def test_char_gpt_config_builds_a_1_to_5m_model_and_runs(tmp_path):
 
     path = Path(__file__).parent.parent / "configs" / "char_gpt.yaml"
     cfg = load_config(path)
-    kwargs = {k: v for k, v in cfg["model"].items() if k != "name"}
+    kwargs = {k: v for k, v in cfg.model.items() if k != "name"}
     kwargs = model_kwargs("gpt", kwargs, {"vocab_size": 256})
     assert 1_000_000 <= param_count(build("gpt", **kwargs)) <= 5_000_000
-    assert cfg["model"]["max_len"] == cfg["data"]["seq_len"] and cfg["task"] == "language_model"
+    assert cfg.model["max_len"] == cfg.data["seq_len"] and cfg.task == "language_model"
     tiny = load_config(path, [
         f"out={tmp_path}", "model.d_model=16", "model.num_layers=1", "model.num_heads=2",
         "model.max_len=16", "data.seq_len=16", "train.steps=2", "train.eval_every=2",

@@ -74,6 +74,6 @@ def test_init_from_the_config_and_bad_names():
     cfg = check_config({"model": {"name": "mlp", "init": "he_uniform"}, "data": "digits",
                         "task": "classification", "optimizer": "adam"})
     assert model_kwargs("mlp", {"init": "he_uniform"}, {})["init"] == "he_uniform"
-    assert cfg["model"]["init"] == "he_uniform"
+    assert cfg.model["init"] == "he_uniform"
     with pytest.raises(JaxtrainError, match="unknown init 'kaiming'.*he_normal"):
         build("mlp", 0, init="kaiming")

@@ -209,7 +209,7 @@ def test_config_trains_the_digits_mlp_full_batch(method, tmp_path):
                       [f"out={tmp_path}", "train.steps=4", "train.eval_every=4",
                        "train.log_every=1", "logging.plots=false", "logging.progress=false",
                        "checkpoint.at_end=false"])
-    assert cfg["train"]["batch_size"] == 1344  # the whole training set, on 8 devices
+    assert cfg.train.batch_size == 1344  # the whole training set, on 8 devices
     summary = run_config(cfg)
     assert summary["step"] == 4
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "log.jsonl").open())

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from jaxtrain import JaxtrainError
-from jaxtrain.train.config import build_optimizer, load_config, model_kwargs
+from jaxtrain.config import load, to_dict
+from jaxtrain.train.config import (
+    RunConfig,
+    build_optimizer,
+    config_changes,
+    load_config,
+    model_kwargs,
+)
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_cnn.yaml"
 
@@ -17,10 +24,10 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_cnn.yaml"
 def test_shipped_config_loads_with_defaults_and_overrides():
     cfg = load_config(CONFIG, ["train.steps=7", "optimizer.learning_rate=1e-2",
                                "checkpoint.dir=null", "early_stopping=null"])
-    assert cfg["train"]["steps"] == 7 and cfg["optimizer"]["learning_rate"] == 0.01
-    assert cfg["train"]["microbatches"] == 1 and cfg["sharding"]["mesh"]["fsdp"] == 1
-    assert cfg["early_stopping"] is None and cfg["model"]["name"] == "cnn"
-    tx = build_optimizer(cfg["optimizer"])
+    assert cfg.train.steps == 7 and cfg.optimizer["learning_rate"] == 0.01
+    assert cfg.train.microbatches == 1 and cfg.sharding.mesh.fsdp == 1
+    assert cfg.early_stopping is None and cfg.model["name"] == "cnn"
+    tx = build_optimizer(cfg.optimizer)
     assert hasattr(tx, "init") and hasattr(tx, "update")
     assert model_kwargs("cnn", {"channels": 4}, {"num_classes": 5, "other": 1}) == {
         "num_classes": 5, "channels": 4}
@@ -90,3 +97,23 @@ def test_cli_trains_and_resumes(tmp_path):
     assert train_steps == sorted(train_steps) and train_steps[-1] == 30
     assert [r["step"] for r in records if r["run"] == "train/eval"] == [10, 20, 30]
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [10, 20, 30]
+
+
+def test_typed_config_round_trips_and_names_the_closest_key():
+    cfg = load_config(CONFIG, ["checkpoint.async=false", "train.ema_decay=0.99"])
+    assert isinstance(cfg, RunConfig) and cfg.checkpoint.async_ is False
+    assert cfg.train.ema_decay == 0.99 and cfg.early_stopping.patience == 3
+    saved = to_dict(cfg)  # what a checkpoint records: plain YAML key names
+    assert saved["checkpoint"]["async"] is False and saved["sharding"]["mesh"]["data"] == -1
+    assert load(RunConfig, saved) == cfg
+    with pytest.raises(JaxtrainError, match=r"did you mean 'train\.steps'\?"):
+        load_config(CONFIG, ["train.stepz=3"])
+
+
+def test_a_key_added_since_a_checkpoint_was_saved_counts_as_its_default():
+    current = to_dict(load_config(CONFIG))
+    old = to_dict(load_config(CONFIG))
+    del old["train"]["device_data"]  # as saved before train.device_data existed
+    assert config_changes(old, current) == []
+    other = to_dict(load_config(CONFIG, ["train.device_data=false"]))
+    assert config_changes(old, other) == ["train.device_data: 'auto' -> False"]

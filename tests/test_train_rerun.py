@@ -21,6 +21,7 @@ from test_train_loop import MLP, _data
 from jaxtrain import JaxtrainError, transforms
 from jaxtrain.checkpoint import Manager
 from jaxtrain.cli import main
+from jaxtrain.config import to_dict
 from jaxtrain.train import (
     EarlyStopping,
     Trainer,
@@ -107,7 +108,7 @@ def _saved_run(tmp_path, *overrides):
     cfg = load_config(CONFIG, [f"out={out}", *overrides])
     state = TrainState.create(MLP(nnx.Rngs(0)), transforms.adam(1e-3), jax.random.PRNGKey(0))
     with Manager(out / "checkpoints") as mngr:
-        mngr.save(5, state, {}, config=cfg)
+        mngr.save(5, state, {}, config=to_dict(cfg))
     return out
 
 
@@ -129,7 +130,7 @@ def test_a_rerun_with_other_settings_is_refused_naming_the_keys(tmp_path, capsys
     cfg = load_config(CONFIG, [f"out={out}", "optimizer.learning_rate=0.01",
                                "train.steps=900"])
     resumed = rerun_config(cfg, resume=True)
-    assert resumed["optimizer"]["learning_rate"] == 0.003 and resumed["train"]["steps"] == 900
+    assert resumed.optimizer["learning_rate"] == 0.003 and resumed.train.steps == 900
     assert "ignoring optimizer.learning_rate" in capsys.readouterr().err
     with pytest.raises(JaxtrainError, match="no checkpoint in .* to resume"):
         rerun_config(load_config(CONFIG, [f"out={tmp_path / 'fresh'}"]), resume=True)

@@ -217,10 +217,10 @@ def test_cli_steps_default_is_the_configs(tmp_path):
     config = os.path.join(os.path.dirname(__file__), "..", "configs", "digits_cnn.yaml")
     args = lambda steps, *overrides: argparse.Namespace(config=config, steps=steps,
                                                         overrides=list(overrides))
-    assert _config(args(None))["train"]["steps"] == 600  # the file's
-    assert _config(args(None, "train.steps=150"))["train"]["steps"] == 150
-    assert _config(args(150, "train.steps=150"))["train"]["steps"] == 150
-    assert _config(args(40))["train"]["steps"] == 40
+    assert _config(args(None)).train.steps == 600  # the file's
+    assert _config(args(None, "train.steps=150")).train.steps == 150
+    assert _config(args(150, "train.steps=150")).train.steps == 150
+    assert _config(args(40)).train.steps == 40
 
 
 def test_cli_refuses_a_model_split_over_devices(tmp_path):

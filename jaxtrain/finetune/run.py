@@ -1,14 +1,6 @@
 """`jaxtrain finetune CONFIG.yaml --from CKPT_DIR`: a `jaxtrain train` config (see
-`jaxtrain.train.config`) plus a `finetune` section:
-
-    finetune:
-      step: null               # pretrained step: null (latest), best, or a number
-      include: ["*"]           # pretrained params to load (globs / re: regexes) ...
-      exclude: ["head/*"]      # ... and not to load (a new head stays fresh)
-      mapping: {}              # renamed modules: {old/prefix/: new/prefix/}
-      lora: null               # {targets: [globs], rank, alpha, dropout, train_also:
-                               #  [globs]}: train adapters (and train_also) only
-      restore_optimizer: false # take the pretrained optimizer state instead of a fresh one
+`jaxtrain.train.config`) plus a `finetune` section (`jaxtrain.finetune.config`: which
+pretrained step and params to load, renamed modules, LoRA, the optimizer state).
 
 Freezing and per-group learning rates are keys of the `optimizer` spec (`freeze: [globs]`,
 `groups: {glob: {learning_rate: ...}}`, see `jaxtrain.transforms.spec`). The pretrained
@@ -25,11 +17,12 @@ import optax
 from flax import nnx
 
 from ..checkpoint import Manager, model_signature
+from ..config import load, set_key, to_dict
 from ..errors import JaxtrainError
 from ..models import registry as model_registry
 from ..models.lora import apply_lora, merge_lora
 from ..train import TrainState
-from ..train.config import build_optimizer, check_config, read_config
+from ..train.config import build_optimizer, read_config
 from ..train.run import (
     check_patterns,
     config_patterns,
@@ -40,67 +33,59 @@ from ..train.run import (
 )
 from ..train.tasks import get_task
 from ..transforms.paths import path_list
+from .config import FinetuneRunConfig
 from .flows import load_into, lora_optimizer
 
-DEFAULTS = {"step": None, "include": ["*"], "exclude": [], "mapping": {}, "lora": None,
-            "restore_optimizer": False}
-LORA_DEFAULTS = {"targets": None, "rank": 8, "alpha": None, "dropout": 0.0, "train_also": []}
 
-
-def _section(raw, defaults: dict, name: str) -> dict:
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise JaxtrainError(f"config key {name!r} must be a mapping, got {raw!r}")
-    unknown = sorted(set(raw) - set(defaults))
-    if unknown:
-        raise JaxtrainError(f"unknown config key '{name}.{unknown[0]}' (valid: "
-                            f"{', '.join(defaults)})")
-    return {**defaults, **raw}
-
-
-def load_finetune_config(path: str | Path, overrides=()) -> tuple[dict, dict]:
-    """`(train config, finetune section)` from a YAML file and `key=value` overrides."""
+def load_finetune_config(path: str | Path, overrides=(),
+                         pretrained: str | Path | None = None) -> FinetuneRunConfig:
+    """The fine-tune config of a YAML file, `key=value` overrides and `--from` (the
+    pretrained folder, `finetune.from`)."""
     raw = read_config(path, overrides)
-    ft = _section(raw.pop("finetune", None), DEFAULTS, "finetune")
-    if ft["lora"] is not None:
-        ft["lora"] = _section(ft["lora"], LORA_DEFAULTS, "finetune.lora")
-        if not ft["lora"]["targets"]:
-            raise JaxtrainError("config key 'finetune.lora.targets' is missing (globs of "
-                                "the Linear layers to adapt)")
-    return check_config(raw), ft
+    if pretrained is not None:
+        set_key(raw, "finetune.from", str(pretrained))
+    cfg = load(FinetuneRunConfig, raw)
+    lora = cfg.finetune.lora
+    if lora is not None and not lora.targets:
+        raise JaxtrainError("config key 'finetune.lora.targets' is missing (globs of "
+                            "the Linear layers to adapt)")
+    return cfg
 
 
 def _list(value) -> list:
     return [value] if isinstance(value, str) else list(value or [])
 
 
-def _optimizer(cfg: dict, ft: dict):
+def _optimizer(cfg: FinetuneRunConfig):
     """The optimizer spec's chain (freezing and per-group learning rates are spec keys:
     `freeze`, `groups`); with LoRA, applied to the adapters (and `train_also`) only."""
-    tx = build_optimizer(cfg["optimizer"])
-    return tx if ft["lora"] is None else lora_optimizer(tx, ft["lora"]["train_also"])
+    tx = build_optimizer(cfg.optimizer)
+    lora = cfg.finetune.lora
+    return tx if lora is None else lora_optimizer(tx, lora.train_also)
 
 
-def run_finetune(cfg: dict, ft: dict, pretrained: str | Path, resume: bool = False) -> dict:
-    """Fine-tune as `cfg` and `ft` say from the checkpoint folder `pretrained`; returns
+def run_finetune(cfg: FinetuneRunConfig, resume: bool = False) -> dict:
+    """Fine-tune as `cfg` says from the checkpoint folder `finetune.from`; returns
     the train summary plus the load report (and the merged export's folder with LoRA).
     An `out` that holds a fine-tune already is resumed only with the same settings and
     `--from`, or with `resume` (then as saved; see `jaxtrain.train.run.rerun_config`)."""
-    run = rerun_config({**cfg, "finetune": {**ft, "from": str(pretrained)}}, resume)
-    ft = dict(run.pop("finetune"))
-    cfg, pretrained = run, ft.pop("from")
-    seed, train, out = cfg["seed"], cfg["train"], Path(cfg["out"])
-    task = get_task(cfg["task"])
+    cfg = rerun_config(cfg, resume)
+    ft = cfg.finetune
+    pretrained = ft.from_
+    if pretrained is None:
+        raise JaxtrainError("config key 'finetune.from' is missing (the pretrained "
+                            "checkpoint folder: --from)")
+    seed, train, out = cfg.seed, cfg.train, Path(cfg.out)
+    task = get_task(cfg.task)
     data, name, kwargs = data_and_model(cfg)
     model = model_registry.build(name, seed, **kwargs)
     paths = path_list(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     modules = sorted({p.rsplit("/", 1)[0] for p in paths if "/" in p})
-    check_patterns({"finetune.exclude": _list(ft["exclude"])}, paths)
-    if ft["lora"] is not None:
-        check_patterns({"finetune.lora.targets": _list(ft["lora"]["targets"])}, modules)
-        check_patterns({"finetune.lora.train_also": _list(ft["lora"]["train_also"])}, paths)
-    report = load_into(model, pretrained, ft["step"], ft["include"], ft["exclude"],
-                       ft["mapping"])
+    check_patterns({"finetune.exclude": _list(ft.exclude)}, paths)
+    if ft.lora is not None:
+        check_patterns({"finetune.lora.targets": _list(ft.lora.targets)}, modules)
+        check_patterns({"finetune.lora.train_also": _list(ft.lora.train_also)}, paths)
+    report = load_into(model, pretrained, ft.step, ft.include, ft.exclude, ft.mapping)
     unaccounted = {p: why for p, why in report.skipped.items() if why != "not selected"}
     if unaccounted:
         first = ", ".join(f"{p} ({why})" for p, why in list(unaccounted.items())[:3])
@@ -109,22 +94,22 @@ def run_finetune(cfg: dict, ft: dict, pretrained: str | Path, resume: bool = Fal
             f"no param of the new model: {first}; exclude them (finetune.exclude) or rename "
             "them (finetune.mapping)")
     adapted = []
-    if ft["lora"] is not None:
-        lora = ft["lora"]
-        adapted = apply_lora(model, lora["targets"], lora["rank"], lora["alpha"],
-                             lora["dropout"], rngs=nnx.Rngs(seed + 1))
+    if ft.lora is not None:
+        lora = ft.lora
+        adapted = apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout,
+                             rngs=nnx.Rngs(seed + 1))
     check_patterns(config_patterns(cfg), path_list(nnx.to_pure_dict(nnx.state(model,
                                                                             nnx.Param))))
-    state = TrainState.create(model, _optimizer(cfg, ft), jax.random.PRNGKey(seed),
-                              ema_decay=train["ema_decay"])
-    if ft["restore_optimizer"]:
+    state = TrainState.create(model, _optimizer(cfg), jax.random.PRNGKey(seed),
+                              ema_decay=train.ema_decay)
+    if ft.restore_optimizer:
         with Manager(pretrained, read_only=True) as mngr:
-            state = mngr.restore(state, None, ft["step"], items=["opt_state"])
-    trainer = config_trainer(
-        cfg, state, model, task, {"name": name, **kwargs, "lora": ft["lora"]}, run="finetune",
-        run_config={**cfg, "finetune": {**ft, "from": str(pretrained)}})
-    state = trainer.fit(data["train"], train["steps"], eval_data=data.get("valid"),
-                        eval_every=train["eval_every"])
+            state = mngr.restore(state, None, ft.step, items=["opt_state"])
+    lora_config = None if ft.lora is None else to_dict(ft.lora)
+    trainer = config_trainer(cfg, state, model, task,
+                             {"name": name, **kwargs, "lora": lora_config}, run="finetune")
+    state = trainer.fit(data["train"], train.steps, eval_data=data.get("valid"),
+                        eval_every=train.eval_every)
     summary = {**fit_summary(trainer, state, out), "loaded": report.summary(),
                "lora": adapted}
     if adapted and trainer.interrupted is None:

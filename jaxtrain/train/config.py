@@ -1,130 +1,77 @@
-"""Run configs: a YAML file plus `key=value` overrides -> a checked dict -> a training run.
+"""Run configs: a YAML file plus `key=value` overrides -> a checked `RunConfig` -> a run.
 
-Shape (every section but `model`, `data`, `task` and `optimizer` has defaults):
-
-    seed: 0
-    out: runs/NAME                       # logs, curves.png, checkpoints/
-    model: {name: cnn, ...kwargs}        # jaxtrain.models.registry.build
-    data: {name: digits, augment: {...}, ...kwargs}   # jaxtrain.data.registry.load;
-                                         # augment: jaxtrain.data.augment
-    task: classification                 # jaxtrain.train.tasks
-    optimizer: {optimizer: adam, learning_rate: 0.003, ...}   # jaxtrain.transforms.spec
-    train: {steps, batch_size, microbatches, steps_per_call, precision, nan_policy,
-            eval_every, eval_batch_size, log_every, ema_decay, device_data}
-    sharding: {preset: dp, mesh: {data: -1, fsdp: 1, tensor: 1}}
-    checkpoint: {dir, every, best, at_end, max_to_keep, async}
-    early_stopping: null | {patience, min_delta, monitor, mode}
-    logging: {tensorboard, plots, progress}
+A run config is the root of the sections each layer declares (`train`, `early_stopping`,
+`logging` here; `sharding` in `jaxtrain.sharding.config`, `checkpoint` in
+`jaxtrain.checkpoint.config`), read by the generic loader of `jaxtrain.config`. Every key,
+its type, default and doc: `jaxtrain config --keys` or docs/config.md. `model`, `data` and
+`optimizer` are free-form: the keyword arguments of a registry entry (`model: {name: cnn,
+channels: 16}`), and the optimizer spec checked by `jaxtrain.transforms.spec.build`.
 
 Model kwargs the data set knows (`num_classes`, `vocab_size`, ...) are filled in from
-the data's `info` when the model takes them and the config does not set them. Counts and
-intervals (`train.eval_every`, `checkpoint.every`, ...) are positive or null, `seed` >= 0.
-A run's checked config is saved with its checkpoints; a rerun into the same folder must
-match it but for `RERUN_FREE` keys (`config_changes`).
+the data's `info` when the model takes them and the config does not set them. A run's
+config is saved with its checkpoints as a plain mapping (`to_dict`); a rerun into the same
+folder must match it but for `RERUN_FREE` keys (`config_changes`).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from .. import yaml_numbers
+from ..checkpoint.config import CheckpointConfig
+from ..config import load, option, read_yaml, section, set_key, to_dict
 from ..data.augment import check_augment
 from ..errors import JaxtrainError
-
-ANY = object()  # a free-form section: {name, **kwargs of a registry entry}
-SPEC = object()  # the transforms spec: {optimizer, learning_rate, ...}, checked by its build
-INT, FLOAT, BOOL, STR = (int,), (int, float), (bool,), (str,)
-OPT = (type(None),)
-
-# key -> (accepted types, default); a nested dict is a section.
-SCHEMA = {
-    "seed": (INT, 0),
-    "out": (STR, "runs/train"),
-    "model": (ANY, None),
-    "data": (ANY, None),
-    "task": (STR, None),
-    "optimizer": (SPEC, None),
-    "train": {
-        "steps": (INT, 1000),
-        "batch_size": (INT, 64),
-        "microbatches": (INT, 1),
-        "steps_per_call": (INT, 1),
-        "precision": (STR, "auto"),
-        "nan_policy": (STR, "raise"),
-        "eval_every": (INT + OPT, None),
-        "eval_batch_size": (INT, 256),
-        "log_every": (INT, 10),
-        "ema_decay": (FLOAT + OPT, None),
-        "device_data": (BOOL + STR, "auto"),  # Trainer(device_data=): auto, true, false
-    },
-    "sharding": {
-        "preset": (STR + (dict,), "dp"),
-        "mesh": {"data": (INT, -1), "fsdp": (INT, 1), "tensor": (INT, 1)},
-    },
-    "checkpoint": {
-        "dir": (STR + OPT, None),
-        "every": (INT + OPT, None),
-        "best": (BOOL, False),
-        "at_end": (BOOL, True),
-        "max_to_keep": (INT + OPT, 3),
-        "async": (BOOL, True),
-    },
-    "early_stopping": ((dict, type(None)), None),
-    "logging": {"tensorboard": (BOOL, True), "plots": (BOOL, True), "progress": (BOOL, True)},
-}
-REQUIRED = ("model", "data", "task", "optimizer")
-EARLY_STOPPING = {"patience": (INT, 5), "min_delta": (FLOAT, 0.0), "monitor": (STR + OPT, None),
-                  "mode": (STR + OPT, None)}
+from ..sharding.config import ShardingConfig
 
 
-def _yaml(text: str):
-    return yaml_numbers.load(text)
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the train loop runs (`Trainer`, `Trainer.fit`)."""
+
+    steps: int = option(1000, "train until the state's step reaches this total (a resumed "
+                              "run ends where an uninterrupted one would)", positive=True)
+    batch_size: int = option(64, "examples per step, over all devices", positive=True)
+    microbatches: int = option(1, "split each batch into this many, accumulating the "
+                                  "gradient (same update, less memory)", positive=True)
+    steps_per_call: int = option(1, "steps per compiled call (fewer dispatches)",
+                                 positive=True)
+    precision: str = option("auto", "auto, float32, bfloat16, bfloat16_params or float16 "
+                                    "(auto: float32 on CPU, bfloat16 compute elsewhere)")
+    nan_policy: str = option("raise", "a non-finite loss or gradient: raise (stop, name "
+                                      "it), skip (skip the step) or none (no checks)")
+    eval_every: int | None = option(None, "evaluate on held-out data every this many steps "
+                                          "and at the end (null: at the end only)",
+                                    positive=True)
+    eval_batch_size: int = option(256, "examples per evaluation batch", positive=True)
+    log_every: int = option(10, "log train metrics every this many steps", positive=True)
+    ema_decay: float | None = option(None, "keep an exponential moving average of the "
+                                           "params with this decay; evaluate it (null: none)")
+    device_data: bool | str = option("auto", "keep the whole data set on the devices: "
+                                             "auto (when it fits), true or false",
+                                     choices=("auto", True, False))
 
 
-def _type_names(types) -> str:
-    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop when a held-out metric stops improving (`jaxtrain.train.EarlyStopping`)."""
+
+    patience: int = option(5, "evaluations without improvement before stopping",
+                           positive=True)
+    min_delta: float = option(0.0, "smallest change that counts as an improvement")
+    monitor: str | None = option(None, "held-out metric to watch (null: the task's)")
+    mode: str | None = option(None, "min or max (null: the task's)")
 
 
-def _check_value(key: str, value, types):
-    if isinstance(value, bool) and bool not in types:  # YAML true is not an int
-        raise JaxtrainError(f"config key {key!r} must be {_type_names(types)}, got {value!r}")
-    if not isinstance(value, types):
-        raise JaxtrainError(
-            f"config key {key!r} must be {_type_names(types)}, got {type(value).__name__} "
-            f"{value!r}"
-        )
-    return float(value) if types[0] is int and float in types and value is not None else value
+@dataclass(frozen=True)
+class LoggingConfig:
+    """What a run writes besides log.jsonl."""
 
-
-def _checked(section: dict, schema: dict, prefix: str) -> dict:
-    """`section` merged over the defaults of `schema`, every key and type checked."""
-    if not isinstance(section, dict):
-        raise JaxtrainError(f"config key {prefix.rstrip('.') or 'config'!r} must be a mapping, "
-                            f"got {type(section).__name__}")
-    unknown = sorted(set(section) - set(schema))
-    if unknown:
-        raise JaxtrainError(f"unknown config key {prefix + unknown[0]!r} (valid: "
-                            f"{', '.join(schema)})")
-    out = {}
-    for key, spec in schema.items():
-        full = prefix + key
-        if isinstance(spec, dict):
-            out[key] = _checked(section.get(key) or {}, spec, full + ".")
-            continue
-        types, default = spec
-        if key not in section:
-            out[key] = copy.deepcopy(default)
-        elif types is ANY:
-            out[key] = _named(full, section[key])
-        elif types is SPEC:
-            out[key] = _spec(full, section[key])
-        else:
-            out[key] = _check_value(full, section[key], types)
-    return out
+    tensorboard: bool = option(True, "write TensorBoard event files to OUT/tensorboard")
+    plots: bool = option(True, "draw OUT/curves.png (and confusion.png) at the end")
+    progress: bool = option(True, "show a progress bar (plain lines when not a terminal)")
 
 
 def _named(key: str, value) -> dict:
@@ -133,6 +80,13 @@ def _named(key: str, value) -> dict:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise JaxtrainError(f"config key {key!r} must be a mapping with a 'name' (and its "
                             f"keyword arguments), got {value!r}")
+    return value
+
+
+def _data(key: str, value) -> dict:
+    value = _named(key, value)
+    if "augment" in value:
+        value = {**value, "augment": check_augment(value["augment"])}
     return value
 
 
@@ -145,36 +99,41 @@ def _spec(key: str, value) -> dict:
     return value
 
 
-def check_config(raw: dict) -> dict:
+@dataclass(frozen=True)
+class RunConfig:
+    """What `jaxtrain train CONFIG` runs: the model, data, task and optimizer, and the
+    sections of the layers that train it."""
+
+    seed: int = option(0, "random seed: model init, data order, dropout", minimum=0)
+    out: str = option("runs/train", "output folder: log.jsonl, TensorBoard, curves.png, "
+                                    "checkpoints/")
+    model: dict = option(None, "{name, **kwargs}: a model of jaxtrain.models.registry and "
+                               "its keyword arguments (free-form; a bare name is allowed)",
+                         parse=_named, required=True)
+    data: dict = option(None, "{name, augment, **kwargs}: a data set of "
+                              "jaxtrain.data.registry and its keyword arguments "
+                              "(free-form); augment: see docs/augmentation.md",
+                        parse=_data, required=True)
+    task: str = option(None, "what the model is trained for: classification or "
+                             "language_model (jaxtrain.train.tasks)", required=True)
+    optimizer: dict = option(None, "the transforms spec {optimizer, learning_rate, ...} "
+                                   "(free-form, checked by jaxtrain.transforms.spec.build; "
+                                   "see docs/transforms.md)", parse=_spec, required=True)
+    train: TrainConfig = section(TrainConfig, "the train loop")
+    sharding: ShardingConfig = section(ShardingConfig, "device mesh and partition rules")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Orbax checkpoints")
+    early_stopping: EarlyStoppingConfig | None = option(
+        None, "stop when a held-out metric stops improving (null: never)")
+    logging: LoggingConfig = section(LoggingConfig, "what is written besides log.jsonl")
+
+
+# Sections that may be given as a bare string, and the key the string stands for.
+SHORTHAND = {"model": "name", "data": "name", "optimizer": "optimizer"}
+
+
+def check_config(raw: dict) -> RunConfig:
     """The full config: defaults filled in, unknown keys and wrong types refused."""
-    cfg = _checked(raw, SCHEMA, "")
-    for key in REQUIRED:
-        if cfg[key] is None:
-            raise JaxtrainError(f"config key {key!r} is missing")
-    if "augment" in cfg["data"]:
-        cfg["data"]["augment"] = check_augment(cfg["data"]["augment"])
-    if cfg["early_stopping"] is not None:
-        cfg["early_stopping"] = _checked(cfg["early_stopping"], EARLY_STOPPING,
-                                         "early_stopping.")
-    positive = [("train", k) for k in ("steps", "batch_size", "microbatches",
-                                       "steps_per_call", "log_every", "eval_batch_size",
-                                       "eval_every")]
-    positive += [("checkpoint", "every"), ("checkpoint", "max_to_keep")]
-    if cfg["early_stopping"] is not None:
-        positive.append(("early_stopping", "patience"))
-    for section, key in positive:
-        value = cfg[section][key]
-        if value is not None and value < 1:
-            schema = EARLY_STOPPING if section == "early_stopping" else SCHEMA[section]
-            null = " or null" if type(None) in schema[key][0] else ""
-            raise JaxtrainError(f"config key '{section}.{key}' must be a positive integer"
-                                f"{null}, got {value}")
-    if cfg["seed"] < 0:
-        raise JaxtrainError(f"config key 'seed' must be an integer >= 0, got {cfg['seed']}")
-    if cfg["train"]["device_data"] not in (True, False, "auto"):
-        raise JaxtrainError("config key 'train.device_data' must be auto, true or false, "
-                            f"got {cfg['train']['device_data']!r}")
-    return cfg
+    return load(RunConfig, raw)
 
 
 # Keys a rerun into the same folder may change and still be the same run: where it writes,
@@ -200,12 +159,14 @@ def _free(key: str) -> bool:
 
 def config_changes(saved: dict, current: dict) -> list[str]:
     """`key: saved -> current` for each dotted key whose value differs between a saved
-    run config and a new one (keys in `RERUN_FREE` excepted)."""
+    run config and a new one (keys in `RERUN_FREE` excepted). A run config key the saved
+    one lacks (added to jaxtrain since it was saved) counts as having its default."""
     old, new = _flat(saved), _flat(current)
+    defaults = _flat(to_dict(RunConfig()))
     missing = object()
     changes = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, missing), new.get(key, missing)
+        a, b = old.get(key, defaults.get(key, missing)), new.get(key, missing)
         if not _free(key) and a != b:
             changes.append(f"{key}: {'(none)' if a is missing else a!r} -> "
                            f"{'(none)' if b is missing else b!r}")
@@ -217,54 +178,17 @@ def with_rerun_free(saved: dict, current: dict) -> dict:
     merged = copy.deepcopy(saved)
     for key, value in _flat(current).items():
         if _free(key):
-            _set(merged, key, copy.deepcopy(value))
+            set_key(merged, key, copy.deepcopy(value), SHORTHAND)
     return merged
-
-
-def _set(tree: dict, key: str, value) -> None:
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = tree.get(part)
-        if node is None:
-            node = tree[part] = {}
-        elif isinstance(node, str) and part in ("model", "data"):
-            node = tree[part] = {"name": node}
-        elif isinstance(node, str) and part == "optimizer":
-            node = tree[part] = {"optimizer": node}
-        elif not isinstance(node, dict):
-            raise JaxtrainError(f"override {key}: {part!r} is not a section")
-        tree = node
-    tree[parts[-1]] = value
 
 
 def read_config(path: str | Path, overrides=()) -> dict:
     """Read `path` (YAML) and apply `key=value` overrides (values parsed as YAML); the
     raw mapping, not yet checked (a caller may take out sections of its own first)."""
-    path = Path(path)
-    if not path.is_file():
-        raise JaxtrainError(f"config file {path} does not exist")
-    try:
-        raw = _yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise JaxtrainError(f"config file {path} is not valid YAML{line}: "
-                            f"{getattr(err, 'problem', None) or err}") from None
-    if not isinstance(raw, dict):
-        raise JaxtrainError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise JaxtrainError(f"override {item!r} must be key=value (e.g. train.steps=100)")
-        try:
-            value = _yaml(text)
-        except yaml.YAMLError:
-            value = text
-        _set(raw, key.strip(), value)
-    return raw
+    return read_yaml(path, overrides, SHORTHAND)
 
 
-def load_config(path: str | Path, overrides=()) -> dict:
+def load_config(path: str | Path, overrides=()) -> RunConfig:
     """Read `path` (YAML), apply `key=value` overrides (values parsed as YAML), check."""
     return check_config(read_config(path, overrides))
 

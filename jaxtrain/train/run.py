@@ -11,32 +11,33 @@ from flax import nnx
 
 from .. import sharding
 from ..checkpoint import Manager
+from ..config import load, to_dict
 from ..data import registry as data_registry
 from ..data.augment import check_augment, with_augmentation
 from ..errors import JaxtrainError
 from ..models import registry as model_registry
 from ..transforms.paths import matches, path_list
 from .callbacks import PlateauOnEval
-from .config import build_optimizer, config_changes, model_kwargs, with_rerun_free
+from .config import RunConfig, build_optimizer, config_changes, model_kwargs, with_rerun_free
 from .state import TrainState, param_logical_axes
 from .tasks import get_task
 from .trainer import Trainer
 
 
-def data_and_model(cfg: dict) -> tuple[dict, str, dict]:
+def data_and_model(cfg: RunConfig) -> tuple[dict, str, dict]:
     """The config's data set, and its model's registry name and keyword arguments (with
     what the data's `info` knows, e.g. `num_classes`, filled in)."""
-    data_cfg = dict(cfg["data"])
+    data_cfg = dict(cfg.data)
     augment = data_cfg.pop("augment", None)
     data = data_registry.load(data_cfg.pop("name"), **data_cfg)
     check_augment(augment, data.get("info", {}))
-    model_cfg = dict(cfg["model"])
+    model_cfg = dict(cfg.model)
     name = model_cfg.pop("name")
     return data, name, model_kwargs(name, model_cfg, data.get("info", {}))
 
 
-def checkpoint_folder(cfg: dict) -> Path:
-    return Path(cfg["checkpoint"]["dir"] or Path(cfg["out"]) / "checkpoints")
+def checkpoint_folder(cfg: RunConfig) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.out) / "checkpoints")
 
 
 def saved_config(folder: Path) -> dict | None:
@@ -53,14 +54,14 @@ def saved_config(folder: Path) -> dict | None:
     return None
 
 
-def rerun_config(cfg: dict, resume: bool = False, flag: str = "--resume") -> dict:
+def rerun_config(cfg: RunConfig, resume: bool = False, flag: str = "--resume") -> RunConfig:
     """The config to run when `cfg`'s output folder may already hold checkpoints.
 
     No checkpoint: `cfg`. A checkpoint of the same config (up to `RERUN_FREE` keys such
     as `train.steps`): `cfg`, resumed. Of another config: refused in one line naming the
     keys that differ, unless `resume`, which continues with the saved config (and the
     rerun-free keys of `cfg`). Nothing is read but the records; nothing is written."""
-    out = Path(cfg["out"])
+    out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise JaxtrainError(f"config key 'out': {out} is a file, not a folder")
     folder = checkpoint_folder(cfg)
@@ -69,7 +70,7 @@ def rerun_config(cfg: dict, resume: bool = False, flag: str = "--resume") -> dic
         if resume:
             raise JaxtrainError(f"{flag}: no checkpoint in {folder} to resume")
         return cfg
-    changes = config_changes(saved, cfg)
+    changes = config_changes(saved, to_dict(cfg))
     if not changes:
         return cfg
     if not resume:
@@ -78,7 +79,7 @@ def rerun_config(cfg: dict, resume: bool = False, flag: str = "--resume") -> dic
             f"as saved with {flag}, or set another out= for a new run")
     print(f"{flag}: continuing the run in {folder} with its saved settings (ignoring "
           f"{'; '.join(changes)})", file=sys.stderr)
-    return with_rerun_free(saved, cfg)
+    return load(type(cfg), with_rerun_free(saved, to_dict(cfg)))
 
 
 def _as_list(value) -> list:
@@ -87,10 +88,10 @@ def _as_list(value) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
-def config_patterns(cfg: dict) -> dict[str, list[str]]:
+def config_patterns(cfg: RunConfig) -> dict[str, list[str]]:
     """The param path patterns of a config (`optimizer.freeze`, `optimizer.groups`,
     `optimizer.weight_decay.include/exclude`), by config key."""
-    spec = cfg["optimizer"]
+    spec = cfg.optimizer
     found = {"optimizer.freeze": _as_list(spec.get("freeze")),
              "optimizer.groups": list(spec.get("groups") or {})}
     decay = spec.get("weight_decay")
@@ -116,33 +117,34 @@ def check_patterns(patterns: dict[str, list[str]], paths: list[str]) -> None:
                                 f"parameter (closest: {', '.join(close)})")
 
 
-def config_trainer(cfg: dict, state, model, task, model_config: dict, run: str = "train",
-                   run_config: dict | None = None) -> Trainer:
+def config_trainer(cfg: RunConfig, state, model, task, model_config: dict,
+                   run: str = "train") -> Trainer:
     """A `Trainer` for `state` set up as the config's train, sharding, checkpoint, early
     stopping and logging sections say (and the task's loss on augmented images where
     `data.augment` asks for it)."""
-    train, out, ckpt = cfg["train"], Path(cfg["out"]), cfg["checkpoint"]
-    loss_fn = with_augmentation(task.loss_fn, cfg["data"].get("augment"))
-    plateau = cfg["optimizer"].get("reduce_on_plateau")
+    train, out, ckpt = cfg.train, Path(cfg.out), cfg.checkpoint
+    loss_fn = with_augmentation(task.loss_fn, cfg.data.get("augment"))
+    plateau = cfg.optimizer.get("reduce_on_plateau")
     monitor = plateau.get("monitor") if isinstance(plateau, dict) else None
-    if monitor is not None and train["eval_every"] is None:
+    if monitor is not None and train.eval_every is None:
         raise JaxtrainError(f"config key 'optimizer.reduce_on_plateau.monitor' watches the "
                             f"held-out {monitor!r}: set train.eval_every too")
     return Trainer(
         state, loss_fn, metric_fn=task.metric_fn,
-        mesh=sharding.make_mesh(**cfg["sharding"]["mesh"]),
-        rules=cfg["sharding"]["preset"], logical_axes=param_logical_axes(model),
-        batch_size=train["batch_size"], seed=cfg["seed"], precision=train["precision"],
-        microbatches=train["microbatches"], steps_per_call=train["steps_per_call"],
-        nan_policy=train["nan_policy"], log_every=train["log_every"], log_dir=out,
-        tensorboard=cfg["logging"]["tensorboard"], plots=cfg["logging"]["plots"],
-        progress=cfg["logging"]["progress"], run=run,
-        checkpoint_dir=checkpoint_folder(cfg), checkpoint_every=ckpt["every"],
-        checkpoint_best=ckpt["best"], checkpoint_at_end=ckpt["at_end"],
-        max_to_keep=ckpt["max_to_keep"], async_checkpoint=ckpt["async"],
-        model_config=model_config, run_config=run_config or cfg, monitor=task.monitor,
-        mode=task.mode, early_stopping=cfg["early_stopping"],
-        eval_batch_size=train["eval_batch_size"], device_data=train["device_data"],
+        mesh=sharding.make_mesh(**to_dict(cfg.sharding.mesh)),
+        rules=cfg.sharding.preset, logical_axes=param_logical_axes(model),
+        batch_size=train.batch_size, seed=cfg.seed, precision=train.precision,
+        microbatches=train.microbatches, steps_per_call=train.steps_per_call,
+        nan_policy=train.nan_policy, log_every=train.log_every, log_dir=out,
+        tensorboard=cfg.logging.tensorboard, plots=cfg.logging.plots,
+        progress=cfg.logging.progress, run=run,
+        checkpoint_dir=checkpoint_folder(cfg), checkpoint_every=ckpt.every,
+        checkpoint_best=ckpt.best, checkpoint_at_end=ckpt.at_end,
+        max_to_keep=ckpt.max_to_keep, async_checkpoint=ckpt.async_,
+        model_config=model_config, run_config=to_dict(cfg), monitor=task.monitor,
+        mode=task.mode, early_stopping=(None if cfg.early_stopping is None
+                                        else to_dict(cfg.early_stopping)),
+        eval_batch_size=train.eval_batch_size, device_data=train.device_data,
         callbacks=[] if monitor is None else [PlateauOnEval(monitor)],
     )
 
@@ -163,23 +165,23 @@ def fit_summary(trainer: Trainer, state, out) -> dict:
     }
 
 
-def run_config(cfg: dict, resume: bool = False) -> dict:
+def run_config(cfg: RunConfig, resume: bool = False) -> dict:
     """Train as `cfg` says (see `rerun_config` for a folder that holds a run already, and
     `resume`); returns a summary (final step, last train and eval metrics, the task's
     end-of-run text, whether a signal interrupted the run)."""
     cfg = rerun_config(cfg, resume)
-    seed, train = cfg["seed"], cfg["train"]
-    task = get_task(cfg["task"])
+    seed, train = cfg.seed, cfg.train
+    task = get_task(cfg.task)
     data, name, kwargs = data_and_model(cfg)
     model = model_registry.build(name, seed, **kwargs)
-    tx = build_optimizer(cfg["optimizer"])
+    tx = build_optimizer(cfg.optimizer)
     check_patterns(config_patterns(cfg), path_list(nnx.to_pure_dict(nnx.state(model,
                                                                             nnx.Param))))
-    state = TrainState.create(model, tx, jax.random.PRNGKey(seed), ema_decay=train["ema_decay"])
+    state = TrainState.create(model, tx, jax.random.PRNGKey(seed), ema_decay=train.ema_decay)
     trainer = config_trainer(cfg, state, model, task, {"name": name, **kwargs})
-    state = trainer.fit(data["train"], train["steps"], eval_data=data.get("valid"),
-                        eval_every=train["eval_every"])
-    summary = fit_summary(trainer, state, cfg["out"])
+    state = trainer.fit(data["train"], train.steps, eval_data=data.get("valid"),
+                        eval_every=train.eval_every)
+    summary = fit_summary(trainer, state, cfg.out)
     if task.after_fit is not None and trainer.interrupted is None:
         summary["after_fit"] = task.after_fit(state.model(train=False), data)
     return summary

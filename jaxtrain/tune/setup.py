@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..config import to_dict
 from ..errors import JaxtrainError
 from ..models import registry as model_registry
-from ..train.config import build_optimizer
+from ..train.config import RunConfig, build_optimizer
 from ..train.precision import get_policy
 from ..train.run import data_and_model
 from ..train.tasks import get_task
@@ -20,14 +21,14 @@ class Problem:
     spec: RunSpec
     train: dict
     valid: dict
-    config: dict
+    config: RunConfig
 
 
-def check_one_device_runs(cfg: dict, command: str) -> None:
+def check_one_device_runs(cfg: RunConfig, command: str) -> None:
     """Refuse, in one line, a config whose sharding splits one model over devices: `sweep`,
     `compare` and `lr-find` run each training run whole on one device (many runs side by
     side on a `sweep` mesh axis), which for data parallelism gives the same numbers."""
-    mesh, preset = cfg["sharding"]["mesh"], cfg["sharding"]["preset"]
+    mesh, preset = to_dict(cfg.sharding.mesh), cfg.sharding.preset
     split = {k: v for k, v in mesh.items() if k != "data" and v != 1}
     if split or preset != "dp":
         what = ", ".join(f"sharding.mesh.{k}={v}" for k, v in split.items()) or \
@@ -36,7 +37,7 @@ def check_one_device_runs(cfg: dict, command: str) -> None:
                             f"for {what}: set sharding.preset=dp and only sharding.mesh.data")
 
 
-def problem_from_config(cfg: dict, optimizer: dict | None = None,
+def problem_from_config(cfg: RunConfig, optimizer: dict | None = None,
                         max_eval_examples: int = 1024,
                         max_train_examples: int = 65536) -> Problem:
     """The model, data, task and optimizer of a checked run config, with its step's
@@ -46,18 +47,18 @@ def problem_from_config(cfg: dict, optimizer: dict | None = None,
     (`data: {name: records}`) give a seeded random subset of at most
     `max_train_examples` examples."""
     data, name, kwargs = data_and_model(cfg)
-    train = cfg["train"]
+    train = cfg.train
     spec = RunSpec(
         model_fn=lambda seed: model_registry.build(name, seed, **kwargs),
-        task=get_task(cfg["task"]),
-        tx=build_optimizer(optimizer or cfg["optimizer"]),
-        batch_size=train["batch_size"],
-        eval_every=train["eval_every"] or max(1, train["steps"] // 10),
-        precision=get_policy(train["precision"]),
-        microbatches=train["microbatches"],
+        task=get_task(cfg.task),
+        tx=build_optimizer(optimizer or cfg.optimizer),
+        batch_size=train.batch_size,
+        eval_every=train.eval_every or max(1, train.steps // 10),
+        precision=get_policy(train.precision),
+        microbatches=train.microbatches,
     )
     valid = {k: v[:max_eval_examples] for k, v in data["valid"].items()}
     train = data["train"]
     if not isinstance(train, dict):
-        train = train.arrays(max_train_examples, cfg["seed"])
+        train = train.arrays(max_train_examples, cfg.seed)
     return Problem(spec, train, valid, cfg)
