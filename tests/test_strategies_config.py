@@ -24,7 +24,7 @@ def _trained_model(cfg, folder):
     from jaxtrain.models import registry
     from jaxtrain.strategies import load_teacher
 
-    model = dict(cfg["model"])
+    model = dict(cfg.model)
     return load_teacher(registry.build(model.pop("name"), 0, **model),
                         Path(folder) / "checkpoints")
 
@@ -40,7 +40,7 @@ def test_regression_reports_r2_as_sklearn_computes_it(tmp_path):
     cfg = _config("synthetic_regression.yaml", tmp_path, "train.steps=200",
                   "train.eval_every=200")
     summary = run_config(cfg)
-    data_cfg = dict(cfg["data"])
+    data_cfg = dict(cfg.data)
     data = registry.load(data_cfg.pop("name"), **data_cfg)
     train, valid = data["train"], data["valid"]
     model = _trained_model(cfg, tmp_path)
@@ -64,7 +64,7 @@ def _saved(folder) -> dict:
 def _data(cfg) -> dict:
     from jaxtrain.data import registry
 
-    data_cfg = dict(cfg["data"])
+    data_cfg = dict(cfg.data)
     return registry.load(data_cfg.pop("name"), **data_cfg)
 
 
