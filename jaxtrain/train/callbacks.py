@@ -10,6 +10,7 @@ from.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import jax
 
@@ -153,6 +154,7 @@ class Checkpointer(Callback):
         self.monitor, self.mode = monitor, mode
         self.manager = None
         self.resumed: tuple[dict, dict | None] | None = None
+        self.latest: Path | None = None  # the newest step saved or restored from
 
     def open(self) -> Manager:
         if self.manager is None:
@@ -171,6 +173,7 @@ class Checkpointer(Callback):
         if mngr.latest_step() is None:
             return None
         state = mngr.restore(like, trainer.signature)
+        self.latest = mngr.directory / str(mngr.restored_step)
         meta = mngr.meta(mngr.restored_step)
         changes = config_changes(meta.get("config") or {}, trainer.run_config)
         if meta.get("config") and trainer.run_config and changes:
@@ -194,6 +197,7 @@ class Checkpointer(Callback):
         trainer.flush_logs()  # every record up to `step` is in the log before `step` is saved
         trainer.check_finite(state)  # a non-finite state never overwrites a good checkpoint
         mngr = self.open()
+        self.latest = mngr.directory / str(step)
         if step in mngr.steps():
             return
         if metrics is None and trainer.eval_history and trainer.eval_history[-1][0] == step:

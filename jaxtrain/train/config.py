@@ -66,12 +66,44 @@ class EarlyStoppingConfig:
 
 
 @dataclass(frozen=True)
+class MlflowConfig:
+    """An MLflow run per fit (`jaxtrain.train.tracking.MlflowTracker`; docs/tracking.md)."""
+
+    tracking_uri: str | None = option(None, "tracking server or store, e.g. "
+                                            "sqlite:///mlflow.db (null: MLFLOW_TRACKING_URI, "
+                                            "else MLflow's default)")
+    experiment: str | None = option(None, "experiment name, created if missing (null: "
+                                          "MLFLOW_EXPERIMENT_NAME, else Default)")
+    run_name: str | None = option(None, "run name (null: the output folder's name)")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """A Weights & Biases run per fit (`jaxtrain.train.tracking.WandbTracker`;
+    docs/tracking.md)."""
+
+    project: str | None = option(None, "W&B project (null: WANDB_PROJECT or W&B's default)")
+    entity: str | None = option(None, "W&B entity: user or team (null: W&B's default)")
+    name: str | None = option(None, "run display name (null: the output folder's name)")
+    group: str | None = option(None, "W&B run group")
+    tags: list | None = option(None, "W&B run tags")
+    mode: str | None = option(None, "online, offline or disabled (null: WANDB_MODE, else "
+                                    "online)", choices=("online", "offline", "disabled"))
+    dir: str | None = option(None, "where W&B's wandb/ folder goes (null: the output "
+                                   "folder)")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """What a run writes besides log.jsonl."""
 
     tensorboard: bool = option(True, "write TensorBoard event files to OUT/tensorboard")
     plots: bool = option(True, "draw OUT/curves.png (and confusion.png) at the end")
     progress: bool = option(True, "show a progress bar (plain lines when not a terminal)")
+    mlflow: MlflowConfig | None = option(None, "track the run in MLflow (pip install "
+                                               "\"jaxtrain[mlflow]\"; null: no)")
+    wandb: WandbConfig | None = option(None, "track the run in Weights & Biases (pip install "
+                                             "\"jaxtrain[wandb]\"; null: no)")
 
 
 def _named(key: str, value) -> dict:
@@ -143,11 +175,12 @@ RERUN_FREE = ("out", "checkpoint.dir", "checkpoint.async", "train.steps", "loggi
               "data.workers", "data.threads", "data.prefetch", "data.verify")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (an empty section stays as `{}`)."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -161,8 +194,8 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     """`key: saved -> current` for each dotted key whose value differs between a saved
     run config and a new one (keys in `RERUN_FREE` excepted). A run config key the saved
     one lacks (added to jaxtrain since it was saved) counts as having its default."""
-    old, new = _flat(saved), _flat(current)
-    defaults = _flat(to_dict(RunConfig()))
+    old, new = flatten(saved), flatten(current)
+    defaults = flatten(to_dict(RunConfig()))
     missing = object()
     changes = []
     for key in sorted(set(old) | set(new)):
@@ -176,7 +209,7 @@ def config_changes(saved: dict, current: dict) -> list[str]:
 def with_rerun_free(saved: dict, current: dict) -> dict:
     """The saved config with the `RERUN_FREE` keys of `current` (what `--resume` runs)."""
     merged = copy.deepcopy(saved)
-    for key, value in _flat(current).items():
+    for key, value in flatten(current).items():
         if _free(key):
             set_key(merged, key, copy.deepcopy(value), SHORTHAND)
     return merged

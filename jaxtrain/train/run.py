@@ -21,6 +21,7 @@ from .callbacks import PlateauOnEval
 from .config import RunConfig, build_optimizer, config_changes, model_kwargs, with_rerun_free
 from .state import TrainState, param_logical_axes
 from .tasks import get_task
+from .tracking import make_trackers
 from .trainer import Trainer
 
 
@@ -146,6 +147,7 @@ def config_trainer(cfg: RunConfig, state, model, task, model_config: dict,
                                         else to_dict(cfg.early_stopping)),
         eval_batch_size=train.eval_batch_size, device_data=train.device_data,
         callbacks=[] if monitor is None else [PlateauOnEval(monitor)],
+        trackers=make_trackers(cfg.logging),
     )
 
 

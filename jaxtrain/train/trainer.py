@@ -53,7 +53,9 @@ class Trainer:
     `mesh` (default: all devices, data parallel) by the sharding `rules` (a preset name or
     table) and the params' `logical_axes` (see `jaxtrain.sharding.state_shardings`).
     Checkpoints go to `checkpoint_dir` (a folder that already holds checkpoints is resumed
-    from its latest); logs (JSONL, TensorBoard, `curves.png`) to `log_dir`.
+    from its latest); logs (JSONL, TensorBoard, `curves.png`) to `log_dir`, and to the
+    experiment `trackers` (`jaxtrain.train.tracking`: MLflow, Weights & Biases), one tracker
+    run per `fit` named after `log_dir`.
 
     Launched as several processes (SLURM, mpirun, torchrun, a TPU pod...), call
     `jaxtrain.sharding.start_from_env()` before creating any array; the Trainer refuses to
@@ -74,7 +76,7 @@ class Trainer:
                  model_config: dict | None = None, run_config: dict | None = None,
                  monitor: str = "loss", mode: str = "min", early_stopping=None,
                  callbacks=(), eval_batch_size: int = 256, eval_ema: bool = True,
-                 handle_signals: bool = True, device_data="auto"):
+                 handle_signals: bool = True, device_data="auto", trackers=()):
         for name, value in (("log_every", log_every), ("steps_per_call", steps_per_call)):
             if not isinstance(value, int) or value < 1:
                 raise JaxtrainError(f"{name} must be a positive integer, got {value!r}")
@@ -89,7 +91,7 @@ class Trainer:
         self.eval_batch_size, self.handle_signals = eval_batch_size, handle_signals
         self.device_data, self._device_feed = device_data, None
         self.log_dir = None if log_dir is None else Path(log_dir)
-        self.tensorboard = tensorboard
+        self.tensorboard, self.trackers = tensorboard, list(trackers)
         self.run_config = run_config or {}
         self.signature = model_signature(model_config or {}, state.params)
         self.early_stopping = early_stopping
@@ -183,10 +185,12 @@ class Trainer:
         except BaseException:
             if self.checkpointer is not None:
                 self.checkpointer.close()
+            self._finish_trackers("failed")
             raise
         finally:
             self._restore_signals(previous)
             self._close_logs()
+        self._finish_trackers("killed" if self.interrupted else "finished")
         if self.early_stopping is not None and self.early_stopping.restore_best:
             state = self.early_stopping.restore(state)
         self.state = state
@@ -395,9 +399,40 @@ class Trainer:
             self.loggers.append(JsonlLogger(self.log_dir / "log.jsonl"))
             if self.tensorboard:
                 self.loggers.append(TensorBoardLogger(self.log_dir / "tensorboard"))
+        self._tracking = []
+        if main:
+            self._start_trackers()
+
+    def _start_trackers(self) -> None:
+        """Start a tracker run each (named after the log folder); if one cannot start,
+        the ones already started are ended as failed and the logs closed."""
+        name = self.log_dir.name if self.log_dir is not None else self.run
+        for tracker in self.trackers:
+            try:
+                tracker.start(name, self.run_config, self.log_dir)
+            except BaseException:
+                self._finish_trackers("failed")
+                self._close_logs()
+                raise
+            self._tracking.append(tracker)
+
+    def _finish_trackers(self, outcome: str) -> None:
+        """End the tracker runs with the final checkpoint's path and how the fit ended
+        (after a failure, a tracker that cannot end its run only warns: the fit's own error
+        is the one to see)."""
+        latest = None if self.checkpointer is None else self.checkpointer.latest
+        while self._tracking:
+            tracker = self._tracking.pop(0)
+            try:
+                tracker.finish(None if latest is None else str(latest), outcome)
+            except Exception as err:
+                if outcome != "failed":
+                    raise
+                warnings.warn(f"could not end the {type(tracker).__name__} run: "
+                              f"{type(err).__name__}: {err}", stacklevel=2)
 
     def _write(self, run: str, step: int, values: dict) -> None:
-        for logger in self.loggers:
+        for logger in self.loggers + self._tracking:
             logger.log(run, step, values)
 
     def _close_logs(self) -> None:
