@@ -1,11 +1,15 @@
 """Experiment trackers (`logging.mlflow`, `logging.wandb`): one tiny config run tracked by
 both, read back through each tool's own reader (MLflow's client over a local sqlite store; W&B's
-`wandb leet inspect` over an offline run) and compared with jaxtrain's JSONL log."""
+`wandb leet inspect` over an offline run) and compared with jaxtrain's JSONL log. The run
+may look up no host name (an offline W&B run must not reach the network) and must leave no
+W&B service process behind."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import psutil
@@ -19,6 +23,7 @@ from jaxtrain.train.logs import read_log
 from jaxtrain.train.run import run_config
 from jaxtrain.train.tracking import WandbTracker, make_trackers
 
+getaddrinfo = socket.getaddrinfo
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_cnn.yaml"
 
 
@@ -47,15 +52,30 @@ def tracked(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tracked")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     out = tmp / "tiny"
+    looked_up = []
+
+    def lookup(host, *args, **kwargs):  # records and refuses any name but this machine's
+        if host not in ("localhost", "127.0.0.1", "::1", None):
+            looked_up.append(host)
+            raise OSError(f"the test refuses to look up {host}")
+        return getaddrinfo(host, *args, **kwargs)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp)  # MLflow keeps artifacts in ./mlruns beside a sqlite store
         for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
             patch.setenv(var, str(tmp / var.lower()))  # nothing under $HOME
-        patch.setenv("WANDB_MODE", "offline")  # no network, whatever the config says
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow's usage reports
+        patch.setattr(socket, "getaddrinfo", lookup)
         cfg = _config(out, f"logging.mlflow={{tracking_uri: '{uri}', experiment: digits}}",
                       "logging.wandb={project: digits, mode: offline, tags: [tiny]}")
         run_config(cfg)
         children = [p.name() for p in psutil.Process().children(recursive=True)]
+    assert not looked_up, f"the tracked run tried the network: {looked_up}"
+    # W&B's usage telemetry exports from OpenTelemetry threads, later than the run's end:
+    # none may be running after an offline run (wandb 0.31 started them when the offline
+    # mode was given to `wandb.init` alone)
+    exporters = [t.name for t in threading.enumerate() if t.name.startswith("Otel")]
+    assert not exporters, f"telemetry exporters left running: {exporters}"
     return cfg, out, uri, children
 
 

@@ -142,6 +142,10 @@ class WandbTracker(Tracker):
         folder = settings.pop("dir") or folder or tempfile.gettempdir()
         Path(folder).mkdir(parents=True, exist_ok=True)
         try:
+            if settings["mode"] in ("offline", "disabled"):
+                # W&B's process-wide settings decide whether its own telemetry probes the
+                # server: an offline run given only to `init` still would (seen in 0.31)
+                wandb.setup(settings=wandb.Settings(mode=settings["mode"]))
             # console="off": W&B would wrap stdout/stderr (the progress bar, pytest's capture)
             self.run = run = wandb.init(**settings, dir=str(folder), config=config,
                                         reinit="create_new",
@@ -150,9 +154,10 @@ class WandbTracker(Tracker):
             raise _failed("wandb", "start a run", err) from err
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
-        path = Path(run.dir) / CONFIG_FILE
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        run.save(str(path), base_path=run.dir, policy="now")
+        if not run.disabled:  # a disabled run keeps no files
+            path = Path(run.dir) / CONFIG_FILE
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            run.save(str(path), base_path=run.dir, policy="now")
 
     def log(self, run: str, step: int, metrics: dict) -> None:
         self.run.log({"step": int(step), **metric_names(_kind(run), metrics)})
