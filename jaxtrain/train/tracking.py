@@ -89,6 +89,7 @@ class MlflowTracker(Tracker):
         from mlflow.tracking import MlflowClient
 
         experiment = self.config.experiment or MLFLOW_EXPERIMENT_NAME.get() or "Default"
+        where = self.config.tracking_uri or "MLflow's default store"
         try:
             self.client = client = MlflowClient(self.config.tracking_uri)
             found = client.get_experiment_by_name(experiment)
@@ -96,7 +97,7 @@ class MlflowTracker(Tracker):
                              else client.create_experiment(experiment))
             run = client.create_run(experiment_id, run_name=self.config.run_name or name)
         except Exception as err:  # a store or server that cannot be reached or written
-            raise _failed("mlflow", f"start a run in {client.tracking_uri}", err) from err
+            raise _failed("mlflow", f"start a run in {where}", err) from err
         self.run_id = run.info.run_id
         params = [Param(key, value if isinstance(value, str) else json.dumps(value, default=str))
                   for key, value in flatten(config).items()]
