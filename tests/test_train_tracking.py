@@ -12,16 +12,20 @@ import sys
 import threading
 from pathlib import Path
 
+import jax
 import psutil
 import pytest
 import yaml
+from flax import nnx
+from test_train_loop import MLP, _data
 
-from jaxtrain import JaxtrainError
+from jaxtrain import JaxtrainError, sharding, transforms
 from jaxtrain.config import to_dict
+from jaxtrain.train import Trainer, TrainState, classification_loss, classification_metrics
 from jaxtrain.train.config import LoggingConfig, WandbConfig, flatten, load_config
 from jaxtrain.train.logs import read_log
 from jaxtrain.train.run import run_config
-from jaxtrain.train.tracking import WandbTracker, make_trackers
+from jaxtrain.train.tracking import Tracker, WandbTracker, make_trackers
 
 getaddrinfo = socket.getaddrinfo
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_cnn.yaml"
@@ -161,3 +165,46 @@ def test_bad_tracker_keys_are_named(override, message):
     assert str(err.value) == message or str(err.value).startswith(message)
     with pytest.raises(JaxtrainError, match="'mode' must be online, offline or disabled"):
         WandbTracker(WandbConfig(mode="ofline"))  # built in Python: checked alike
+
+
+class Recorder(Tracker):
+    """A tracker that records the Trainer's calls (and fails to log at `fail_at`)."""
+
+    def __init__(self):
+        self.calls, self.fail_at = [], None
+
+    def start(self, name, config, folder):
+        self.calls.append(("start", name, config, folder))
+
+    def log(self, run, step, metrics):
+        if step == self.fail_at:
+            raise RuntimeError("the tracking server went away")
+        self.calls.append(("log", run, step, sorted(metrics)))
+
+    def finish(self, checkpoint, outcome="finished"):
+        self.calls.append(("finish", checkpoint, outcome))
+
+
+def test_trainer_tracks_on_process_0_only_and_ends_each_fit(tmp_path, monkeypatch):
+    recorder, out = Recorder(), tmp_path / "run"
+    state = TrainState.create(MLP(nnx.Rngs(0)), transforms.adam(1e-2), jax.random.PRNGKey(0))
+    trainer = Trainer(state, classification_loss, metric_fn=classification_metrics,
+                      batch_size=16, log_every=2, progress=False, tensorboard=False,
+                      plots=False, log_dir=out, checkpoint_dir=out / "ck",
+                      run_config={"seed": 0}, trackers=[recorder])
+    with monkeypatch.context() as patch:  # another process of a multi-process run
+        patch.setattr(sharding, "is_main_process", lambda: False)
+        trainer.fit(_data(), 2)
+    assert recorder.calls == [] and (out / "ck" / "2").is_dir()
+
+    trainer.fit(_data(), 4, eval_data=_data(48, 1), eval_every=4)
+    start, *logs, finish = recorder.calls
+    assert start == ("start", "run", {"seed": 0}, out)
+    assert sorted(call[1:3] for call in logs) == [("train", 4), ("train/eval", 4)]
+    assert "loss" in logs[0][3] + logs[1][3] and "accuracy" in logs[0][3] + logs[1][3]
+    assert finish == ("finish", str((out / "ck" / "4").absolute()), "finished")
+
+    recorder.calls, recorder.fail_at = [], 6  # a tracker error ends the fit, run marked failed
+    with pytest.raises(RuntimeError, match="went away"):
+        trainer.fit(_data(), 6)
+    assert recorder.calls[0][0] == "start" and recorder.calls[-1][::2] == ("finish", "failed")
