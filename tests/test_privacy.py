@@ -131,3 +131,74 @@ def test_accountant_is_monotone_and_checks_its_arguments():
         dp_epsilon(1.0, 0.0, 10, 1e-5)
     with pytest.raises(JaxtrainError, match="accountant 'moments'"):
         dp_epsilon(1.0, 0.1, 10, 1e-5, accountant="moments")
+
+
+# -- Poisson subsampling ---------------------------------------------------------------
+
+def test_poisson_batches_include_each_example_independently_with_rate_q():
+    """Over 4000 draws of n=150 examples at q=0.08: each example's inclusion count is
+    Binomial(4000, q) (chi-square over the examples), the batch size is Binomial(n, q) in
+    mean and variance, and two examples are drawn together at rate q^2 (independence)."""
+    from scipy.stats import chi2
+
+    from jaxtrain.strategies.privacy import PoissonBatches
+
+    n, q, draws = 150, 0.08, 4000
+    data = {"x": np.arange(n, dtype=np.float32)[:, None], "y": np.arange(n)}
+    batches = PoissonBatches(data, q, seed=3, capacity=n)
+    hits = np.zeros((draws, n), bool)
+    for position in range(draws):
+        batch = batches(position)
+        size = int(batch["mask"].sum())
+        assert np.all(batch["mask"][:size] == 1) and np.all(batch["mask"][size:] == 0)
+        hits[position, batch["y"][:size]] = True
+        np.testing.assert_array_equal(batch["x"][:size, 0], batch["y"][:size])
+        assert np.all(batch["x"][size:] == 0)  # padding rows are zeros
+    counts = hits.sum(0)
+    statistic = np.sum((counts - draws * q) ** 2 / (draws * q * (1 - q)))
+    assert chi2.sf(statistic, n) > 1e-3, statistic
+    sizes = hits.sum(1)
+    assert abs(sizes.mean() - n * q) < 4 * np.sqrt(n * q * (1 - q) / draws)
+    assert sizes.var() == pytest.approx(n * q * (1 - q), rel=0.1)
+    together = (hits[:, :, None] & hits[:, None, :]).mean(0)[np.triu_indices(n, 1)]
+    assert together.mean() == pytest.approx(q * q, rel=0.05)
+    np.testing.assert_array_equal(batches(17)["y"], PoissonBatches(data, q, 3, n)(17)["y"])
+
+
+def test_poisson_capacity_is_the_smallest_with_negligible_overflow():
+    """P(Binomial(n, q) > capacity) <= 1e-12 and not for capacity - 1 (scipy's binomial
+    tail); rounded up to the device multiple; a larger draw is refused, not truncated."""
+    from scipy.stats import binom
+
+    from jaxtrain.strategies.privacy import PoissonBatches, poisson_capacity
+
+    for n, q in ((1347, 64 / 1347), (60000, 256 / 60000), (100, 0.5)):
+        c = poisson_capacity(n, q)
+        assert binom.sf(c, n, q) <= 1e-12 < binom.sf(c - 1, n, q)
+        assert poisson_capacity(n, q, 8) == -(-c // 8) * 8
+    batches = PoissonBatches({"x": np.zeros((100, 1))}, 0.5, seed=0, capacity=20)
+    with pytest.raises(JaxtrainError, match="more than the batch capacity 20"):
+        batches(0)
+
+
+def test_dp_step_on_a_padded_poisson_batch_averages_over_the_expected_size():
+    """Padding rows add nothing: the update is the clipped per-example gradients of the
+    examples drawn (each by its own jax.grad call), summed and divided by q * n."""
+    from jaxtrain.strategies.privacy import PoissonBatches
+
+    clip, expected = 0.5, 6.0
+    state = _state(optax.chain(transforms.dp_aggregate(clip, 0.0, expected_batch_size=expected),
+                               optax.sgd(1.0)))
+    train = digits_split()[0]
+    n = len(train["label"])
+    batch = PoissonBatches(train, expected / n, seed=0, capacity=16)(5)
+    size = int(batch["mask"].sum())
+    assert 0 < size < 16
+    new, metrics = jax.jit(make_dp_train_step(classification_loss))(state, batch)
+    applied = jax.tree.map(lambda a, b: np.asarray(b) - np.asarray(a), new.params, state.params)
+    drawn = {k: v[:size] for k, v in batch.items() if k != "mask"}
+    reference = jax.tree.map(lambda x: x * size / expected,
+                             _reference_clipped_mean(state, drawn, clip))
+    for got, want in zip(jax.tree.leaves(applied), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-6)
+    assert float(metrics["batch_examples"]) == size

@@ -207,3 +207,40 @@ def test_plateau_on_held_out_accuracy_takes_torch_decisions(tmp_path):
         expected[step + 1] = expected[step + 2] = opt.param_groups[0]["lr"]
     assert len(set(expected.values())) > 2  # it did reduce, more than once
     assert lr == pytest.approx(expected, rel=1e-6)
+
+
+def test_dp_sgd_from_config_reports_the_poisson_accountant_epsilon(tmp_path):
+    """configs/digits_mlp_dp.yaml: batches are Poisson draws (their sizes vary around
+    q * n), and the reported epsilon is dp_accounting's for the Poisson-sampled Gaussian
+    mechanism at q = batch_size / n composed over the steps taken."""
+    import dp_accounting
+
+    cfg = _config("digits_mlp_dp.yaml", tmp_path, "train.steps=12", "train.log_every=1",
+                  "train.eval_every=12", "checkpoint.at_end=false")
+    summary = run_config(cfg)
+    n = len(_data(cfg)["train"]["label"])
+    q = 64 / n
+    sizes = [r["batch_examples"] for r in _log(tmp_path)]
+    assert len(set(sizes)) > 3 and abs(np.mean(sizes) - 64) < 4 * np.sqrt(64 / len(sizes))
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(
+        q, dp_accounting.GaussianDpEvent(1.1)), 12)
+    assert summary["privacy"]["sampling_rate"] == pytest.approx(q)
+    assert summary["privacy"]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5),
+                                                          rel=1e-9)
+    assert summary["eval"]["accuracy"] > 0.2  # it learns through the noise (chance 0.1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("privacy.noise_multiplier=0", "'privacy.noise_multiplier' must be > 0"),
+    ("privacy.delta=1", "'privacy.delta' must be in (0, 1)"),
+    ("privacy.accountant=gdp", "'privacy.accountant' must be rdp or pld"),
+    ("privacy.clip=1", "unknown config key 'privacy.clip'"),
+    ("train.microbatches=2", "'train.microbatches' must be 1 with privacy"),
+])
+def test_privacy_section_refuses_bad_values_in_one_line(override, message, tmp_path):
+    from jaxtrain.errors import JaxtrainError
+
+    with pytest.raises(JaxtrainError) as err:
+        run_config(_config("digits_mlp_dp.yaml", tmp_path, override))
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -16,6 +16,7 @@ from ..data import registry as data_registry
 from ..data.augment import check_augment, with_augmentation
 from ..errors import JaxtrainError
 from ..models import registry as model_registry
+from ..strategies.privacy import dp_epsilon, dp_from_config, make_dp_train_step
 from ..transforms.paths import matches, path_list
 from .callbacks import PlateauOnEval
 from .config import RunConfig, build_optimizer, config_changes, model_kwargs, with_rerun_free
@@ -148,6 +149,7 @@ def config_trainer(cfg: RunConfig, state, model, task, model_config: dict,
         eval_batch_size=train.eval_batch_size, device_data=train.device_data,
         callbacks=[] if monitor is None else [PlateauOnEval(monitor)],
         trackers=make_trackers(cfg.logging),
+        train_step=None if cfg.privacy is None else make_dp_train_step(loss_fn),
     )
 
 
@@ -177,13 +179,22 @@ def run_config(cfg: RunConfig, resume: bool = False) -> dict:
     data, name, kwargs = data_and_model(cfg)
     model = model_registry.build(name, seed, **kwargs)
     tx = build_optimizer(cfg.optimizer)
+    train_data, privacy = data["train"], cfg.privacy
+    if privacy is not None:  # DP-SGD on Poisson batches of expected size train.batch_size
+        mesh = sharding.make_mesh(**to_dict(cfg.sharding.mesh))
+        tx, train_data, rate = dp_from_config(privacy, tx, train_data, train,
+                                              seed, sharding.batch_parallelism(mesh))
     check_patterns(config_patterns(cfg), path_list(nnx.to_pure_dict(nnx.state(model,
                                                                             nnx.Param))))
     state = TrainState.create(model, tx, jax.random.PRNGKey(seed), ema_decay=train.ema_decay)
     trainer = config_trainer(cfg, state, model, task, {"name": name, **kwargs})
-    state = trainer.fit(data["train"], train.steps, eval_data=data.get("valid"),
+    state = trainer.fit(train_data, train.steps, eval_data=data.get("valid"),
                         eval_every=train.eval_every)
     summary = fit_summary(trainer, state, cfg.out)
+    if privacy is not None:  # what the accountant says of the steps taken, all resumes in
+        summary["privacy"] = {"epsilon": dp_epsilon(
+            privacy.noise_multiplier, rate, int(state.step), privacy.delta,
+            privacy.accountant), "delta": privacy.delta, "sampling_rate": rate}
     if task.after_fit is not None and trainer.interrupted is None:
         summary["after_fit"] = task.after_fit(state.model(train=False), data)
     return summary

@@ -62,6 +62,10 @@ class Trainer:
     run when its launcher says there are several processes but none was joined. Then each
     process feeds its own rows of every batch, all take part in checkpoint saves, and only
     process 0 writes logs, plots and progress.
+
+    `train_step`: a prebuilt `(state, batch) -> (state, metrics)` step (a strategy's, such
+    as `jaxtrain.strategies.make_dp_train_step`) instead of `make_train_step(loss_fn, ...)`;
+    `precision` then only sets the params' dtype, `microbatches` and `nan_policy` are unused.
     """
 
     def __init__(self, state, loss_fn, *, metric_fn=None, mesh=None, rules="dp",
@@ -76,7 +80,8 @@ class Trainer:
                  model_config: dict | None = None, run_config: dict | None = None,
                  monitor: str = "loss", mode: str = "min", early_stopping=None,
                  callbacks=(), eval_batch_size: int = 256, eval_ema: bool = True,
-                 handle_signals: bool = True, device_data="auto", trackers=()):
+                 handle_signals: bool = True, device_data="auto", trackers=(),
+                 train_step=None):
         for name, value in (("log_every", log_every), ("steps_per_call", steps_per_call)):
             if not isinstance(value, int) or value < 1:
                 raise JaxtrainError(f"{name} must be a positive integer, got {value!r}")
@@ -106,8 +111,9 @@ class Trainer:
                           if c is not None]
         self.rules, self.logical_axes = rules, logical_axes
         self._nan_raise, self._nan_skip = nan_policy == "raise", nan_policy == "skip"
-        step_fn = make_train_step(loss_fn, precision=self.policy, microbatches=microbatches,
-                                  nan_policy=nan_policy)
+        step_fn = train_step or make_train_step(loss_fn, precision=self.policy,
+                                                microbatches=microbatches,
+                                                nan_policy=nan_policy)
         self.state = self._prepare(state)
         self.step_fn = step_fn
         self._compile(step_fn, metric_fn, eval_ema)
