@@ -33,3 +33,37 @@ class PrivacyConfig:
         if not 0 < self.delta < 1:
             raise JaxtrainError(f"config key 'privacy.delta' must be in (0, 1), got "
                                 f"{self.delta!r}")
+
+
+def _named(key: str, value) -> dict:
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise JaxtrainError(f"config key {key!r} must be a data set {{name, **kwargs}}, got "
+                            f"{value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation (`jaxtrain.strategies.distill`): the student (the config's
+    model) learns alpha T^2 KL(teacher_T || student_T) + (1 - alpha) CE(student, label)."""
+
+    teacher: str = option(None, "checkpoint folder of a `jaxtrain train` run: the teacher, "
+                                "rebuilt from the model config recorded there",
+                          required=True)
+    step: int | None = option(None, "the teacher checkpoint's step (null: the latest)")
+    temperature: float = option(4.0, "softmax temperature T of both logits")
+    alpha: float = option(0.9, "weight of the soft (teacher) term; 1 - alpha: the labels'")
+    labelled: float = option(1.0, "fraction of the training examples that keep their "
+                                  "labels; the rest learn from the teacher alone")
+    transfer: dict | None = option(None, "{name, **kwargs}: a data set whose training "
+                                         "inputs join, unlabelled (a transfer set)",
+                                   parse=_named)
+
+    def __post_init__(self):
+        _check_positive("distill", temperature=self.temperature)
+        for name in ("alpha", "labelled"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise JaxtrainError(f"config key 'distill.{name}' must be in [0, 1], got "
+                                    f"{getattr(self, name)!r}")

@@ -5,7 +5,10 @@
 
 The T^2 keeps the soft term's gradients on the scale of the hard term's as T grows.
 The teacher's params come from a checkpoint and are closed over as constants (no
-gradient flows into them).
+gradient flows into them). `teacher_from_checkpoint` rebuilds the teacher from the model
+config recorded in the checkpoint; `with_transfer_set` adds unlabelled inputs (a transfer
+set, and/or the training examples whose labels are hidden) that learn from the teacher
+alone.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -89,3 +93,47 @@ def make_distill_loss(teacher: nnx.Module, temperature: float = 4.0, alpha: floa
         return loss, {"accuracy": accuracy}
 
     return loss_fn
+
+
+def teacher_from_checkpoint(directory: str | Path, step: int | None = None, seed: int = 0):
+    """The teacher saved in the checkpoint folder `directory` by a `jaxtrain train` run:
+    its model rebuilt from the model config recorded there, its params loaded."""
+    from ..models import registry
+
+    if not Path(directory).is_dir():
+        raise JaxtrainError(f"config key 'distill.teacher': checkpoint folder {directory} "
+                            "does not exist")
+    with Manager(directory, read_only=True) as mngr:
+        if not mngr.steps():
+            raise JaxtrainError(f"config key 'distill.teacher': {directory} holds no "
+                                "checkpoint")
+        config = dict(mngr.meta(step).get("model", {}).get("config") or {})
+    if "name" not in config:
+        raise JaxtrainError(f"config key 'distill.teacher': {directory} records no model "
+                            "config (save it with `jaxtrain train`)")
+    return load_teacher(registry.build(config.pop("name"), seed, **config), directory, step)
+
+
+def with_transfer_set(train: dict, transfer: dict | None = None, labelled: float = 1.0,
+                      seed: int = 0) -> dict:
+    """`train` (a dict of arrays with `label`) with a `labelled` column: 1 for a fraction
+    `labelled` of its examples (chosen by `seed`), 0 for the rest, followed by the inputs
+    of `transfer` (same keys but the label; their labels are never read) with 0."""
+    if not 0.0 <= labelled <= 1.0:
+        raise JaxtrainError(f"config key 'distill.labelled' must be in [0, 1], got "
+                            f"{labelled!r}")
+    n = len(train["label"])
+    keep = np.zeros(n, np.float32)
+    keep[np.random.default_rng(seed).permutation(n)[:round(labelled * n)]] = 1.0
+    out = {**{k: np.asarray(v) for k, v in train.items()}, "labelled": keep}
+    if transfer is None:
+        return out
+    inputs = set(train) - {"label"}
+    if set(transfer) - {"label"} != inputs:
+        raise JaxtrainError(f"config key 'distill.transfer': the transfer set has "
+                            f"{sorted(transfer)}, the training data {sorted(train)}")
+    m = len(next(iter(transfer.values())))
+    extra = {k: np.asarray(transfer[k]) for k in inputs}
+    extra["label"] = np.zeros(m, out["label"].dtype)  # never read: labelled is 0
+    extra["labelled"] = np.zeros(m, np.float32)
+    return {k: np.concatenate([out[k], extra[k].astype(out[k].dtype)]) for k in out}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from ..data import registry as data_registry
 from ..data.augment import check_augment, with_augmentation
 from ..errors import JaxtrainError
 from ..models import registry as model_registry
+from ..strategies.distill import make_distill_loss, teacher_from_checkpoint, with_transfer_set
 from ..strategies.privacy import dp_epsilon, dp_from_config, make_dp_train_step
 from ..transforms.paths import matches, path_list
 from .callbacks import PlateauOnEval
@@ -153,6 +155,23 @@ def config_trainer(cfg: RunConfig, state, model, task, model_config: dict,
     )
 
 
+def distill_setup(cfg: RunConfig, task, data: dict):
+    """The task with the distillation loss, and the data with its `labelled` column and
+    the transfer set (the `distill` section)."""
+    section = cfg.distill
+    if cfg.task != "classification":
+        raise JaxtrainError(f"config key 'distill' needs task classification, got "
+                            f"{cfg.task!r}")
+    teacher = teacher_from_checkpoint(section.teacher, section.step, cfg.seed)
+    transfer = None
+    if section.transfer is not None:
+        spec = dict(section.transfer)
+        transfer = data_registry.load(spec.pop("name"), **spec)["train"]
+    train = with_transfer_set(data["train"], transfer, section.labelled, cfg.seed)
+    loss = make_distill_loss(teacher, section.temperature, section.alpha)
+    return dataclasses.replace(task, loss_fn=loss), {**data, "train": train}
+
+
 def fit_summary(trainer: Trainer, state, out) -> dict:
     """What a config run reports: final step, last train and eval metrics (and the eval's
     per-class values and confusion matrix as lists, where the task gives them), whether a
@@ -177,6 +196,8 @@ def run_config(cfg: RunConfig, resume: bool = False) -> dict:
     seed, train = cfg.seed, cfg.train
     task = get_task(cfg.task)
     data, name, kwargs = data_and_model(cfg)
+    if cfg.distill is not None:
+        task, data = distill_setup(cfg, task, data)
     model = model_registry.build(name, seed, **kwargs)
     tx = build_optimizer(cfg.optimizer)
     train_data, privacy = data["train"], cfg.privacy
