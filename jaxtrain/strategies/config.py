@@ -67,3 +67,25 @@ class DistillConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise JaxtrainError(f"config key 'distill.{name}' must be in [0, 1], got "
                                     f"{getattr(self, name)!r}")
+
+
+def _spec(key: str, value) -> dict:
+    if isinstance(value, str):
+        value = {"optimizer": value}
+    if not isinstance(value, dict):
+        raise JaxtrainError(f"config key {key!r} must be a transforms spec mapping (e.g. "
+                            f"{{optimizer: sgd, learning_rate: 1.0}}), got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class LocalSGDConfig:
+    """Local SGD / DiLoCo (`jaxtrain.strategies.local_sgd`): each replica of the mesh's
+    data axis takes sync_every steps of the config's optimizer alone, then the averaged
+    param change feeds one step of the outer optimizer."""
+
+    sync_every: int = option(8, "inner steps per round (H): one all-reduce per round",
+                             positive=True)
+    outer: dict = option({"optimizer": "sgd", "learning_rate": 1.0},
+                         "the outer optimizer, a transforms spec (sgd 1.0: model "
+                         "averaging; DiLoCo: nesterov sgd 0.7, momentum 0.9)", parse=_spec)

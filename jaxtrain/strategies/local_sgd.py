@@ -56,6 +56,17 @@ class LocalSGDState(struct.PyTreeNode):
             adapter=train_state.adapter, inner_tx=train_state.tx, outer_tx=outer_tx,
         )
 
+    def saveable(self) -> dict:
+        """The arrays of the state as a plain dict (what checkpoints hold)."""
+        return {"step": self.step, "params": self.params,
+                "outer_opt_state": self.outer_opt_state, "local_params": self.local_params,
+                "inner_opt_state": self.inner_opt_state, "rng": self.rng,
+                "model_state": self.model_state}
+
+    def with_saved(self, saved: dict) -> LocalSGDState:
+        """This state with its arrays replaced by a `saveable()` dict."""
+        return self.replace(**saved)
+
     def model(self, params=None):
         return self.adapter.bind(self.params if params is None else params,
                                  self.model_state, False)

@@ -25,7 +25,7 @@ from ..config import load, option, read_yaml, section, set_key, to_dict
 from ..data.augment import check_augment
 from ..errors import JaxtrainError
 from ..sharding.config import ShardingConfig
-from ..strategies.config import DistillConfig, PrivacyConfig
+from ..strategies.config import DistillConfig, LocalSGDConfig, PrivacyConfig
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,8 @@ class RunConfig:
         None, "stop when a held-out metric stops improving (null: never)")
     distill: DistillConfig | None = option(
         None, "learn from a teacher checkpoint (task classification; null: off)")
+    local_sgd: LocalSGDConfig | None = option(
+        None, "communication-light data parallelism: local SGD / DiLoCo (null: off)")
     privacy: PrivacyConfig | None = option(
         None, "DP-SGD on Poisson batches of expected size train.batch_size (null: off)")
     logging: LoggingConfig = section(LoggingConfig, "what is written besides log.jsonl")

@@ -18,6 +18,7 @@ from ..data.augment import check_augment, with_augmentation
 from ..errors import JaxtrainError
 from ..models import registry as model_registry
 from ..strategies.distill import make_distill_loss, teacher_from_checkpoint, with_transfer_set
+from ..strategies.local_sgd_run import run_local_sgd
 from ..strategies.privacy import dp_epsilon, dp_from_config, make_dp_train_step
 from ..transforms.paths import matches, path_list
 from .callbacks import PlateauOnEval
@@ -208,6 +209,10 @@ def run_config(cfg: RunConfig, resume: bool = False) -> dict:
     check_patterns(config_patterns(cfg), path_list(nnx.to_pure_dict(nnx.state(model,
                                                                             nnx.Param))))
     state = TrainState.create(model, tx, jax.random.PRNGKey(seed), ema_decay=train.ema_decay)
+    if cfg.local_sgd is not None:  # its own loop: replicas with their own params
+        return run_local_sgd(cfg, state, task, data, {"name": name, **kwargs},
+                             checkpoint_folder(cfg),
+                             sharding.make_mesh(**to_dict(cfg.sharding.mesh)))
     trainer = config_trainer(cfg, state, model, task, {"name": name, **kwargs})
     state = trainer.fit(train_data, train.steps, eval_data=data.get("valid"),
                         eval_every=train.eval_every)
