@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import sharding
 from ..checkpoint import Manager, model_signature
+from ..config import to_dict
 from ..data import batch_at, eval_batches
 from ..errors import JaxtrainError
 from ..train.logs import JsonlLogger
@@ -90,7 +91,7 @@ def run_local_sgd(cfg, state, task, data: dict, model_config: dict, folder: Path
                 logger.log("train", s + h, last)
             end = r + 1 == rounds
             if (every and (r + 1) % every == 0) or (end and ckpt.at_end):
-                mngr.save(s + h, local, signature, config=_to_dict(cfg))
+                mngr.save(s + h, local, signature, config=to_dict(cfg))
         mngr.wait()
     summary = {"step": int(local.step), "train": last, "out": str(out), "interrupted": None,
                "stopped": None}
@@ -102,12 +103,6 @@ def run_local_sgd(cfg, state, task, data: dict, model_config: dict, folder: Path
     if logger is not None:
         logger.close()
     return summary
-
-
-def _to_dict(cfg) -> dict:
-    from ..config import to_dict
-
-    return to_dict(cfg)
 
 
 def _evaluate(state, local: LocalSGDState, task, valid: dict, batch_size: int) -> dict:

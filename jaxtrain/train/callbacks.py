@@ -16,6 +16,7 @@ import jax
 
 from ..checkpoint import Manager
 from ..errors import JaxtrainError
+from ..transforms.plateau import observe_plateau
 from .config import config_changes
 
 MODES = ("min", "max")
@@ -60,8 +61,6 @@ class PlateauOnEval(Callback):
         self.monitor = monitor
 
     def on_eval(self, trainer, step, metrics, state):
-        from ..transforms.plateau import observe_plateau
-
         if self.monitor not in metrics:
             raise JaxtrainError(f"optimizer.reduce_on_plateau.monitor is {self.monitor!r}, "
                                 f"but evaluation gives only {', '.join(sorted(metrics))}")
