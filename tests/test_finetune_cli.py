@@ -113,6 +113,8 @@ def test_bad_input_is_one_line_and_writes_nothing(pretrained, tmp_path, capsys):
         (["finetune", CONFIGS[0], "--from", str(directory), f"out={out}",
           "optimizer.freeze=[backbone/conv9/*]"], r"'optimizer.freeze': pattern "
                                                   r"'backbone/conv9/\*' matches no parameter"),
+        (["finetune", CONFIGS[0], "--from", str(directory), f"out={out}", "privacy={}"],
+         "config key 'privacy' is not supported by jaxtrain finetune"),
         (["finetune", CONFIGS[1], "--from", str(directory), f"out={out}",
           "finetune.lora.targets=[backbone/dens]"], "'finetune.lora.targets': pattern "
                                                     "'backbone/dens' matches no parameter"),

@@ -75,6 +75,10 @@ def run_finetune(cfg: FinetuneRunConfig, resume: bool = False) -> dict:
     if pretrained is None:
         raise JaxtrainError("config key 'finetune.from' is missing (the pretrained "
                             "checkpoint folder: --from)")
+    for key in ("privacy", "distill", "local_sgd"):  # strategies of `jaxtrain train` only
+        if getattr(cfg, key) is not None:
+            raise JaxtrainError(f"config key {key!r} is not supported by jaxtrain finetune "
+                                "(train with it: jaxtrain train)")
     seed, train, out = cfg.seed, cfg.train, Path(cfg.out)
     task = get_task(cfg.task)
     data, name, kwargs = data_and_model(cfg)
