@@ -326,3 +326,17 @@ def test_diloco_from_config_resumes_bitwise(tmp_path):
     assert np.asarray(a["local_params"]["head"]["kernel"]).shape[0] == 8  # one per replica
     losses = [r["loss"] for r in _log(tmp_path / "b")]
     assert losses[-1] < losses[0] and resumed["eval"] == straight["eval"]
+
+
+@pytest.mark.parametrize("name, key", [("digits_mlp_dp.yaml", "privacy"),
+                                       ("digits_mlp_distill.yaml", "distill"),
+                                       ("digits_mlp_diloco.yaml", "local_sgd")])
+def test_tuning_refuses_strategy_sections_in_one_line(name, key, tmp_path):
+    """sweep / compare / lr-find run the plain step: a strategy section is refused rather
+    than silently left out."""
+    from jaxtrain.errors import JaxtrainError
+    from jaxtrain.tune.setup import problem_from_config
+
+    with pytest.raises(JaxtrainError, match=f"config key '{key}' is not supported by the "
+                                            "tuning commands"):
+        problem_from_config(_config(name, tmp_path))

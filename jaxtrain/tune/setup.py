@@ -46,6 +46,10 @@ def problem_from_config(cfg: RunConfig, optimizer: dict | None = None,
     stays cheap. The runs hold their training set on the devices: prepared records
     (`data: {name: records}`) give a seeded random subset of at most
     `max_train_examples` examples."""
+    for key in ("privacy", "distill", "local_sgd"):  # the runs here use the plain step
+        if getattr(cfg, key) is not None:
+            raise JaxtrainError(f"config key {key!r} is not supported by the tuning commands "
+                                "(they run the plain train step)")
     data, name, kwargs = data_and_model(cfg)
     train = cfg.train
     spec = RunSpec(
