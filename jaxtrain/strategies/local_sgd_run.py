@@ -21,7 +21,7 @@ from ..checkpoint import Manager, model_signature
 from ..config import to_dict
 from ..data import batch_at, eval_batches
 from ..errors import JaxtrainError
-from ..train.logs import JsonlLogger
+from ..train.logs import JsonlLogger, keep_until
 from ..train.metrics import summarize_eval
 from ..train.step import make_eval_step
 from ..transforms.spec import build
@@ -72,14 +72,15 @@ def run_local_sgd(cfg, state, task, data: dict, model_config: dict, folder: Path
     every = None if ckpt.every is None else max(1, ckpt.every // h)  # in rounds
     round_fn = make_local_sgd_round(task.loss_fn, mesh, h)
     stacked = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    logger = JsonlLogger(out / "log.jsonl") if sharding.is_main_process() else None
-    last = {}
+    out, last, logger = Path(cfg.out), {}, None
     with Manager(folder, max_to_keep=ckpt.max_to_keep, async_save=ckpt.async_) as mngr:
         if mngr.steps():
             local = mngr.restore(local, signature)
         start = int(local.step) // h
+        if sharding.is_main_process():  # steps after the checkpoint are logged again
+            out.mkdir(parents=True, exist_ok=True)
+            keep_until(out / "log.jsonl", {"train", "train/eval"}, int(local.step))
+            logger = JsonlLogger(out / "log.jsonl")
         for r in range(start, rounds):
             s = r * h
             batches = [batch_at(data["train"], train.batch_size, cfg.seed, s + t)
