@@ -63,10 +63,10 @@ def main() -> None:
 
     start, cpu_start = time.perf_counter(), time.process_time()
     while int(state.step) < args.steps:
-        chunk = min(args.eval_every, args.steps - int(state.step))
+        until = min(int(state.step) + args.eval_every, args.steps)  # fit's steps: a total
         state, history = fit(state, step_fn,
                              lambda s: batch_at(data["train"], args.batch, args.seed, s),
-                             chunk, mesh, log_every=50, progress=False)
+                             until, mesh, log_every=50, progress=False)
         train_s = time.perf_counter() - start
         metrics = evaluate(eval_fn, state, valid, mesh, batch_size=64)
         step = int(state.step)

@@ -252,7 +252,7 @@ def test_long_log_intervals_on_eight_cpu_devices_do_not_deadlock(devices):
     data = _data()
     step = sharding.compile_step(make_train_step(classification_loss), trainer.mesh,
                                  trainer.state_shardings)
-    state, history = fit(state, step, lambda s: batch_at(data, 16, 0, s), 400, trainer.mesh,
+    state, history = fit(state, step, lambda s: batch_at(data, 16, 0, s), 800, trainer.mesh,
                          log_every=10_000, progress=False)
     assert int(state.step) == 800 and history[-1][0] == 800
 

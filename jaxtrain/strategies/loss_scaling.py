@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..transforms.loss_scale import LossScaleState, loss_scale_value
+from ..transforms.loss_scale import loss_scale_state, loss_scale_value
 
 
 def _cast(tree, dtype):
@@ -34,9 +34,7 @@ def make_loss_scaled_step(loss_fn, compute_dtype=jnp.float16):
         (_, (loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         new_state = state.apply_gradients(grads).replace(
             data_position=state.data_position + 1)
-        scaler = [s for s in jax.tree.leaves(
-            new_state.opt_state, is_leaf=lambda x: isinstance(x, LossScaleState))
-            if isinstance(s, LossScaleState)][0]
+        scaler = loss_scale_state(new_state.opt_state)
         metrics = {"loss": loss.astype(jnp.float32), "loss_scale": scale,
                    "skipped_steps": scaler.skipped,
                    **{k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}}

@@ -8,26 +8,31 @@ import jax
 import numpy as np
 
 from ..data import eval_batches
+from ..errors import JaxtrainError
 from ..sharding import InFlight, batch_parallelism, shard_batch
 from .progress import Progress
 
 
 def fit(state, step_fn, batch_fn: Callable[[int], dict], steps: int, mesh, *,
         log_every: int = 10, logger=None, run: str = "train", progress: bool = True):
-    """Run `steps` steps of the compiled `step_fn` from the state's own step.
+    """Run the compiled `step_fn` until the state's step reaches `steps`.
 
-    `batch_fn(step)` gives the host batch of a global step. Metrics stay on the device
-    until every `log_every`-th step, so the host never waits on the hot path.
-    Returns the final state and the logged `(step, metrics)` history.
+    `steps` is a total, as in `Trainer.fit`: a state already at step 300 with `steps=500`
+    takes 200 more steps, so a resumed run ends where an uninterrupted one would (a state
+    at or past `steps` takes none). `batch_fn(step)` gives the host batch of a global step.
+    Metrics stay on the device until every `log_every`-th step, so the host never waits on
+    the hot path. Returns the final state and the logged `(step, metrics)` history.
     """
+    if not isinstance(steps, int) or steps < 1:
+        raise JaxtrainError(f"steps must be a positive integer, got {steps!r}")
     start = int(state.step)
-    bar = Progress(steps, run, enabled=progress)
+    bar = Progress(max(steps - start, 0), run, enabled=progress)
     history, pending, in_flight = [], [], InFlight(mesh)
-    for step in range(start, start + steps):
+    for step in range(start, steps):
         state, metrics = step_fn(state, shard_batch(batch_fn(step), mesh))
         in_flight.add(metrics)
         pending.append((step + 1, metrics))
-        if (step + 1 - start) % log_every == 0 or step + 1 == start + steps:
+        if (step + 1 - start) % log_every == 0 or step + 1 == steps:
             for done, values in jax.device_get(pending):
                 values = {k: float(v) for k, v in values.items()}
                 history.append((done, values))

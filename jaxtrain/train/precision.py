@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from ..errors import JaxtrainError
+from ..transforms.loss_scale import next_loss_scale
 from .adapters import cast_floats
 
 
@@ -54,8 +55,10 @@ def get_policy(name: str | Policy | None = "auto", platform: str | None = None) 
 
 
 class LossScale(struct.PyTreeNode):
-    """Dynamic loss scaling: halve the scale on a non-finite gradient (the step is
-    skipped), double it after `period` finite steps in a row."""
+    """Dynamic loss scaling held in the `TrainState` for `make_train_step`: halve the scale
+    on a non-finite gradient (the step is skipped), double it after `period` finite steps
+    in a row. The rule is `transforms.next_loss_scale`, that of the transform-level
+    `transforms.dynamic_loss_scale` (which keeps its scale in the optimizer state)."""
 
     scale: jax.Array
     good_steps: jax.Array
@@ -66,8 +69,7 @@ class LossScale(struct.PyTreeNode):
         return cls(jnp.asarray(initial, jnp.float32), jnp.zeros((), jnp.int32), period)
 
     def adjust(self, finite) -> LossScale:
-        grow = finite & (self.good_steps + 1 >= self.period)
-        scale = jnp.where(finite, jnp.where(grow, self.scale * 2, self.scale),
-                          jnp.maximum(self.scale / 2, 1.0))
-        good = jnp.where(finite & ~grow, self.good_steps + 1, 0)
-        return self.replace(scale=scale, good_steps=good.astype(jnp.int32))
+        """The scale after a step whose gradients were all finite or not: the rule of
+        `transforms.dynamic_loss_scale` with its defaults (factor 2, at least 1)."""
+        scale, good = next_loss_scale(self.scale, self.good_steps, finite, self.period)
+        return self.replace(scale=scale, good_steps=good)

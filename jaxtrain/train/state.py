@@ -17,6 +17,7 @@ from flax import nnx, struct
 
 from ..errors import JaxtrainError
 from ..models.annotate import logical_axes
+from ..transforms.wrappers import EmaState, ema
 from .adapters import ApplyAdapter, LinenAdapter, NnxAdapter, cast_floats
 
 # No non-finite step seen yet: (first step, first bad leaf index, count of bad steps).
@@ -111,11 +112,13 @@ class TrainState(struct.PyTreeNode):
         EMA, advance the step."""
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra_args)
         params = optax.apply_updates(self.params, updates)
-        ema = self.ema_params
-        if ema is not None:
-            ema = optax.incremental_update(params, ema, 1.0 - self.ema_decay)
+        ema_params = self.ema_params
+        if ema_params is not None:  # the `transforms.ema` rule, kept outside the optimizer
+            _, averaged = ema(self.ema_decay).update(updates, EmaState(ema_params),
+                                                     self.params)
+            ema_params = averaged.ema
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state,
-                            ema_params=ema)
+                            ema_params=ema_params)
 
     def saveable(self) -> dict:
         """The arrays of the state as a plain dict (what checkpoints hold)."""

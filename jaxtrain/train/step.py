@@ -11,12 +11,16 @@ steps per call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from ..errors import JaxtrainError
-from ..transforms import current_hyperparams
+from ..transforms import current_hyperparams, find_state
+from ..transforms.wrappers import EmaState
 from .precision import Policy, get_policy
 from .state import TrainState
 
@@ -200,78 +204,127 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
     The state's `nonfinite` records (first bad step, first bad leaf, count); leaf 0 is the
     loss, 1..n the gradients, n+1..2n the new params, in `jax.tree.leaves` order, 2n+1 the
     gradient norm (overflowed while each gradient is finite; `raise` only).
+
+    The step reads in four parts: the gradient (`_unscaled_gradients`: microbatches and
+    loss scaling), the update (`_update`), the metrics (`_metrics`) and the non-finite
+    policy (`_flag_nonfinite` for `raise`, `_skip_nonfinite` for `skip` and loss scaling).
     """
     policy = _policy(precision)
     if nan_policy not in NAN_POLICIES:
         raise JaxtrainError(f"unknown nan_policy {nan_policy!r} (valid: {', '.join(NAN_POLICIES)})")
     if not isinstance(microbatches, int) or microbatches < 1:
         raise JaxtrainError(f"microbatches must be a positive integer, got {microbatches!r}")
+    loss = _Loss(loss_fn, policy, microbatches, unroll)
 
     def train_step(state: TrainState, batch):
-        step_rng = state.step_rng()
-        scaler = state.loss_scale
-        scale = 1.0 if scaler is None else scaler.scale
-        loss, aux, model_state, grads = _accumulated(loss_fn, policy, microbatches, unroll,
-                                                     state, batch, step_rng, scale)
-        if scaler is not None:
-            grads = jax.tree.map(lambda g: (g.astype(F32) / scale).astype(g.dtype), grads)
+        rng = state.step_rng()
+        value, aux, model_state, grads = _unscaled_gradients(loss, state, batch, rng)
         squared = squared_norm(grads)
-        grad_norm = jnp.sqrt(squared)
-        extra = {}
-        if isinstance(state.tx, optax.GradientTransformationExtraArgs):
-            # the loss for reduce_on_plateau; grad and the objective for line searches and
-            # second-order methods (traced only where a transform calls it)
-            extra = {"value": loss, "grad": grads,
-                     "value_fn": _objective(loss_fn, policy, microbatches, state, batch,
-                                            step_rng)}
-        new_state = state.apply_gradients(grads, **extra).replace(
-            model_state=model_state, data_position=state.data_position + 1
-        )
-        metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
-        hyper = current_hyperparams(new_state.opt_state)
-        if "learning_rate" in hyper:  # the rate in force: times a plateau's scale
-            metrics["learning_rate"] = (jnp.asarray(hyper["learning_rate"], F32)
-                                        * jnp.asarray(hyper.get("plateau_scale", 1.0), F32))
-        if scaler is not None:
-            metrics["loss_scale"] = scale
-        if nan_policy == "none" and scaler is None:
+        new_state = _update(loss, state, batch, rng, value, grads, model_state)
+        metrics = _metrics(state, new_state, value, aux, squared)
+        if state.loss_scale is None and nan_policy == "none":
             return new_state, metrics
-        if nan_policy == "raise" and scaler is None:
-            # the loss and gradients from the gradient norm; the updated params too (a
-            # learning rate finite in float64 may overflow them in float32)
-            params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
-                                           for p in jax.tree.leaves(new_state.params)]))
-            bad = ~jnp.isfinite(loss) | ~jnp.isfinite(squared) | ~params_ok
-            # which leaf is looked for on the first bad step only (a cond: no pass otherwise)
-            first = jax.lax.cond(bad & (state.nonfinite[0] < 0),
-                                 lambda: first_nonfinite(loss, grads, squared,
-                                                         new_state.params),
-                                 lambda: jnp.asarray(-1, jnp.int32))
-            record = _recorded(state, bad, first)
-            metrics["nonfinite"] = record
-            return new_state.replace(nonfinite=record), metrics
-
-        squares = [jnp.sum(jnp.square(g.astype(F32))) for g in jax.tree.leaves(grads)]
-        grads_bad = [~jnp.isfinite(s) for s in squares]
-        params_bad = [~jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state.params)]
-        if scaler is not None:  # overflowing gradients are expected: skip, do not report
-            grads_ok = ~_first_bad(grads_bad)[0]
-            new_state = new_state.replace(loss_scale=scaler.adjust(grads_ok))
-            grads_bad = [jnp.zeros((), bool) for _ in grads_bad]
-        else:
-            grads_ok = jnp.ones((), bool)
-        reported, first = _first_bad([~jnp.isfinite(loss), *grads_bad, *params_bad])
-        if nan_policy == "none":
-            reported = jnp.zeros((), bool)
-        record = _recorded(state, reported, first)
-        ok = grads_ok & ~reported
-        advanced = state.replace(step=state.step + 1, nonfinite=record,
-                                 data_position=state.data_position + 1,
-                                 loss_scale=new_state.loss_scale)
-        metrics["nonfinite"] = record
-        return _where(ok, new_state.replace(nonfinite=record), advanced), metrics
+        if state.loss_scale is None and nan_policy == "raise":
+            return _flag_nonfinite(state, new_state, value, grads, squared, metrics)
+        return _skip_nonfinite(nan_policy, state, new_state, value, grads, metrics)
 
     return train_step
+
+
+class _Loss(NamedTuple):
+    """How a step takes its gradient: the user's loss, the precision policy, the
+    microbatch count and the microbatch scan's unroll."""
+
+    fn: Callable
+    policy: Policy
+    microbatches: int
+    unroll: object
+
+
+def _unscaled_gradients(loss: _Loss, state: TrainState, batch, rng):
+    """The gradient part: `(loss, aux, model_state, grads)` over the microbatches; with a
+    `LossScale` in the state, the grads of `loss * scale` divided by the scale again."""
+    scaler = state.loss_scale
+    scale = 1.0 if scaler is None else scaler.scale
+    value, aux, model_state, grads = _accumulated(loss.fn, loss.policy, loss.microbatches,
+                                                  loss.unroll, state, batch, rng, scale)
+    if scaler is not None:
+        grads = jax.tree.map(lambda g: (g.astype(F32) / scale).astype(g.dtype), grads)
+    return value, aux, model_state, grads
+
+
+def _update(loss: _Loss, state: TrainState, batch, rng, value, grads, model_state):
+    """The update part: the optimizer step, the new model state, the data position. An
+    optimizer taking extra args gets the loss (`value`, for reduce_on_plateau), the
+    gradient (`grad`) and the objective (`value_fn`, for line searches and second-order
+    methods; traced only where a transform calls it)."""
+    extra = {}
+    if isinstance(state.tx, optax.GradientTransformationExtraArgs):
+        extra = {"value": value, "grad": grads,
+                 "value_fn": _objective(loss.fn, loss.policy, loss.microbatches, state,
+                                        batch, rng)}
+    return state.apply_gradients(grads, **extra).replace(
+        model_state=model_state, data_position=state.data_position + 1)
+
+
+def _metrics(state: TrainState, new_state: TrainState, value, aux, squared) -> dict:
+    """Loss, gradient norm, aux, the learning rate in force (times a plateau's scale) and
+    the loss scale this step used."""
+    metrics = {"loss": value, "grad_norm": jnp.sqrt(squared), **aux}
+    hyper = current_hyperparams(new_state.opt_state)
+    if "learning_rate" in hyper:
+        metrics["learning_rate"] = (jnp.asarray(hyper["learning_rate"], F32)
+                                    * jnp.asarray(hyper.get("plateau_scale", 1.0), F32))
+    if state.loss_scale is not None:
+        metrics["loss_scale"] = state.loss_scale.scale
+    return metrics
+
+
+def _flag_nonfinite(state, new_state, value, grads, squared, metrics):
+    """`nan_policy='raise'` (no loss scale): record a non-finite loss, gradient (from the
+    gradient norm) or updated param (a learning rate finite in float64 may overflow the
+    params in float32); the step itself goes ahead. Which leaf is looked for on the first
+    bad step only (a cond: no pass otherwise)."""
+    params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
+                                   for p in jax.tree.leaves(new_state.params)]))
+    bad = ~jnp.isfinite(value) | ~jnp.isfinite(squared) | ~params_ok
+    first = jax.lax.cond(bad & (state.nonfinite[0] < 0),
+                         lambda: first_nonfinite(value, grads, squared, new_state.params),
+                         lambda: jnp.asarray(-1, jnp.int32))
+    record = _recorded(state, bad, first)
+    metrics["nonfinite"] = record
+    return new_state.replace(nonfinite=record), metrics
+
+
+def _skip_nonfinite(nan_policy, state, new_state, value, grads, metrics):
+    """`nan_policy='skip'`, and any policy with a `LossScale`: a step with a non-finite
+    value keeps the old state but for the step, the data position and the loss scale.
+    Overflowing loss-scaled gradients are expected: they skip the step without being
+    recorded (`_adjust_loss_scale`); a non-finite loss or param is recorded unless the
+    policy is `none`."""
+    grads_bad = [~jnp.isfinite(jnp.sum(jnp.square(g.astype(F32))))
+                 for g in jax.tree.leaves(grads)]
+    params_bad = [~jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state.params)]
+    grads_ok = jnp.ones((), bool)
+    if state.loss_scale is not None:
+        new_state, grads_ok = _adjust_loss_scale(state, new_state, grads_bad)
+        grads_bad = [jnp.zeros((), bool) for _ in grads_bad]
+    reported, first = _first_bad([~jnp.isfinite(value), *grads_bad, *params_bad])
+    if nan_policy == "none":
+        reported = jnp.zeros((), bool)
+    record = _recorded(state, reported, first)
+    advanced = state.replace(step=state.step + 1, nonfinite=record,
+                             data_position=state.data_position + 1,
+                             loss_scale=new_state.loss_scale)
+    metrics["nonfinite"] = record
+    return _where(grads_ok & ~reported, new_state.replace(nonfinite=record), advanced), metrics
+
+
+def _adjust_loss_scale(state, new_state, grads_bad: list):
+    """The loss-scaling part after the update: `(new_state with the next scale, whether
+    every gradient was finite)`, by the rule of `transforms.next_loss_scale`."""
+    grads_ok = ~_first_bad(grads_bad)[0]
+    return new_state.replace(loss_scale=state.loss_scale.adjust(grads_ok)), grads_ok
 
 
 def scan_keep_last(step, state, xs=None, length: int | None = None, unroll=None):
@@ -315,11 +368,11 @@ def make_eval_step(metric_fn, *, precision=None, use_ema: bool = False):
     """`metric_fn(model, batch) -> dict of per-example values` (leading axis the batch);
     the step returns their masked sums and the example count, so partial batches average
     correctly (`jaxtrain.train.metrics.summarize_eval` turns them into the reported values). With
-    `use_ema` (and EMA params in the state) the EMA params are evaluated."""
+    `use_ema` the moving average is evaluated where there is one (see `evaluated_params`)."""
     policy = _policy(precision)
 
     def eval_step(state: TrainState, batch):
-        params = state.ema_params if use_ema and state.ema_params is not None else state.params
+        params = evaluated_params(state) if use_ema else state.params
         model = state.model(policy.cast_to_compute(params), train=False)
         values = metric_fn(model, policy.cast_to_compute(batch))
         mask = batch.get("mask", jnp.ones(next(iter(values.values())).shape[0]))
@@ -330,6 +383,16 @@ def make_eval_step(metric_fn, *, precision=None, use_ema: bool = False):
         return sums
 
     return eval_step
+
+
+def evaluated_params(state: TrainState):
+    """The params an EMA evaluation uses: the state's `ema_params` (`ema_decay`), else the
+    average of an `ema` transform in the optimizer (`optimizer.ema`; the same rule), else
+    the params themselves."""
+    if state.ema_params is not None:
+        return state.ema_params
+    found = find_state(state.opt_state, EmaState)
+    return state.params if found is None else found.ema
 
 
 def classification_loss(model, batch, rng):

@@ -164,8 +164,11 @@ class Trainer:
         self.stop_reason = reason
 
     def fit(self, train_data, steps: int, eval_data=None, eval_every: int | None = None):
-        """Train until the state's step reaches `steps` (a total, so a resumed run ends
-        where an uninterrupted one would) and return the final state."""
+        """Train until the state's step reaches `steps` and return the final state.
+
+        `steps` is a total, as in `jaxtrain.train.fit`: a run resumed from a checkpoint at
+        step 300 with `steps=500` takes 200 more steps, ending where an uninterrupted run
+        would (one already at or past `steps` takes none)."""
         if not isinstance(steps, int) or steps < 1:
             raise JaxtrainError(f"steps must be a positive integer, got {steps!r}")
         if eval_data is not None and self.eval_fn is None:

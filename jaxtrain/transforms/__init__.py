@@ -3,9 +3,10 @@
 from . import masks, schedules, spec
 from .ademamix import ademamix
 from .decay import add_decoupled_weight_decay, add_l1, add_l2
+from .find import find_state, find_states
 from .hyperparams import current_hyperparams, set_hyperparams
 from .kron import psgd_kron
-from .loss_scale import dynamic_loss_scale, loss_scale_value
+from .loss_scale import dynamic_loss_scale, loss_scale_state, loss_scale_value, next_loss_scale
 from .low_precision import (
     fp32_master,
     low_precision_state,
@@ -57,6 +58,8 @@ from .wrappers import (
 )
 
 __all__ = [
+    "find_state",
+    "find_states",
     "accumulate",
     "adaptive_grad_clip",
     "clip",
@@ -109,7 +112,9 @@ __all__ = [
     "stochastic_round_bf16",
     "low_precision_state",
     "fp32_master",
+    "loss_scale_state",
     "loss_scale_value",
+    "next_loss_scale",
     "dynamic_loss_scale",
     "magnitude_prune",
     "matches",

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from ..errors import JaxtrainError
+from .find import find_state
 
 
 class LossScaleState(NamedTuple):
@@ -52,21 +53,33 @@ def dynamic_loss_scale(inner: optax.GradientTransformation, initial_scale: float
                                    new_updates)
         new_inner = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_inner,
                                  state.inner_state)
-        grow = finite & (state.good_steps + 1 >= period)
-        scale = jnp.where(finite, jnp.where(grow, state.scale * factor, state.scale),
-                          jnp.maximum(state.scale / factor, min_scale))
-        good = jnp.where(finite & ~grow, state.good_steps + 1, 0).astype(jnp.int32)
+        scale, good = next_loss_scale(state.scale, state.good_steps, finite, period, factor,
+                                      min_scale)
         skipped = state.skipped + (~finite).astype(jnp.int32)
         return new_updates, LossScaleState(scale, good, skipped, new_inner)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def next_loss_scale(scale, good_steps, finite, period: int, factor: float = 2.0,
+                    min_scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """The grow/shrink rule, `(scale, good_steps)` after a step whose gradients were all
+    finite (`finite`) or not: the one rule of `dynamic_loss_scale` and of the train step's
+    `LossScale` (jaxtrain.train.precision)."""
+    grow = finite & (good_steps + 1 >= period)
+    scale = jnp.where(finite, jnp.where(grow, scale * factor, scale),
+                      jnp.maximum(scale / factor, min_scale))
+    good = jnp.where(finite & ~grow, good_steps + 1, 0).astype(jnp.int32)
+    return scale, good
+
+
 def loss_scale_value(opt_state) -> jax.Array:
     """The scale in force: that of the first `LossScaleState` found in `opt_state`."""
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, LossScaleState))
-             if isinstance(s, LossScaleState)]
-    if not found:
-        raise JaxtrainError("no dynamic_loss_scale in this optimizer state; wrap the "
-                            "optimizer in jaxtrain.transforms.dynamic_loss_scale")
-    return found[0].scale
+    return loss_scale_state(opt_state).scale
+
+
+def loss_scale_state(opt_state) -> LossScaleState:
+    """The first `LossScaleState` in `opt_state` (its scale, good steps, skipped steps)."""
+    return find_state(opt_state, LossScaleState,
+                      "no dynamic_loss_scale in this optimizer state; wrap the optimizer in "
+                      "jaxtrain.transforms.dynamic_loss_scale")

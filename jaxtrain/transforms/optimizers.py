@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ..errors import JaxtrainError
+from .find import find_states
 from .inject import hyperparam_dtype, injected
 from .validate import (
     check_learning_rate,
@@ -596,21 +598,8 @@ def schedule_free_adamw(
 def schedule_free_eval_params(opt_state, params):
     """The params to evaluate (the 'x' sequence) of a schedule-free run, found anywhere in
     `opt_state` (through chains and `inject_hyperparams`)."""
-    found = []
-
-    def visit(node):
-        if isinstance(node, optax.contrib.ScheduleFreeState):
-            found.append(node)
-        elif isinstance(node, tuple | list):
-            for item in node:
-                visit(item)
-        elif hasattr(node, "inner_state"):
-            visit(node.inner_state)
-
-    visit(opt_state)
+    found = find_states(opt_state, optax.contrib.ScheduleFreeState)
     if len(found) != 1:
-        raise ValueError(
-            f"schedule_free_eval_params: expected one schedule-free state in opt_state, "
-            f"found {len(found)}"
-        )
+        raise JaxtrainError(f"schedule_free_eval_params: expected one schedule-free state in "
+                            f"opt_state, found {len(found)}")
     return optax.contrib.schedule_free_eval_params(found[0], params)

@@ -21,6 +21,7 @@ import optax
 
 from ..errors import JaxtrainError
 from . import masks
+from .find import find_state
 
 
 def _positive(name: str, value, integer: bool = False):
@@ -143,11 +144,7 @@ def ema(decay: float) -> optax.GradientTransformation:
 
 def ema_params(opt_state):
     """The params' moving average kept by an `ema` transform somewhere in `opt_state`."""
-    leaves = jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, EmaState))
-    found = [n.ema for n in leaves if isinstance(n, EmaState)]
-    if not found:
-        raise JaxtrainError("no ema(...) transform in this optimizer state")
-    return found[0]
+    return find_state(opt_state, EmaState, "no ema(...) transform in this optimizer state").ema
 
 
 class LookaheadState(NamedTuple):

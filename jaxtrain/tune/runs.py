@@ -20,7 +20,7 @@ from ..train import TrainState, make_train_step
 from ..train.feeds import Batches
 from ..train.precision import LossScale, get_policy
 from ..train.step import default_unroll, has_convolution
-from ..transforms import current_hyperparams, set_hyperparams
+from ..transforms import current_hyperparams, find_state, set_hyperparams
 
 
 def injected_names(opt_state) -> set[str]:
@@ -67,10 +67,9 @@ def initial_state(spec: RunSpec, seed: int) -> TrainState:
 def evaluation_params(state: TrainState):
     """The params to evaluate: a schedule-free optimizer's averaged sequence, else the
     params themselves."""
-    is_sf = lambda node: isinstance(node, optax.contrib.ScheduleFreeState)
-    found = [n for n in jax.tree.leaves(state.opt_state, is_leaf=is_sf) if is_sf(n)]
-    if found:
-        return optax.contrib.schedule_free_eval_params(found[0], state.params)
+    found = find_state(state.opt_state, optax.contrib.ScheduleFreeState)
+    if found is not None:
+        return optax.contrib.schedule_free_eval_params(found, state.params)
     return state.params
 
 
