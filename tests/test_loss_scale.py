@@ -149,3 +149,40 @@ def test_bfloat16_optimizer_state_follows_float32_adam_closely(adam):
     moved = np.abs(np.asarray(b["w"] - params["w"]))
     np.testing.assert_allclose(a["w"], b["w"], atol=0.02 * moved.max())
     assert not np.array_equal(a["w"], b["w"])  # the state really was rounded
+
+
+def test_the_steps_loss_scale_and_the_transforms_follow_one_rule():
+    """The two places a scale lives (the TrainState's `LossScale`, moved by the train step,
+    and `dynamic_loss_scale` in the optimizer state) give the scale torch.amp's update
+    (`GradScaler`'s op) gives on one sequence of finite and overflowing steps."""
+    import torch
+
+    from jaxtrain.train import LossScale, make_train_step
+
+    flags = [True, True, False, True, True, True, False, False, True, True, True, True,
+             False, True, True]
+    scale, tracker, oracle = torch.tensor([16.0]), torch.zeros(1, dtype=torch.int32), []
+    for finite in flags:
+        oracle.append(scale.item())
+        torch._amp_update_scale_(scale, tracker, torch.tensor([0.0 if finite else 1.0]),
+                                 2.0, 0.5, 2)
+    assert oracle == _reference_scales(flags, 16.0, 2, 2.0, 1.0)
+
+    def loss_fn(params, batch, rng):  # x = 1e38: finite loss, overflowing once scaled
+        return params["w"] * batch["x"], {}
+
+    state = TrainState.create(lambda p, x: p, optax.sgd(0.0), jax.random.PRNGKey(0),
+                              params={"w": jnp.ones(())})
+    state = state.replace(loss_scale=LossScale.create(16.0, period=2))
+    step = jax.jit(make_train_step(loss_fn))
+    tx = transforms.dynamic_loss_scale(optax.sgd(0.0), initial_scale=16.0, period=2)
+    opt_state, update = tx.init(state.params), jax.jit(tx.update)
+    stepped, transformed = [], []
+    for finite in flags:
+        state, metrics = step(state, {"x": jnp.asarray(1.0 if finite else 1e38)})
+        stepped.append(float(metrics["loss_scale"]))
+        transformed.append(float(transforms.loss_scale_value(opt_state)))
+        grad = opt_state.scale * (1.0 if finite else jnp.inf)
+        _, opt_state = update({"w": grad}, opt_state, state.params)
+    assert stepped == oracle and transformed == oracle
+    assert int(transforms.loss_scale_state(opt_state).skipped) == flags.count(False)

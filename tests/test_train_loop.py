@@ -257,6 +257,22 @@ def test_long_log_intervals_on_eight_cpu_devices_do_not_deadlock(devices):
     assert int(state.step) == 800 and history[-1][0] == 800
 
 
+def test_both_loops_train_up_to_steps():
+    """`steps` is the step to reach, in `Trainer.fit` and in `fit` alike: from step 3,
+    `steps=5` takes 2 more steps; a state already there takes none."""
+    trainer, data = _trainer(plots=False, log_every=1), _data()
+    trainer.fit(data, 3)
+    state = trainer.fit(data, 5)
+    assert int(state.step) == 5 and [s for s, _ in trainer.history][-2:] == [4, 5]
+    step = sharding.compile_step(make_train_step(classification_loss), trainer.mesh,
+                                 trainer.state_shardings)
+    batches = lambda s: batch_at(data, 16, 0, s)  # noqa: E731
+    state, history = fit(state, step, batches, 7, trainer.mesh, log_every=1, progress=False)
+    assert int(state.step) == 7 and [s for s, _ in history] == [6, 7]
+    state, history = fit(state, step, batches, 7, trainer.mesh, progress=False)
+    assert int(state.step) == 7 and history == []
+
+
 def test_raise_policy_checks_the_updated_params_and_writes_no_checkpoint(tmp_path):
     # a learning rate that is finite in float64 but not in float32: finite loss and
     # gradients, infinite params after the first update

@@ -119,3 +119,39 @@ def test_bad_models_are_refused():
         TrainState.create(LinenNet(), optax.sgd(0.1), jax.random.PRNGKey(0))
     with pytest.raises(JaxtrainError, match="cannot train"):
         TrainState.create(3, optax.sgd(0.1), jax.random.PRNGKey(0))
+
+
+def test_the_states_ema_and_the_ema_transform_are_one_rule_and_both_are_evaluated():
+    """`ema_decay` (the EMA in the TrainState) and `transforms.ema` (in the optimizer
+    state) give the same average bit for bit, that of the closed form; an EMA evaluation
+    reads either."""
+    from jaxtrain.transforms import ema, ema_params
+
+    def loss(params, batch, rng):
+        return jnp.sum((params["w"] - batch["t"]) ** 2), {}
+
+    def make(tx, **kw):
+        return TrainState.create(lambda p, x: p, tx, jax.random.PRNGKey(0),
+                                 params={"w": jnp.ones(3)}, **kw)
+
+    in_state = make(optax.sgd(0.1), ema_decay=0.75)
+    in_opt = make(optax.chain(optax.sgd(0.1), ema(0.75)))
+    step = jax.jit(make_train_step(loss))
+    average = np.ones(3)
+    for i in range(5):
+        batch = {"t": jnp.full((3,), float(i))}
+        in_state, _ = step(in_state, batch)
+        in_opt, _ = step(in_opt, batch)
+        average = 0.75 * average + 0.25 * np.asarray(in_state.params["w"], np.float64)
+    np.testing.assert_array_equal(in_state.ema_params["w"], ema_params(in_opt.opt_state)["w"])
+    np.testing.assert_allclose(in_state.ema_params["w"], average, rtol=1e-6)
+
+    def metric(params, batch):  # an apply-function state's "model" is its params
+        return {"out": params["w"] * batch["x"]}
+
+    x = {"x": jnp.ones((1, 3))}
+    for state in (in_state, in_opt):
+        np.testing.assert_allclose(make_eval_step(metric, use_ema=True)(state, x)["out"],
+                                   average, rtol=1e-6)
+        np.testing.assert_array_equal(make_eval_step(metric)(state, x)["out"],
+                                      state.params["w"])

@@ -242,3 +242,29 @@ def test_accumulate_adam_on_bfloat16_params_stays_finite():
     assert params["w"].dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(params["w"], np.float32)))
     assert T.current_hyperparams(state)["b2"].dtype == jnp.float32
+
+
+def test_one_finder_reaches_a_state_node_anywhere_and_every_reader_uses_it():
+    """`find_state` finds a node by its type through chains, `inject_hyperparams`, masks,
+    `accumulate` and parameter groups (a dict); Optax's `EmaState` is not ours. The readers
+    of the loss scale, the EMA and the schedule-free params reach a node inside a group,
+    where the schedule-free reader (which walked tuples only) once found none."""
+    params = _tree()
+    tx = optax.chain(optax.ema(0.5), T.accumulate(2, T.per_group(
+        {"conv/*": T.dynamic_loss_scale(T.sgd(0.1), initial_scale=4.0)},
+        default=optax.chain(T.schedule_free_adamw(0.1), W.ema(0.9)))))
+    state = tx.init(params)
+    ours = T.find_states(state, W.EmaState)
+    assert len(ours) == 1  # the default group's (the conv params are masked out there)
+    np.testing.assert_array_equal(ours[0].ema["dense"]["kernel"], params["dense"]["kernel"])
+    assert len(T.find_states(state, optax.EmaState)) == 1
+    assert T.find_state(state, optax.contrib.ScheduleFreeState) is not None
+    assert T.find_state(state, W.LookaheadState) is None
+    with pytest.raises(JaxtrainError, match="no lookahead here"):
+        T.find_state(state, W.LookaheadState, "no lookahead here")
+    assert float(T.loss_scale_value(state)) == 4.0
+    assert W.ema_params(state) is ours[0].ema
+    grouped = T.per_group({}, default=T.schedule_free_adamw(0.1)).init(params)
+    evaluated = T.schedule_free_eval_params(grouped, params)
+    np.testing.assert_allclose(evaluated["dense"]["kernel"], params["dense"]["kernel"],
+                               rtol=1e-6)  # x = params at the start
