@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from ..errors import JaxtrainError
+from ..transforms.paths import path_str
 from .checksum import checksums, mismatched
 from .structure import model_signature, path_shapes, shape_mismatch, signature_mismatch
 
@@ -357,6 +358,25 @@ def _on_default_device(tree):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                         tree)
+
+
+def saved_params(directory: str | Path, step: int | None = None,
+                 what: str = "checkpoint") -> dict:
+    """The params saved in the checkpoint folder `directory` (its latest readable step, or
+    `step`), flat by `/`-joined path, on the default device. `what` names the folder in
+    the error when it does not exist ("pretrained checkpoint", "teacher checkpoint")."""
+    if not Path(directory).is_dir():
+        raise JaxtrainError(f"{what} folder {directory} does not exist")
+    mngr = Manager(directory, read_only=True)
+    try:
+        return flat_by_path(mngr.restore_arrays(step, items=["params"])["params"])
+    finally:
+        mngr.close()
+
+
+def flat_by_path(tree) -> dict:
+    """`{path: leaf}` of a tree, paths as `transforms.path_str` writes them."""
+    return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def check_same_model(directory: str | Path, signature: dict) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from ..checkpoint import Manager
+from ..checkpoint import flat_by_path, saved_params
 from ..errors import JaxtrainError
 from ..transforms.paths import matches, path_str
 
@@ -28,10 +28,6 @@ class LoadReport:
         return f"loaded {len(self.loaded)}, skipped {len(self.skipped)}, new {len(self.new)}"
 
 
-def _flat(tree) -> dict:
-    return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def load_pretrained(params, directory: str | Path, step: int | None = None,
                     include=("*",), exclude=(), mapping: dict[str, str] | None = None):
     """`params` with pretrained values from the checkpoint in `directory`.
@@ -39,14 +35,8 @@ def load_pretrained(params, directory: str | Path, step: int | None = None,
     `mapping` renames saved path prefixes (`{'encoder/': 'backbone/'}`) before matching.
     Returns `(params, LoadReport)`.
     """
-    if not Path(directory).is_dir():
-        raise JaxtrainError(f"pretrained checkpoint folder {directory} does not exist")
-    mngr = Manager(directory, read_only=True)
-    try:
-        saved = _flat(mngr.restore_arrays(step, items=["params"])["params"])
-    finally:
-        mngr.close()
-    target = _flat(params)
+    saved = saved_params(directory, step, "pretrained checkpoint")
+    target = flat_by_path(params)
     loaded, skipped, values = [], {}, {}
     for saved_path, value in saved.items():
         path = saved_path

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ..checkpoint import Manager
+from ..checkpoint import flat_by_path, saved_params
 from ..errors import JaxtrainError
 from ..transforms.paths import path_str
 
@@ -48,16 +48,10 @@ def load_teacher(model: nnx.Module, directory: str | Path, step: int | None = No
     """`model` (a fresh module of the teacher's architecture) with the params saved in the
     checkpoint folder `directory`, in eval mode. Params are matched by path (an
     `nnx.List`'s integer keys come back from a checkpoint as strings)."""
-    if not Path(directory).is_dir():
-        raise JaxtrainError(f"teacher checkpoint folder {directory} does not exist")
-    mngr = Manager(directory, read_only=True)
-    try:
-        saved = _by_path(mngr.restore_arrays(step, items=["params"])["params"])
-    finally:
-        mngr.close()
+    saved = saved_params(directory, step, "teacher checkpoint")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     fresh = nnx.to_pure_dict(params)
-    expected = {k: tuple(v.shape) for k, v in _by_path(fresh).items()}
+    expected = {k: tuple(v.shape) for k, v in flat_by_path(fresh).items()}
     got = {k: tuple(v.shape) for k, v in saved.items()}
     if expected != got:
         diff = sorted(set(expected.items()) ^ set(got.items()))[0][0]
@@ -69,10 +63,6 @@ def load_teacher(model: nnx.Module, directory: str | Path, step: int | None = No
     teacher = nnx.merge(graphdef, params, rest)
     teacher.eval()
     return teacher
-
-
-def _by_path(tree) -> dict:
-    return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def make_distill_loss(teacher: nnx.Module, temperature: float = 4.0, alpha: float = 0.9):

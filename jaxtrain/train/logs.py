@@ -55,15 +55,33 @@ class JsonlLogger:
         self.file.close()
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display), imported on first
+    use: plotting is optional work."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out `fig`, write it as a PNG at `path` (its folder made if needed), close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path,
                 ylabel: str = "training loss", title: str = "", log_scale: bool = True) -> Path:
     """One line per run of (step, value) points, saved as a PNG (losses on a log axis,
     bounded metrics such as accuracy with `log_scale=False`); markers on a line of 30
     points or fewer, so that a run with one evaluation still shows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, points in curves.items():
@@ -79,11 +97,7 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path,
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 class TensorBoardLogger:
@@ -105,10 +119,7 @@ class TensorBoardLogger:
 def plot_history(series: dict[str, list[tuple[int, dict]]], path: str | Path,
                  title: str = "") -> Path:
     """One panel per metric name, one line per series (`train`, `eval`, ...), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = sorted({k for records in series.values() for _, m in records for k in m},
                    key=lambda k: (k != "loss", k))
@@ -129,9 +140,4 @@ def plot_history(series: dict[str, list[tuple[int, dict]]], path: str | Path,
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

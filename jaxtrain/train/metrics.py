@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .logs import pyplot, save_figure
+
 
 class MetricSet:
     """A `metric_fn` with a `summarize(sums, count) -> dict` step (see the module doc)."""
@@ -130,10 +132,7 @@ def perplexity_summary(sums: dict, count) -> dict:
 
 def plot_confusion(confusion: np.ndarray, path: str | Path, title: str = "") -> Path:
     """The confusion matrix as a PNG: counts in each cell, rows true, columns predicted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     confusion = np.asarray(confusion)
     k = confusion.shape[0]
@@ -151,8 +150,4 @@ def plot_confusion(confusion: np.ndarray, path: str | Path, title: str = "") -> 
     ax.set_yticks(range(k))
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import JaxtrainError
+from ..train.logs import pyplot, save_figure
 from ..transforms.spec import build as build_spec
 from ..transforms.spec import optimizer_factories
 from .runs import RunSpec
@@ -86,10 +87,7 @@ class Comparison:
         over seeds, their range shaded), the tuned rate starred, the target dotted.
         Right: at the tuned rates, the held-out curves (mean over seeds; markers when
         few), or the training loss per step when runs were evaluated once."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
         for i, r in enumerate(self.results):
@@ -124,11 +122,7 @@ class Comparison:
         for ax in (left, right):
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=110)
 
 
 def strategy_spec(strategy) -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import JaxtrainError
 from ..train import Progress
+from ..train.logs import pyplot, save_figure
 from .runs import RunSpec, batch_indices, initial_state, make_runner
 
 
@@ -28,10 +29,7 @@ class LRFindResult:
     suggestion: float
 
     def plot(self, path: str | Path) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.plot(self.learning_rates, self.losses, alpha=0.35, label="loss")
@@ -46,10 +44,7 @@ class LRFindResult:
         ax.set_ylabel("training loss")
         ax.grid(True, alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return Path(path)
+        return save_figure(fig, path, dpi=120)
 
 
 def smooth(values: np.ndarray, beta: float = 0.9) -> np.ndarray:

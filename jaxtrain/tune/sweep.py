@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..errors import JaxtrainError
 from ..train import Progress
+from ..train.logs import pyplot, save_figure
 from .runs import (
     RunSpec,
     batch_indices,
@@ -104,10 +105,7 @@ class SweepResult:
         per value of a second swept name); log axis for rates and wide ranges. Right:
         every run's held-out curve (markers when there are few evaluations), or its
         training loss per step when it was evaluated once."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         names = [n for n in self.points[0] if n != "seed"]
         x_name = names[0] if names else "seed"
@@ -170,11 +168,7 @@ class SweepResult:
         right.grid(True, alpha=0.3)
         if len(self.points) <= 12:
             right.legend(fontsize="x-small")
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=110)
 
 
 def sweep_mesh(devices=None) -> Mesh:
