@@ -189,11 +189,11 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
     `precision`: a `Policy` or its name (default: float32, no casts). `microbatches`: split
     the batch and accumulate gradients (same update as the whole batch, to float
     tolerance). `nan_policy`: `none` (no checks); `skip` (a step with a non-finite loss,
-    gradient or new param changes nothing but the step and data position);
-    `raise` (a step with a non-finite loss, gradient or new param is recorded; the `Trainer` stops
+    gradient or new param changes nothing but the step and data position); `raise` (a
+    step with a non-finite loss, gradient or new param is recorded; the `Trainer` stops
     when it reads a later log point's metrics, naming it, and writes no checkpoint from it
-    on). `raise` costs
-    one flag per step; `skip` selects between the old and new state on every step.
+    on). `raise` costs one flag per step; `skip` selects between the old and new state on
+    every step.
     `unroll`: of the microbatch `lax.scan` (default: see `default_unroll`).
     With a `LossScale` in the state, a non-finite gradient skips the step and halves
     the scale whatever the policy.
