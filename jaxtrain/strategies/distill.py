@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ..checkpoint import flat_by_path, saved_params
+from ..checkpoint import Manager, flat_by_path, saved_params
 from ..errors import JaxtrainError
 from ..transforms.paths import path_str
 
