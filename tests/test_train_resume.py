@@ -1,5 +1,6 @@
-"""Exact resume across processes: 60 steps straight == 30 steps, SIGKILL right after a
-checkpoint, then `fit` on the same folder for the rest; final params bitwise equal."""
+"""Exact resume across processes: 60 steps straight == 30 steps checkpointed, SIGKILL
+during the next step, then `fit` on the same folder for the rest; final params bitwise
+equal."""
 
 import os
 import signal
@@ -27,9 +28,11 @@ CHILD = textwrap.dedent("""
             return self.l2(jax.nn.relu(self.l1(x)))
 
     class KillAfterCheckpoint(Callback):
+        # the checkpointer is the last callback: the step after kill_at's is the first at
+        # which kill_at's checkpoint has been saved
         def on_step_end(self, trainer, before, step, state):
-            if step == kill_at:
-                trainer.checkpointer.manager.wait()  # the checkpoint of this step is on disk
+            if before == kill_at:
+                trainer.checkpointer.manager.wait()  # the checkpoint of kill_at is on disk
                 os.kill(os.getpid(), signal.SIGKILL)
 
     rng = np.random.default_rng(0)
