@@ -138,7 +138,14 @@ def _trainers(kind: str, sets: dict):
     from jaxtrain.data.records import load_records
     from jaxtrain.data.text import load_text
     from jaxtrain.models import registry
-    from jaxtrain.train import Trainer, TrainState, classification_loss
+    from jaxtrain.train import (
+        LoggingConfig,
+        TrainConfig,
+        Trainer,
+        TrainerConfig,
+        TrainState,
+        classification_loss,
+    )
     from jaxtrain.train.language_model import lm_loss
 
     if kind == "gpt":
@@ -156,8 +163,10 @@ def _trainers(kind: str, sets: dict):
     def make(device_data):
         state = TrainState.create(build(), transforms.adam(1e-3), jax.random.PRNGKey(0))
         mesh = __import__("jaxtrain").sharding.make_mesh(devices=jax.devices()[:1])
-        return Trainer(state, loss, batch_size=batch, progress=False, mesh=mesh,
-                       device_data=device_data, log_every=50)
+        config = TrainerConfig(train=TrainConfig(batch_size=batch, device_data=device_data,
+                                                 log_every=50),
+                               logging=LoggingConfig(progress=False))
+        return Trainer(state, loss, config, mesh=mesh)
 
     return make, memory, files
 

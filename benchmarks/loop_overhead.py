@@ -24,7 +24,15 @@ from jaxtrain import transforms
 from jaxtrain.data import digits_split
 from jaxtrain.data.text import load_text
 from jaxtrain.models import registry
-from jaxtrain.train import Batches, Trainer, TrainState, classification_loss
+from jaxtrain.train import (
+    Batches,
+    LoggingConfig,
+    TrainConfig,
+    Trainer,
+    TrainerConfig,
+    TrainState,
+    classification_loss,
+)
 from jaxtrain.train.language_model import lm_loss
 
 
@@ -61,8 +69,10 @@ def bare_runner(model, tx, loss_fn, feed):
 
 def trainer_runner(model, tx, loss_fn, data, batch_size, steps_per_call):
     state = TrainState.create(model, tx, jax.random.PRNGKey(0))
-    trainer = Trainer(state, loss_fn, batch_size=batch_size, steps_per_call=steps_per_call,
-                      progress=False, plots=False)
+    config = TrainerConfig(train=TrainConfig(batch_size=batch_size,
+                                             steps_per_call=steps_per_call),
+                           logging=LoggingConfig(progress=False, plots=False))
+    trainer = Trainer(state, loss_fn, config)
     target = {"steps": 0}
 
     def run(steps: int) -> float:

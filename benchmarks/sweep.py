@@ -21,7 +21,7 @@ import numpy as np
 from jaxtrain import sharding, transforms
 from jaxtrain.data import digits_split
 from jaxtrain.models.registry import build
-from jaxtrain.train import Trainer
+from jaxtrain.train import LoggingConfig, TrainConfig, Trainer, TrainerConfig
 from jaxtrain.train.tasks import get_task
 from jaxtrain.tune import RunSpec, sweep
 from jaxtrain.tune.runs import initial_state
@@ -35,9 +35,12 @@ def sequential(spec, rates, train, valid, steps, device):
         state = initial_state(spec, 0)
         state = state.replace(opt_state=transforms.set_hyperparams(state.opt_state,
                                                                    learning_rate=lr))
-        trainer = Trainer(state, spec.task.loss_fn, metric_fn=spec.task.metric_fn, mesh=mesh,
-                          batch_size=spec.batch_size, seed=0, progress=False, plots=False,
-                          tensorboard=False, handle_signals=False, log_every=50)
+        config = TrainerConfig(
+            train=TrainConfig(batch_size=spec.batch_size, log_every=50), seed=0,
+            logging=LoggingConfig(progress=False, plots=False, tensorboard=False),
+            handle_signals=False)
+        trainer = Trainer(state, spec.task.loss_fn, config, metric_fn=spec.task.metric_fn,
+                          mesh=mesh)
         finals.append(trainer.fit(train, steps, eval_data=valid,
                                   eval_every=spec.eval_every).params)
     return jax.device_get(finals)

@@ -165,6 +165,9 @@ def build_parser() -> Parser:
     train.add_argument("--resume", action="store_true", help=RESUME_HELP)
     add_launch_flags(train)
     train.set_defaults(func=cmd_train)
+    from .cli_config import add_command as add_config_command
+
+    add_config_command(sub)
     from .cli_tune import add_commands
 
     add_commands(sub, positive_int)

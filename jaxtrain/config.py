@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -92,6 +93,8 @@ def _check_type(key: str, value, tp):
             return float(value)
         if option_type in (int, str, dict, list) and isinstance(value, option_type):
             return value
+        if option_type is str and isinstance(value, os.PathLike):  # a folder, from Python
+            return os.fspath(value)
     raise JaxtrainError(f"config key {key!r} must be {type_name(tp)}, got "
                         f"{type(value).__name__} {value!r}")
 

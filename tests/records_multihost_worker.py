@@ -27,13 +27,21 @@ def train(records: str, mesh=None):
     from jaxtrain import transforms
     from jaxtrain.data.records import load_records
     from jaxtrain.models import registry
-    from jaxtrain.train import Trainer, TrainState, classification_loss
+    from jaxtrain.train import (
+        LoggingConfig,
+        TrainConfig,
+        Trainer,
+        TrainerConfig,
+        TrainState,
+        classification_loss,
+    )
 
     data = load_records(records)
     model = registry.build("cnn", 0, num_classes=10, channels=4, features=16)
     state = TrainState.create(model, transforms.adam(3e-3), jax.random.PRNGKey(0))
-    trainer = Trainer(state, classification_loss, batch_size=BATCH, seed=0, progress=False,
-                      log_every=1, handle_signals=False, mesh=mesh)
+    config = TrainerConfig(train=TrainConfig(batch_size=BATCH, log_every=1), seed=0,
+                           logging=LoggingConfig(progress=False), handle_signals=False)
+    trainer = Trainer(state, classification_loss, config, mesh=mesh)
     final = trainer.fit(data["train"], STEPS)
     return final, [values["loss"] for _, values in trainer.history], data
 

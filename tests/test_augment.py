@@ -10,6 +10,7 @@ import scipy.ndimage as ndi
 from flax import nnx
 
 from jaxtrain import JaxtrainError, sharding, transforms
+from jaxtrain.checkpoint import CheckpointConfig
 from jaxtrain.data.augment import (
     augmenter,
     check_augment,
@@ -20,7 +21,14 @@ from jaxtrain.data.augment import (
     rotate_image,
     with_augmentation,
 )
-from jaxtrain.train import Trainer, TrainState, classification_loss
+from jaxtrain.train import (
+    LoggingConfig,
+    TrainConfig,
+    Trainer,
+    TrainerConfig,
+    TrainState,
+    classification_loss,
+)
 from jaxtrain.train.config import check_config
 
 IMAGES = np.random.default_rng(0).random((16, 8, 8)).astype(np.float32)
@@ -111,8 +119,10 @@ def _trainer(directory):
     state = TrainState.create(Net(nnx.Rngs(0)), transforms.adam(1e-2), jax.random.PRNGKey(7))
     loss = with_augmentation(classification_loss,
                              check_augment({"crop": 1, "rotate": 10, "noise": 0.05}))
-    return Trainer(state, loss, batch_size=16, progress=False, plots=False,
-                   tensorboard=False, checkpoint_dir=directory, async_checkpoint=False,
+    config = TrainerConfig(train=TrainConfig(batch_size=16),
+                           logging=LoggingConfig(progress=False, plots=False, tensorboard=False),
+                           checkpoint=CheckpointConfig(dir=directory, async_=False))
+    return Trainer(state, loss, config,
                    mesh=sharding.make_mesh(data=1, devices=jax.devices()[:1]))
 
 
@@ -129,7 +139,8 @@ def test_same_seed_runs_and_a_resumed_run_are_bitwise_equal(tmp_path):
     resumed = _params(_trainer(tmp_path / "ckpt").fit(data, 8))  # Trainer resumes it
     plain = Trainer(TrainState.create(Net(nnx.Rngs(0)), transforms.adam(1e-2),
                                       jax.random.PRNGKey(7)), classification_loss,
-                    batch_size=16, progress=False,
+                    TrainerConfig(train=TrainConfig(batch_size=16),
+                                  logging=LoggingConfig(progress=False)),
                     mesh=sharding.make_mesh(data=1, devices=jax.devices()[:1])).fit(data, 8)
     for a, b, c, d in zip(straight, again, resumed, _params(plain), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from jaxtrain import transforms
+from jaxtrain.checkpoint import CheckpointConfig
 from jaxtrain.cli import main
 from jaxtrain.data.prepare import prepare_images, prepare_text
 from jaxtrain.data.records import load_records
 from jaxtrain.models import registry
-from jaxtrain.train import Trainer, TrainState
+from jaxtrain.train import LoggingConfig, TrainConfig, Trainer, TrainerConfig, TrainState
 from jaxtrain.train.tasks import get_task
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -68,8 +69,10 @@ def _trainer(path, folder, seed=0):
     model = registry.build("cnn", 0, num_classes=10, channels=4, features=16)
     state = TrainState.create(model, transforms.adam(3e-3), jax.random.PRNGKey(0))
     task = get_task("classification")
-    trainer = Trainer(state, task.loss_fn, batch_size=16, seed=seed, progress=False,
-                      checkpoint_dir=folder, checkpoint_every=5, async_checkpoint=False)
+    config = TrainerConfig(train=TrainConfig(batch_size=16), seed=seed,
+                           logging=LoggingConfig(progress=False),
+                           checkpoint=CheckpointConfig(dir=folder, every=5, async_=False))
+    trainer = Trainer(state, task.loss_fn, config)
     return trainer, data
 
 

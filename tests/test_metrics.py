@@ -14,7 +14,15 @@ from sklearn import metrics as skm
 from jaxtrain import sharding, transforms
 from jaxtrain.data import eval_batches
 from jaxtrain.models.registry import build
-from jaxtrain.train import Trainer, TrainState, classification_loss, make_eval_step
+from jaxtrain.train import (
+    LoggingConfig,
+    TrainConfig,
+    Trainer,
+    TrainerConfig,
+    TrainState,
+    classification_loss,
+    make_eval_step,
+)
 from jaxtrain.train.config import check_config
 from jaxtrain.train.metrics import (
     classification_report,
@@ -99,9 +107,10 @@ def test_trainer_reports_f1_and_writes_the_confusion_png(tmp_path):
     state = TrainState.create(Linear(nnx.Rngs(0)), transforms.adam(1e-2),
                               jax.random.PRNGKey(0))
     task = get_task("classification")
-    trainer = Trainer(state, classification_loss, metric_fn=task.metric_fn, batch_size=16,
-                      log_dir=tmp_path, tensorboard=False, progress=False,
-                      monitor="f1_macro", mode="max", eval_batch_size=24,
+    config = TrainerConfig(train=TrainConfig(batch_size=16, eval_batch_size=24),
+                           log_dir=tmp_path, monitor="f1_macro", mode="max",
+                           logging=LoggingConfig(tensorboard=False, progress=False))
+    trainer = Trainer(state, classification_loss, config, metric_fn=task.metric_fn,
                       mesh=sharding.make_mesh(data=1, devices=jax.devices()[:1]))
     valid = _data(40, 1)
     state = trainer.fit(_data(96, 0), 20, eval_data=valid, eval_every=10)

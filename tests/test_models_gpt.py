@@ -155,8 +155,8 @@ def test_language_model_task_loss_is_nats_and_per_token():
 def test_char_gpt_config_builds_a_1_to_5m_model_and_runs(tmp_path):
     from pathlib import Path
 
-    from jaxtrain.train.config import load_config, model_kwargs
-    from jaxtrain.train.run import run_config
+    from jaxtrain.train.config import load_config
+    from jaxtrain.train.run import model_kwargs, run_config
 
     path = Path(__file__).parent.parent / "configs" / "char_gpt.yaml"
     cfg = load_config(path)

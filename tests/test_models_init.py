@@ -8,7 +8,8 @@ import pytest
 from jaxtrain import JaxtrainError
 from jaxtrain.models.init import DEFAULT, INITIALIZERS, gpt2_stds, variance
 from jaxtrain.models.registry import build
-from jaxtrain.train.config import check_config, model_kwargs
+from jaxtrain.train.config import check_config
+from jaxtrain.train.run import model_kwargs
 
 CLOSED_FORM = {  # written out here, not read from the module's table
     "lecun_normal": lambda i, o: 1 / i, "lecun_uniform": lambda i, o: 1 / i,

@@ -1,5 +1,5 @@
 """Properties every first-order optimizer of the catalogue must have, looped over the
-registry (`spec.optimizer_factories()`), so that an optimizer added there is covered
+registry (`spec.OPTIMIZERS`), so that an optimizer added there is covered
 without editing this file:
 
 - bfloat16 params: finite after several steps, close to the same run in float32, and
@@ -27,7 +27,7 @@ from jaxtrain.transforms import spec
 # Second-order optimizers take `value=`/`grad=`/`value_fn=` extra args and a loss; their
 # own tests cover them (tests/test_second_order.py).
 SECOND_ORDER = {"lbfgs", "newton", "newton_cg"}
-FACTORIES = {n: f for n, f in spec.optimizer_factories().items() if n not in SECOND_ORDER}
+FACTORIES = {n: f for n, f in spec.OPTIMIZERS.items() if n not in SECOND_ORDER}
 # Arguments without defaults, per optimizer.
 REQUIRED = {"normalized_sgd": {"beta": 0.01, "eps": 0.01}}
 # Options that select another formula (torch's) or add state: each is a case of its own.

@@ -70,14 +70,16 @@ def test_trainer_bfloat16_params_casts_every_float_param(devices):
     """`x in floats` compared arrays: any model with 2+ float params raised 'truth value of
     an array is ambiguous'."""
     from jaxtrain import sharding
-    from jaxtrain.train import Trainer
+    from jaxtrain.train import LoggingConfig, TrainConfig, Trainer, TrainerConfig
 
     with nnx.use_eager_sharding(False):
         model = MLP(64, 10, hidden=(8,), rngs=nnx.Rngs(0))
     state = TrainState.create(model, optax.adam(1e-3), jax.random.PRNGKey(0))
-    trainer = Trainer(state, classification_loss, mesh=sharding.make_mesh(devices=devices[:1]),
-                      precision="bfloat16_params", batch_size=4, progress=False, plots=False,
-                      tensorboard=False, handle_signals=False)
+    config = TrainerConfig(train=TrainConfig(precision="bfloat16_params", batch_size=4),
+                           logging=LoggingConfig(progress=False, plots=False, tensorboard=False),
+                           handle_signals=False)
+    trainer = Trainer(state, classification_loss, config,
+                      mesh=sharding.make_mesh(devices=devices[:1]))
     leaves = jax.tree.leaves(trainer.state.params)
     assert len(leaves) == 4 and {x.dtype for x in leaves} == {jnp.dtype(jnp.bfloat16)}
     mu = trainer.state.opt_state[0].mu  # Adam's moments follow the params' dtype

@@ -10,13 +10,8 @@ import pytest
 
 from jaxtrain import JaxtrainError
 from jaxtrain.config import load, to_dict
-from jaxtrain.train.config import (
-    RunConfig,
-    build_optimizer,
-    config_changes,
-    load_config,
-    model_kwargs,
-)
+from jaxtrain.train.config import RunConfig, config_changes, load_config
+from jaxtrain.train.run import build_optimizer, model_kwargs
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_cnn.yaml"
 

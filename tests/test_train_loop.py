@@ -13,14 +13,17 @@ import pytest
 from flax import nnx
 
 from jaxtrain import JaxtrainError, sharding, transforms
-from jaxtrain.checkpoint import Manager
+from jaxtrain.checkpoint import CheckpointConfig, Manager
 from jaxtrain.data import batch_at
 from jaxtrain.train import (
     Batches,
     Callback,
     EarlyStopping,
+    LoggingConfig,
     NonFiniteError,
+    TrainConfig,
     Trainer,
+    TrainerConfig,
     TrainState,
     classification_loss,
     classification_metrics,
@@ -44,11 +47,18 @@ def _data(n=96, seed=0):
     return {"image": x, "label": (x[:, :3].argmax(1)).astype(np.int32)}
 
 
-def _trainer(**kw):
+QUIET = LoggingConfig(progress=False)
+
+
+def _trainer(callbacks=(), log_dir=None, checkpoint=None, logging=QUIET, **train):
+    """The MLP's Trainer, batches of 16, held-out accuracy monitored; `train`: keys of
+    the train section."""
     state = TrainState.create(MLP(nnx.Rngs(0)), transforms.adam(1e-2), jax.random.PRNGKey(0))
-    kw.setdefault("progress", False)
-    return Trainer(state, classification_loss, metric_fn=classification_metrics,
-                   batch_size=16, monitor="accuracy", mode="max", **kw)
+    config = TrainerConfig(train=TrainConfig(batch_size=16, **train), logging=logging,
+                           checkpoint=checkpoint or CheckpointConfig(), log_dir=log_dir,
+                           monitor="accuracy", mode="max")
+    return Trainer(state, classification_loss, config, metric_fn=classification_metrics,
+                   callbacks=callbacks)
 
 
 def test_fit_logs_jsonl_tensorboard_and_curves(tmp_path):
@@ -79,18 +89,18 @@ def test_batches_are_batch_at():
 
 def test_resume_from_checkpoint_folder_is_bitwise_in_process(tmp_path):
     straight = _trainer().fit(_data(), 14)
-    first = _trainer(checkpoint_dir=tmp_path, checkpoint_every=5, async_checkpoint=False)
+    first = _trainer(checkpoint=CheckpointConfig(dir=tmp_path, every=5, async_=False))
     first.fit(_data(), 7)  # saves 5 and 7 (the end)
     assert Manager(tmp_path, read_only=True).steps() == [5, 7]
-    resumed = _trainer(checkpoint_dir=tmp_path).fit(_data(), 14)
+    resumed = _trainer(checkpoint=CheckpointConfig(dir=tmp_path)).fit(_data(), 14)
     assert int(resumed.step) == 14 and int(resumed.data_position) == 14
     jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
     jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, straight.opt_state)
 
 
 def test_checkpoints_every_n_on_best_and_at_end(tmp_path):
-    trainer = _trainer(checkpoint_dir=tmp_path, checkpoint_every=4, checkpoint_best=True,
-                       max_to_keep=None, async_checkpoint=False)
+    trainer = _trainer(checkpoint=CheckpointConfig(dir=tmp_path, every=4, best=True,
+                                                   max_to_keep=None, async_=False))
     trainer.fit(_data(), 10, eval_data=_data(48, 1), eval_every=3)
     steps = Manager(tmp_path, read_only=True).steps()
     assert {4, 8, 10} <= set(steps)  # every 4, the end
@@ -127,7 +137,7 @@ def test_early_stopping_stops_after_patience_and_restores_the_best():
 
 
 def test_fit_with_early_stopping_ends_early_with_best_params():
-    trainer = _trainer(early_stopping=EarlyStopping(monitor="loss", mode="max", patience=1))
+    trainer = _trainer(callbacks=[EarlyStopping(monitor="loss", mode="max", patience=1)])
     # "max" of the held-out loss: the first evaluation is best, so the second one stops.
     state = trainer.fit(_data(), 50, eval_data=_data(48, 1), eval_every=5)
     assert int(state.step) == 10 and "early stopping" in trainer.stop_reason
@@ -152,8 +162,9 @@ def test_nan_raise_never_checkpoints_a_bad_state(tmp_path):
     """Metrics are read every 50 steps, but the save at step 10 sees the bad step 7."""
     state = TrainState.create(lambda p, x: x, optax.sgd(0.01), jax.random.PRNGKey(0),
                               params={"a": jnp.ones(3), "b": jnp.zeros(2)})
-    trainer = Trainer(state, _nan_at_7_loss, log_every=50, progress=False,
-                      checkpoint_dir=tmp_path, checkpoint_every=5, async_checkpoint=False)
+    trainer = Trainer(state, _nan_at_7_loss, TrainerConfig(
+        train=TrainConfig(log_every=50), logging=QUIET,
+        checkpoint=CheckpointConfig(dir=tmp_path, every=5, async_=False)))
     with pytest.raises(NonFiniteError, match=r"step 7: first non-finite is gradient b"):
         trainer.fit(_nan_at_7_data, 30)
     saved = Manager(tmp_path, read_only=True)
@@ -166,13 +177,13 @@ def test_nan_raise_names_the_step_and_the_first_bad_path(devices):
     loss, data = _nan_at_7_loss, _nan_at_7_data
     state = TrainState.create(lambda p, x: x, optax.sgd(0.01), jax.random.PRNGKey(0),
                               params={"a": jnp.ones(3), "b": jnp.zeros(2)})
-    trainer = Trainer(state, loss, log_every=5, progress=False)
+    trainer = Trainer(state, loss, TrainerConfig(train=TrainConfig(log_every=5), logging=QUIET))
     with pytest.raises(NonFiniteError, match=r"step 7: first non-finite is gradient b"):
         trainer.fit(data, 30)
     skipping = Trainer(TrainState.create(lambda p, x: x, optax.sgd(0.01),
                                          jax.random.PRNGKey(0),
                                          params={"a": jnp.ones(3), "b": jnp.zeros(2)}),
-                       loss, nan_policy="skip", progress=False)
+                       loss, TrainerConfig(train=TrainConfig(nan_policy="skip"), logging=QUIET))
     with pytest.warns(UserWarning, match=r"nan_policy='skip': 1 of the 10 step\(s\) to step "
                                          r"10 had non-finite values and were skipped"):
         final = skipping.fit(data, 10)
@@ -187,7 +198,8 @@ def test_nan_skip_stops_after_too_many_in_a_row():
 
     state = TrainState.create(lambda p, x: x, optax.sgd(0.01), jax.random.PRNGKey(0),
                               params={"a": jnp.ones(3), "b": jnp.zeros(2)})
-    trainer = Trainer(state, _nan_at_7_loss, nan_policy="skip", log_every=2, progress=False)
+    trainer = Trainer(state, _nan_at_7_loss, TrainerConfig(
+        train=TrainConfig(nan_policy="skip", log_every=2), logging=QUIET))
     with pytest.warns(UserWarning), pytest.raises(
             NonFiniteError, match="the last 10 steps were all skipped; non-finite value at "
                                   "step 2: first non-finite is gradient b"):
@@ -207,7 +219,8 @@ class _SendSignal(Callback):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_a_checkpoint_and_ends_cleanly(tmp_path, signum):
     before = signal.getsignal(signum)
-    trainer = _trainer(checkpoint_dir=tmp_path, callbacks=[_SendSignal(6, signum)])
+    trainer = _trainer(checkpoint=CheckpointConfig(dir=tmp_path),
+                       callbacks=[_SendSignal(6, signum)])
     state = trainer.fit(_data(), 1000)
     assert trainer.interrupted == signal.Signals(signum).name and int(state.step) == 6
     assert Manager(tmp_path, read_only=True).steps() == [6]
@@ -245,7 +258,7 @@ def test_calls_between_log_points_train_like_logged_ones():
 def test_long_log_intervals_on_eight_cpu_devices_do_not_deadlock(devices):
     """With ~32 calls in flight XLA:CPU's collectives hang and abort the process; the loops
     bound what they queue there (`sharding.InFlight`)."""
-    trainer = _trainer(log_every=10_000, plots=False)
+    trainer = _trainer(log_every=10_000, logging=LoggingConfig(progress=False, plots=False))
     assert trainer.mesh.size == 8
     assert int(trainer.fit(_data(), 400).step) == 400
     state = trainer.state
@@ -260,7 +273,8 @@ def test_long_log_intervals_on_eight_cpu_devices_do_not_deadlock(devices):
 def test_both_loops_train_up_to_steps():
     """`steps` is the step to reach, in `Trainer.fit` and in `fit` alike: from step 3,
     `steps=5` takes 2 more steps; a state already there takes none."""
-    trainer, data = _trainer(plots=False, log_every=1), _data()
+    trainer = _trainer(logging=LoggingConfig(progress=False, plots=False), log_every=1)
+    data = _data()
     trainer.fit(data, 3)
     state = trainer.fit(data, 5)
     assert int(state.step) == 5 and [s for s, _ in trainer.history][-2:] == [4, 5]
@@ -277,8 +291,9 @@ def test_raise_policy_checks_the_updated_params_and_writes_no_checkpoint(tmp_pat
     # a learning rate that is finite in float64 but not in float32: finite loss and
     # gradients, infinite params after the first update
     state = TrainState.create(MLP(nnx.Rngs(0)), optax.sgd(1e39), jax.random.PRNGKey(0))
-    trainer = Trainer(state, classification_loss, batch_size=16, progress=False,
-                      checkpoint_dir=tmp_path, checkpoint_every=1, log_every=1)
+    trainer = Trainer(state, classification_loss, TrainerConfig(
+        train=TrainConfig(batch_size=16, log_every=1), logging=QUIET,
+        checkpoint=CheckpointConfig(dir=tmp_path, every=1)))
     with pytest.raises(NonFiniteError, match="at step 0: first non-finite is updated param "
                                              "l1/bias"):
         trainer.fit(_data(), 5)

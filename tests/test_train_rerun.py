@@ -19,12 +19,15 @@ from flax import nnx
 from test_train_loop import MLP, _data
 
 from jaxtrain import JaxtrainError, transforms
-from jaxtrain.checkpoint import Manager
+from jaxtrain.checkpoint import CheckpointConfig, Manager
 from jaxtrain.cli import main
 from jaxtrain.config import to_dict
 from jaxtrain.train import (
-    EarlyStopping,
+    EarlyStoppingConfig,
+    LoggingConfig,
+    TrainConfig,
     Trainer,
+    TrainerConfig,
     TrainState,
     classification_loss,
     classification_metrics,
@@ -37,13 +40,14 @@ from jaxtrain.train.run import rerun_config
 CONFIG = Path(__file__).parent.parent / "configs" / "digits_cnn.yaml"
 
 
-def _trainer(folder, **kw):
+def _trainer(folder, every=None, plots=False, run_config=None):
     state = TrainState.create(MLP(nnx.Rngs(0)), transforms.adam(2e-2), jax.random.PRNGKey(0))
-    kw.setdefault("plots", False)
-    return Trainer(state, classification_loss, metric_fn=classification_metrics,
-                   batch_size=16, progress=False, checkpoint_dir=folder, log_dir=folder,
-                   tensorboard=False, log_every=5,
-                   early_stopping=EarlyStopping(patience=2, min_delta=0.01), **kw)
+    config = TrainerConfig(
+        train=TrainConfig(batch_size=16, log_every=5), log_dir=folder, run_config=run_config,
+        logging=LoggingConfig(progress=False, tensorboard=False, plots=plots),
+        checkpoint=CheckpointConfig(dir=folder, every=every),
+        early_stopping=EarlyStoppingConfig(patience=2, min_delta=0.01))
+    return Trainer(state, classification_loss, config, metric_fn=classification_metrics)
 
 
 def _fit(trainer, steps):
@@ -57,14 +61,14 @@ def _records(folder):
 
 
 def test_early_stopping_and_the_log_resume_exactly(tmp_path):
-    straight = _trainer(tmp_path / "a", checkpoint_every=10)
+    straight = _trainer(tmp_path / "a", every=10)
     final = _fit(straight, 200)
     assert straight.stop_reason is not None and 20 < straight.step < 200
-    first = _trainer(tmp_path / "b", checkpoint_every=10)
+    first = _trainer(tmp_path / "b", every=10)
     _fit(first, 20)  # a run cut short at step 20 (its at-end checkpoint is step 20)
     with open(tmp_path / "b" / "log.jsonl", "a") as log:  # and the partial line of a kill
         log.write('{"run": "train", "step": 25, "lo')
-    resumed = _trainer(tmp_path / "b", checkpoint_every=10)
+    resumed = _trainer(tmp_path / "b", every=10)
     again = _fit(resumed, 200)
     assert resumed.start_step == 20
     assert (resumed.step, resumed.stop_reason) == (straight.step, straight.stop_reason)
@@ -72,7 +76,7 @@ def test_early_stopping_and_the_log_resume_exactly(tmp_path):
     assert _records(tmp_path / "b") == _records(tmp_path / "a")
     # a rerun of a finished run changes nothing
     before = _records(tmp_path / "b")
-    rerun = _trainer(tmp_path / "b", checkpoint_every=10)
+    rerun = _trainer(tmp_path / "b", every=10)
     done = _fit(rerun, 200)
     assert rerun.start_step == straight.step and rerun.stop_reason == straight.stop_reason
     jax.tree.map(np.testing.assert_array_equal, done.params, final.params)

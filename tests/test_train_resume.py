@@ -16,7 +16,9 @@ CHILD = textwrap.dedent("""
     import jax, numpy as np, optax
     from flax import nnx
     from jaxtrain import transforms
-    from jaxtrain.train import Callback, Trainer, TrainState, classification_loss
+    from jaxtrain.checkpoint import CheckpointConfig
+    from jaxtrain.train import (Callback, LoggingConfig, TrainConfig, Trainer, TrainerConfig,
+                                TrainState, classification_loss)
 
     folder, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
@@ -41,9 +43,10 @@ CHILD = textwrap.dedent("""
     schedule = optax.warmup_cosine_decay_schedule(0.0, 0.02, 10, 60)
     state = TrainState.create(Net(nnx.Rngs(0)), transforms.adam(schedule),
                               jax.random.PRNGKey(0), ema_decay=0.9)
-    trainer = Trainer(state, classification_loss, batch_size=32, seed=5, progress=False,
-                      checkpoint_dir=folder, checkpoint_every=10,
-                      callbacks=[KillAfterCheckpoint()])
+    config = TrainerConfig(train=TrainConfig(batch_size=32), seed=5,
+                           logging=LoggingConfig(progress=False),
+                           checkpoint=CheckpointConfig(dir=folder, every=10))
+    trainer = Trainer(state, classification_loss, config, callbacks=[KillAfterCheckpoint()])
     final = trainer.fit(data, 60)
     print("started at", trainer.start_step)
     np.savez(out, *[np.asarray(p) for p in jax.tree.leaves((final.params, final.ema_params,

@@ -20,8 +20,16 @@ from flax import nnx
 from test_train_loop import MLP, _data
 
 from jaxtrain import JaxtrainError, sharding, transforms
+from jaxtrain.checkpoint import CheckpointConfig
 from jaxtrain.config import to_dict
-from jaxtrain.train import Trainer, TrainState, classification_loss, classification_metrics
+from jaxtrain.train import (
+    TrainConfig,
+    Trainer,
+    TrainerConfig,
+    TrainState,
+    classification_loss,
+    classification_metrics,
+)
 from jaxtrain.train.config import LoggingConfig, WandbConfig, flatten, load_config
 from jaxtrain.train.logs import read_log
 from jaxtrain.train.run import run_config
@@ -188,10 +196,12 @@ class Recorder(Tracker):
 def test_trainer_tracks_on_process_0_only_and_ends_each_fit(tmp_path, monkeypatch):
     recorder, out = Recorder(), tmp_path / "run"
     state = TrainState.create(MLP(nnx.Rngs(0)), transforms.adam(1e-2), jax.random.PRNGKey(0))
-    trainer = Trainer(state, classification_loss, metric_fn=classification_metrics,
-                      batch_size=16, log_every=1, progress=False, tensorboard=False,
-                      plots=False, log_dir=out, checkpoint_dir=out / "ck",
-                      run_config={"seed": 0}, trackers=[recorder])
+    config = TrainerConfig(
+        train=TrainConfig(batch_size=16, log_every=1), log_dir=out, run_config={"seed": 0},
+        logging=LoggingConfig(progress=False, tensorboard=False, plots=False),
+        checkpoint=CheckpointConfig(dir=out / "ck"))
+    trainer = Trainer(state, classification_loss, config, metric_fn=classification_metrics,
+                      trackers=[recorder])
     with monkeypatch.context() as patch:  # another process of a multi-process run
         patch.setattr(sharding, "is_main_process", lambda: False)
         trainer.fit(_data(), 2)

@@ -22,8 +22,9 @@ from ..errors import JaxtrainError
 from ..models import registry as model_registry
 from ..models.lora import apply_lora, merge_lora
 from ..train import TrainState
-from ..train.config import build_optimizer, read_config
+from ..train.config import read_config
 from ..train.run import (
+    build_optimizer,
     check_patterns,
     config_patterns,
     config_trainer,

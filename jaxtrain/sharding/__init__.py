@@ -1,6 +1,7 @@
 """Where a step runs: meshes, partition rules, placement, compilation, many hosts."""
 
 from .compile import InFlight, compile_eval, compile_step
+from .config import ShardingConfig
 from .distributed import (
     Launch,
     check_started,
@@ -33,6 +34,7 @@ from .rules import (
 )
 
 __all__ = [
+    "ShardingConfig",
     "AXES",
     "BATCH_AXES",
     "InFlight",

@@ -1,6 +1,13 @@
 """TrainState, step builders and the loop."""
 
 from .callbacks import Callback, Checkpointer, EarlyStopping
+from .config import (
+    EarlyStoppingConfig,
+    LoggingConfig,
+    RunConfig,
+    TrainConfig,
+    TrainerConfig,
+)
 from .feeds import Batches
 from .logs import JsonlLogger, TensorBoardLogger, plot_curves, plot_history
 from .loop import evaluate, fit
@@ -21,13 +28,18 @@ __all__ = [
     "Callback",
     "Checkpointer",
     "EarlyStopping",
+    "EarlyStoppingConfig",
     "JsonlLogger",
+    "LoggingConfig",
     "LossScale",
     "NonFiniteError",
     "Policy",
     "Progress",
+    "RunConfig",
     "TensorBoardLogger",
+    "TrainConfig",
     "Trainer",
+    "TrainerConfig",
     "TrainState",
     "classification_loss",
     "classification_metrics",

@@ -16,7 +16,6 @@ folder must match it but for `RERUN_FREE` keys (`config_changes`).
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,8 +146,9 @@ class RunConfig:
                               "jaxtrain.data.registry and its keyword arguments "
                               "(free-form); augment: see docs/augmentation.md",
                         parse=_data, required=True)
-    task: str = option(None, "what the model is trained for: classification or "
-                             "language_model (jaxtrain.train.tasks)", required=True)
+    task: str = option(None, "what the model is trained for: a task of "
+                             "jaxtrain.train.tasks (classification, language_model, "
+                             "regression)", required=True)
     optimizer: dict = option(None, "the transforms spec {optimizer, learning_rate, ...} "
                                    "(free-form, checked by jaxtrain.transforms.spec.build; "
                                    "see docs/transforms.md)", parse=_spec, required=True)
@@ -164,6 +164,38 @@ class RunConfig:
     privacy: PrivacyConfig | None = option(
         None, "DP-SGD on Poisson batches of expected size train.batch_size (null: off)")
     logging: LoggingConfig = section(LoggingConfig, "what is written besides log.jsonl")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """What a `Trainer` is told besides its state, loss, metrics and callbacks: the run
+    config's sections it reads, and what `jaxtrain train` works out from the task and the
+    command. Built in Python (`TrainerConfig(train=TrainConfig(batch_size=32))`) or from a
+    run config (`jaxtrain.train.run.trainer_config`)."""
+
+    train: TrainConfig = section(TrainConfig, "the train loop (steps and eval_every are "
+                                              "fit's defaults)")
+    sharding: ShardingConfig = section(ShardingConfig, "device mesh and partition rules")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Orbax checkpoints (dir null: "
+                                                             "none)")
+    early_stopping: EarlyStoppingConfig | None = option(
+        None, "stop when a held-out metric stops improving (null: never)")
+    logging: LoggingConfig = section(LoggingConfig, "what is written besides log.jsonl")
+    seed: int = option(0, "seed of the data order", minimum=0)
+    log_dir: str | None = option(None, "folder of log.jsonl, TensorBoard and curves.png "
+                                       "(null: no logs)")
+    monitor: str = option("loss", "the held-out metric 'best' refers to (checkpoint.best, "
+                                  "early stopping's default)")
+    mode: str = option("min", "whether a lower or a higher `monitor` is better",
+                       choices=("min", "max"))
+    run: str = option("train", "the run's name in the logs (its eval records: RUN/eval)")
+    eval_ema: bool = option(True, "evaluate the EMA params where the state keeps them")
+    handle_signals: bool = option(True, "SIGTERM/SIGINT save a checkpoint and end fit")
+    model_config: dict | None = option(None, "the model's registry entry {name, **kwargs}, "
+                                             "recorded with checkpoints and checked on "
+                                             "restore")
+    run_config: dict | None = option(None, "the run config recorded with checkpoints; a "
+                                           "folder holding another one is refused")
 
 
 # Sections that may be given as a bare string, and the key the string stands for.
@@ -231,25 +263,3 @@ def read_config(path: str | Path, overrides=()) -> dict:
 def load_config(path: str | Path, overrides=()) -> RunConfig:
     """Read `path` (YAML), apply `key=value` overrides (values parsed as YAML), check."""
     return check_config(read_config(path, overrides))
-
-
-def build_optimizer(spec: dict):
-    """The transform chain of the `optimizer` section (`jaxtrain.transforms.spec.build`)."""
-    from ..transforms.spec import build
-
-    try:
-        return build(spec)
-    except JaxtrainError as err:
-        raise JaxtrainError(f"config key 'optimizer': {err}") from None
-
-
-def model_kwargs(name: str, kwargs: dict, info: dict) -> dict:
-    """`kwargs` plus the data `info` entries the model's constructor takes."""
-    from ..models.registry import MODELS
-
-    cls = MODELS.get(name)
-    if cls is None:
-        return kwargs
-    accepted = inspect.signature(cls.__init__).parameters
-    filled = {k: v for k, v in info.items() if k in accepted and k not in kwargs}
-    return {**filled, **kwargs}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import sys
 from pathlib import Path
 
@@ -21,11 +22,16 @@ from ..strategies.distill import make_distill_loss, teacher_from_checkpoint, wit
 from ..strategies.local_sgd_run import run_local_sgd
 from ..strategies.privacy import dp_epsilon, dp_from_config, make_dp_train_step
 from ..transforms.paths import matches, path_list
+from ..transforms.spec import build as build_spec
 from .callbacks import PlateauOnEval
-from .config import RunConfig, build_optimizer, config_changes, model_kwargs, with_rerun_free
-from .state import TrainState, param_logical_axes
+from .config import (
+    RunConfig,
+    TrainerConfig,
+    config_changes,
+    with_rerun_free,
+)
+from .state import TrainState
 from .tasks import get_task
-from .tracking import make_trackers
 from .trainer import Trainer
 
 
@@ -39,6 +45,24 @@ def data_and_model(cfg: RunConfig) -> tuple[dict, str, dict]:
     model_cfg = dict(cfg.model)
     name = model_cfg.pop("name")
     return data, name, model_kwargs(name, model_cfg, data.get("info", {}))
+
+
+def build_optimizer(spec: dict):
+    """The transform chain of the `optimizer` section (`jaxtrain.transforms.spec.build`)."""
+    try:
+        return build_spec(spec)
+    except JaxtrainError as err:
+        raise JaxtrainError(f"config key 'optimizer': {err}") from None
+
+
+def model_kwargs(name: str, kwargs: dict, info: dict) -> dict:
+    """`kwargs` plus the data `info` entries the model's constructor takes."""
+    cls = model_registry.MODELS.get(name)
+    if cls is None:
+        return kwargs
+    accepted = inspect.signature(cls.__init__).parameters
+    filled = {k: v for k, v in info.items() if k in accepted and k not in kwargs}
+    return {**filled, **kwargs}
 
 
 def checkpoint_folder(cfg: RunConfig) -> Path:
@@ -134,26 +158,14 @@ def config_trainer(cfg: RunConfig, state, model, task, model_config: dict,
     if monitor is not None and train.eval_every is None:
         raise JaxtrainError(f"config key 'optimizer.reduce_on_plateau.monitor' watches the "
                             f"held-out {monitor!r}: set train.eval_every too")
-    return Trainer(
-        state, loss_fn, metric_fn=task.metric_fn,
-        mesh=sharding.make_mesh(**to_dict(cfg.sharding.mesh)),
-        rules=cfg.sharding.preset, logical_axes=param_logical_axes(model),
-        batch_size=train.batch_size, seed=cfg.seed, precision=train.precision,
-        microbatches=train.microbatches, steps_per_call=train.steps_per_call,
-        nan_policy=train.nan_policy, log_every=train.log_every, log_dir=out,
-        tensorboard=cfg.logging.tensorboard, plots=cfg.logging.plots,
-        progress=cfg.logging.progress, run=run,
-        checkpoint_dir=checkpoint_folder(cfg), checkpoint_every=ckpt.every,
-        checkpoint_best=ckpt.best, checkpoint_at_end=ckpt.at_end,
-        max_to_keep=ckpt.max_to_keep, async_checkpoint=ckpt.async_,
-        model_config=model_config, run_config=to_dict(cfg), monitor=task.monitor,
-        mode=task.mode, early_stopping=(None if cfg.early_stopping is None
-                                        else to_dict(cfg.early_stopping)),
-        eval_batch_size=train.eval_batch_size, device_data=train.device_data,
-        callbacks=[] if monitor is None else [PlateauOnEval(monitor)],
-        trackers=make_trackers(cfg.logging),
-        train_step=None if cfg.privacy is None else make_dp_train_step(loss_fn),
-    )
+    config = TrainerConfig(
+        train=train, sharding=cfg.sharding, early_stopping=cfg.early_stopping,
+        checkpoint=dataclasses.replace(ckpt, dir=str(checkpoint_folder(cfg))),
+        logging=cfg.logging, seed=cfg.seed, log_dir=str(out), monitor=task.monitor,
+        mode=task.mode, run=run, model_config=model_config, run_config=to_dict(cfg))
+    return Trainer(state, loss_fn, config, metric_fn=task.metric_fn,
+                   callbacks=[] if monitor is None else [PlateauOnEval(monitor)],
+                   train_step=None if cfg.privacy is None else make_dp_train_step(loss_fn))
 
 
 def distill_setup(cfg: RunConfig, task, data: dict):

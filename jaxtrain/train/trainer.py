@@ -19,19 +19,25 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from .. import sharding
 from ..checkpoint import model_signature
+from ..config import checked, to_dict
 from ..data import eval_batches
 from ..errors import JaxtrainError
 from ..transforms.paths import path_list
+from .adapters import NnxAdapter
 from .callbacks import Checkpointer, EarlyStopping, better, check_mode, crossed
+from .config import TrainerConfig
 from .feeds import Batches, DeviceFeed, HostFeed, fits_on_devices
 from .logs import JsonlLogger, TensorBoardLogger, keep_until, plot_history, read_log
 from .metrics import plot_confusion, summarize_eval
 from .precision import LossScale, get_policy
 from .progress import Progress
+from .state import param_logical_axes
 from .step import make_eval_step, make_train_step
+from .tracking import make_trackers
 
 # Log points whose metrics may wait to be read before the loop blocks on the oldest (a
 # bound on memory when the devices fall far behind; XLA's own queue is shorter on CPU).
@@ -46,16 +52,22 @@ class NonFiniteError(JaxtrainError):
 
 
 class Trainer:
-    """Train a `TrainState` with `loss_fn(model_or_params, batch, rng) -> (loss, aux)`.
+    """Train a `TrainState` with `loss_fn(model_or_params, batch, rng) -> (loss, aux)`, as
+    `config` (a `TrainerConfig`: the train, sharding, checkpoint, early stopping and logging
+    sections of a run config, and the monitored metric) says.
 
     `metric_fn(model, batch) -> per-example values` is evaluated on `eval_data`;
-    `monitor`/`mode` name the held-out metric "best" refers to. The state is placed on
-    `mesh` (default: all devices, data parallel) by the sharding `rules` (a preset name or
-    table) and the params' `logical_axes` (see `jaxtrain.sharding.state_shardings`).
-    Checkpoints go to `checkpoint_dir` (a folder that already holds checkpoints is resumed
-    from its latest); logs (JSONL, TensorBoard, `curves.png`) to `log_dir`, and to the
-    experiment `trackers` (`jaxtrain.train.tracking`: MLflow, Weights & Biases), one tracker
-    run per `fit` named after `log_dir`.
+    `config.monitor`/`mode` name the held-out metric "best" refers to. `callbacks` run
+    between compiled calls (an `EarlyStopping` among them takes the place of
+    `config.early_stopping`). The state is placed on `mesh` (default: the one
+    `config.sharding.mesh` describes over all devices) by the sharding preset and, for an
+    NNX model, its params' logical axis annotations (see
+    `jaxtrain.sharding.state_shardings`). Checkpoints go to
+    `config.checkpoint.dir` (a folder that already holds checkpoints is resumed from its
+    latest); logs (JSONL, TensorBoard, `curves.png`) to `config.log_dir`, and to the
+    experiment trackers `config.logging` selects (`jaxtrain.train.tracking`: MLflow,
+    Weights & Biases) and any given as `trackers`, one tracker run per `fit` named after
+    `log_dir`.
 
     Launched as several processes (SLURM, mpirun, torchrun, a TPU pod...), call
     `jaxtrain.sharding.start_from_env()` before creating any array; the Trainer refuses to
@@ -65,58 +77,48 @@ class Trainer:
 
     `train_step`: a prebuilt `(state, batch) -> (state, metrics)` step (a strategy's, such
     as `jaxtrain.strategies.make_dp_train_step`) instead of `make_train_step(loss_fn, ...)`;
-    `precision` then only sets the params' dtype, `microbatches` and `nan_policy` are unused.
+    `train.precision` then only sets the params' dtype; `train.microbatches` and
+    `train.nan_policy` are unused.
     """
 
-    def __init__(self, state, loss_fn, *, metric_fn=None, mesh=None, rules="dp",
-                 logical_axes=None,
-                 batch_size: int | None = None, seed: int = 0, precision="auto",
-                 microbatches: int = 1, steps_per_call: int = 1, nan_policy: str = "raise",
-                 log_every: int = 10, log_dir=None, tensorboard: bool = True,
-                 plots: bool = True, progress: bool = True, run: str = "train",
-                 checkpoint_dir=None, checkpoint_every: int | None = None,
-                 checkpoint_best: bool = False, checkpoint_at_end: bool = True,
-                 max_to_keep: int | None = 3, async_checkpoint: bool = True,
-                 model_config: dict | None = None, run_config: dict | None = None,
-                 monitor: str = "loss", mode: str = "min", early_stopping=None,
-                 callbacks=(), eval_batch_size: int = 256, eval_ema: bool = True,
-                 handle_signals: bool = True, device_data="auto", trackers=(),
-                 train_step=None):
-        for name, value in (("log_every", log_every), ("steps_per_call", steps_per_call)):
-            if not isinstance(value, int) or value < 1:
-                raise JaxtrainError(f"{name} must be a positive integer, got {value!r}")
+    def __init__(self, state, loss_fn, config: TrainerConfig | None = None, *,
+                 metric_fn=None, callbacks=(), mesh=None, trackers=(), train_step=None):
+        config = checked(config if config is not None else TrainerConfig())
         sharding.check_started()
-        self.policy = get_policy(precision)
-        self.mesh = mesh if mesh is not None else sharding.make_mesh(data=-1)
+        self.config, train, ckpt = config, config.train, config.checkpoint
+        self.policy = get_policy(train.precision)
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(
+            **to_dict(config.sharding.mesh))
         self.loss_fn, self.metric_fn = loss_fn, metric_fn
-        self.batch_size, self.seed = batch_size, seed
-        self.steps_per_call, self.log_every = steps_per_call, log_every
-        self.monitor, self.mode = monitor, check_mode(mode)
-        self.run, self.progress, self.plots = run, progress, plots
-        self.eval_batch_size, self.handle_signals = eval_batch_size, handle_signals
-        self.device_data, self._device_feed = device_data, None
-        self.log_dir = None if log_dir is None else Path(log_dir)
-        self.tensorboard, self.trackers = tensorboard, list(trackers)
-        self.run_config = run_config or {}
-        self.signature = model_signature(model_config or {}, state.params)
-        self.early_stopping = early_stopping
-        if isinstance(early_stopping, dict):
-            self.early_stopping = EarlyStopping(**early_stopping)
-        self.checkpointer = None if checkpoint_dir is None else Checkpointer(
-            checkpoint_dir, checkpoint_every, checkpoint_best, checkpoint_at_end, max_to_keep,
-            async_checkpoint, monitor=monitor, mode=self.mode)
+        self.batch_size, self.seed = train.batch_size, config.seed
+        self.steps_per_call, self.log_every = train.steps_per_call, train.log_every
+        self.monitor, self.mode = config.monitor, check_mode(config.mode)
+        self.run, self.progress = config.run, config.logging.progress
+        self.plots, self.tensorboard = config.logging.plots, config.logging.tensorboard
+        self.trackers = [*make_trackers(config.logging), *trackers]
+        self.eval_batch_size, self.handle_signals = train.eval_batch_size, config.handle_signals
+        self.device_data, self._device_feed = train.device_data, None
+        self._shown_batch = None
+        self.log_dir = None if config.log_dir is None else Path(config.log_dir)
+        self.run_config = config.run_config or {}
+        self.signature = model_signature(config.model_config or {}, state.params)
+        self.early_stopping, callbacks = _early_stopping(config, callbacks)
+        self.checkpointer = None if ckpt.dir is None else Checkpointer(
+            ckpt.dir, ckpt.every, ckpt.best, ckpt.at_end, ckpt.max_to_keep, ckpt.async_,
+            monitor=self.monitor, mode=self.mode)
         # the checkpointer last: a checkpoint taken at an evaluation records the decisions
         # of early stopping and of the other callbacks (and the state one returned)
         self.callbacks = [c for c in (self.early_stopping, *callbacks, self.checkpointer)
                           if c is not None]
-        self.rules, self.logical_axes = rules, logical_axes
-        self._nan_raise, self._nan_skip = nan_policy == "raise", nan_policy == "skip"
+        self.rules, self.logical_axes = config.sharding.preset, _logical_axes(state)
+        self._nan_raise = train.nan_policy == "raise"
+        self._nan_skip = train.nan_policy == "skip"
         step_fn = train_step or make_train_step(loss_fn, precision=self.policy,
-                                                microbatches=microbatches,
-                                                nan_policy=nan_policy)
+                                                microbatches=train.microbatches,
+                                                nan_policy=train.nan_policy)
         self.state = self._prepare(state)
         self.step_fn = step_fn
-        self._compile(step_fn, metric_fn, eval_ema)
+        self._compile(step_fn, metric_fn, config.eval_ema)
         self.history: list[tuple[int, dict]] = []
         self.eval_history: list[tuple[int, dict]] = []
         self.interrupted: str | None = None
@@ -209,6 +211,8 @@ class Trainer:
         """A `DeviceFeed` for a small dict data set (kept across `fit` calls with the same
         data), else a `HostFeed`."""
         batches = Batches(train_data, self.batch_size, self.seed)
+        # examples per step, for the progress bar (a `position -> batch` function sets it)
+        self._shown_batch = getattr(batches, "batch_size", None)
         if not fits_on_devices(batches, self.steps_per_call, self.device_data):
             return HostFeed(batches, self.mesh, self.host_calls)
         key = (id(train_data), self.batch_size, self.seed)
@@ -321,7 +325,7 @@ class Trainer:
             self._last_step, self._last_stamp = step, stamp
             self.history.append((step, values))
             self._write(self.run, step, values)
-            self.bar.update(step - self.start_step, _shown(values, self.batch_size))
+            self.bar.update(step - self.start_step, _shown(values, self._shown_batch))
             for cb in self.callbacks:
                 cb.on_log(self, step, values)
 
@@ -508,3 +512,26 @@ def _shown(values: dict, batch_size: int | None) -> dict:
         if batch_size:
             shown["ex/s"] = rate * batch_size
     return shown
+
+
+def _early_stopping(config: TrainerConfig, callbacks) -> tuple:
+    """The run's early stopping (the config's section, or an `EarlyStopping` among
+    `callbacks`: one or the other) and the other callbacks."""
+    given = [c for c in callbacks if isinstance(c, EarlyStopping)]
+    others = [c for c in callbacks if not isinstance(c, EarlyStopping)]
+    if config.early_stopping is not None:
+        given.append(EarlyStopping(**to_dict(config.early_stopping)))
+    if len(given) > 1:
+        raise JaxtrainError("one early stopping per Trainer: give config.early_stopping or "
+                            "an EarlyStopping callback, not both")
+    return (given[0] if given else None), others
+
+
+def _logical_axes(state):
+    """The logical axis names of the params of an NNX model's state (its annotations,
+    which the sharding rules map to mesh axes); None for a Linen module or an apply
+    function (the rules' fallback places those)."""
+    if not isinstance(state.adapter, NnxAdapter):
+        return None
+    with nnx.use_eager_sharding(False):
+        return param_logical_axes(state.model(train=False))

@@ -39,7 +39,6 @@ the valid set, a wrong type with the type expected.
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import math
 import re
@@ -52,10 +51,36 @@ import yaml
 
 from .. import yaml_numbers
 from ..errors import JaxtrainError
-from . import decay, low_precision, masks, plateau, pruning, schedules, staleness, wrappers
+from . import (
+    ademamix,
+    decay,
+    kron,
+    low_precision,
+    mars,
+    masks,
+    optimizers,
+    orthogonal,
+    plateau,
+    pruning,
+    schedules,
+    second_order,
+    shampoo,
+    soap,
+    staleness,
+    wrappers,
+)
 
-OPTIMIZER_MODULES = ("optimizers", "second_order", "ademamix", "mars", "orthogonal", "soap",
-                     "shampoo", "kron")
+# Every optimizer a spec may name (`optimizer: adamw`), registered by name here: a new
+# optimizer of jaxtrain.transforms is added to this table (tests/test_spec.py checks that
+# every exported factory taking a learning rate is in it).
+OPTIMIZERS = {f.__name__: f for f in (
+    optimizers.sgd, optimizers.ema_momentum, optimizers.adagrad, optimizers.adadelta,
+    optimizers.rmsprop, optimizers.adam, optimizers.adamw, optimizers.adamax,
+    optimizers.amsgrad, optimizers.nadam, optimizers.nadamw, optimizers.radam,
+    optimizers.normalized_sgd, optimizers.lion, optimizers.lamb, optimizers.lars,
+    optimizers.adafactor, optimizers.schedule_free_adamw, second_order.newton,
+    second_order.newton_cg, second_order.lbfgs, ademamix.ademamix, mars.mars,
+    orthogonal.muon, soap.soap, shampoo.shampoo, kron.psgd_kron)}
 TOP_KEYS = ("optimizer", "learning_rate", "weight_decay", "groups", "clip_global_norm",
             "clip", "adaptive_grad_clip", "reduce_on_plateau", "freeze", "ema", "lookahead",
             "stale_gradients", "accumulate", "skip_nonfinite", "prune", "state_dtype",
@@ -164,23 +189,6 @@ def _call(where: str, factory, kwargs: dict, passthrough=()):
 
 # -- names ------------------------------------------------------------------------------
 
-def optimizer_factories() -> dict:
-    """Every optimizer of `jaxtrain.transforms`, by name, as it stands now."""
-    package = importlib.import_module("jaxtrain.transforms")
-    exported = set(getattr(package, "__all__", ()))
-    found = {}
-    for name in OPTIMIZER_MODULES:
-        try:
-            module = importlib.import_module(f"jaxtrain.transforms.{name}")
-        except ModuleNotFoundError:
-            continue
-        for attr, fn in vars(module).items():
-            if (attr in exported and inspect.isfunction(fn) and fn.__module__ == module.__name__
-                    and "learning_rate" in inspect.signature(fn).parameters):
-                found[attr] = fn
-    return found
-
-
 def _learning_rate(where: str, value):
     if _is_number(value):
         return value
@@ -231,7 +239,7 @@ def _optimizer(where: str, value, learning_rate):
         if "name" not in kwargs:
             _fail(where, f"expected an optimizer name or a mapping with 'name', got {value!r}")
         name = _expect(f"{where}.name", kwargs.pop("name"), "str")
-    factories = optimizer_factories()
+    factories = OPTIMIZERS
     if name not in factories:
         _unknown(where, "optimizer", name, factories)
     if "learning_rate" in kwargs:

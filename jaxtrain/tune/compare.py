@@ -19,8 +19,8 @@ import numpy as np
 
 from ..errors import JaxtrainError
 from ..train.logs import pyplot, save_figure
+from ..transforms.spec import OPTIMIZERS
 from ..transforms.spec import build as build_spec
-from ..transforms.spec import optimizer_factories
 from .runs import RunSpec
 from .sweep import SweepResult, sweep
 
@@ -132,17 +132,16 @@ def strategy_spec(strategy) -> dict:
         return dict(strategy)
     if strategy in STRATEGIES:
         return dict(STRATEGIES[strategy])
-    optimizers = optimizer_factories()
-    if strategy in optimizers:
+    if strategy in OPTIMIZERS:
         return {"optimizer": strategy}
     import difflib
 
-    valid = [*STRATEGIES, *sorted(set(optimizers) - set(STRATEGIES))]
+    valid = [*STRATEGIES, *sorted(set(OPTIMIZERS) - set(STRATEGIES))]
     close = difflib.get_close_matches(str(strategy), valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise JaxtrainError(f"unknown strategy {strategy!r}{hint}; valid: a preset "
                         f"({', '.join(STRATEGIES)}), any optimizer of jaxtrain.transforms "
-                        f"({', '.join(sorted(optimizers))}) or a spec mapping")
+                        f"({', '.join(sorted(OPTIMIZERS))}) or a spec mapping")
 
 
 def _first_reaching(values: np.ndarray, steps: np.ndarray, target: float, mode: str) -> float:

@@ -7,9 +7,9 @@ import dataclasses
 from ..config import to_dict
 from ..errors import JaxtrainError
 from ..models import registry as model_registry
-from ..train.config import RunConfig, build_optimizer
+from ..train.config import RunConfig
 from ..train.precision import get_policy
-from ..train.run import data_and_model
+from ..train.run import build_optimizer, data_and_model
 from ..train.tasks import get_task
 from .runs import RunSpec
 
