@@ -10,7 +10,7 @@ import pytest
 
 from jaxtrain import JaxtrainError
 from jaxtrain.config import load, to_dict
-from jaxtrain.train.config import RunConfig, config_changes, load_config
+from jaxtrain.train.config import EarlyStoppingConfig, RunConfig, config_changes, load_config
 from jaxtrain.train.run import build_optimizer, model_kwargs
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_cnn.yaml"
@@ -112,3 +112,26 @@ def test_a_key_added_since_a_checkpoint_was_saved_counts_as_its_default():
     assert config_changes(old, current) == []
     other = to_dict(load_config(CONFIG, ["train.device_data=false"]))
     assert config_changes(old, other) == ["train.device_data: 'auto' -> False"]
+
+
+def test_a_python_trainer_config_is_checked_like_a_yaml_one():
+    import inspect
+
+    import jax
+    import optax
+
+    from jaxtrain.train import EarlyStopping, TrainConfig, Trainer, TrainerConfig, TrainState
+
+    state = TrainState.create(lambda p, x: x, optax.sgd(0.1), jax.random.PRNGKey(0),
+                              params={"w": jax.numpy.ones(2)})
+    loss = lambda p, batch, rng: (jax.numpy.sum(p["w"]), {})  # noqa: E731
+    with pytest.raises(JaxtrainError, match=r"^config key 'train.log_every' must be a "
+                                            r"positive integer, got 0$"):
+        Trainer(state, loss, TrainerConfig(train=TrainConfig(log_every=0)))
+    with pytest.raises(JaxtrainError, match="config key 'mode' must be min or max"):
+        Trainer(state, loss, TrainerConfig(mode="best"))
+    with pytest.raises(JaxtrainError, match="one early stopping per Trainer"):
+        Trainer(state, loss, TrainerConfig(early_stopping=EarlyStoppingConfig()),
+                callbacks=[EarlyStopping()])
+    # state, loss_fn, config, metric_fn, callbacks, mesh, trackers, train_step
+    assert len(inspect.signature(Trainer).parameters) <= 8
