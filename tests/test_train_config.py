@@ -11,7 +11,8 @@ import pytest
 from jaxtrain import JaxtrainError
 from jaxtrain.config import load, to_dict
 from jaxtrain.train.config import EarlyStoppingConfig, RunConfig, config_changes, load_config
-from jaxtrain.train.run import build_optimizer, model_kwargs
+from jaxtrain.train.run import model_kwargs
+from jaxtrain.transforms.spec import build as build_spec
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_cnn.yaml"
 
@@ -22,7 +23,7 @@ def test_shipped_config_loads_with_defaults_and_overrides():
     assert cfg.train.steps == 7 and cfg.optimizer["learning_rate"] == 0.01
     assert cfg.train.microbatches == 1 and cfg.sharding.mesh.fsdp == 1
     assert cfg.early_stopping is None and cfg.model["name"] == "cnn"
-    tx = build_optimizer(cfg.optimizer)
+    tx = build_spec(cfg.optimizer, "config key 'optimizer': ")
     assert hasattr(tx, "init") and hasattr(tx, "update")
     assert model_kwargs("cnn", {"channels": 4}, {"num_classes": 5, "other": 1}) == {
         "num_classes": 5, "channels": 4}

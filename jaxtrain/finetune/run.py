@@ -24,7 +24,6 @@ from ..models.lora import apply_lora, merge_lora
 from ..train import TrainState
 from ..train.config import read_config
 from ..train.run import (
-    build_optimizer,
     check_patterns,
     config_patterns,
     config_trainer,
@@ -34,6 +33,7 @@ from ..train.run import (
 )
 from ..train.tasks import get_task
 from ..transforms.paths import path_list
+from ..transforms.spec import build as build_spec
 from .config import FinetuneRunConfig
 from .flows import load_into, lora_optimizer
 
@@ -60,7 +60,7 @@ def _list(value) -> list:
 def _optimizer(cfg: FinetuneRunConfig):
     """The optimizer spec's chain (freezing and per-group learning rates are spec keys:
     `freeze`, `groups`); with LoRA, applied to the adapters (and `train_also`) only."""
-    tx = build_optimizer(cfg.optimizer)
+    tx = build_spec(cfg.optimizer, "config key 'optimizer': ")
     lora = cfg.finetune.lora
     return tx if lora is None else lora_optimizer(tx, lora.train_also)
 

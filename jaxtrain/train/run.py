@@ -47,14 +47,6 @@ def data_and_model(cfg: RunConfig) -> tuple[dict, str, dict]:
     return data, name, model_kwargs(name, model_cfg, data.get("info", {}))
 
 
-def build_optimizer(spec: dict):
-    """The transform chain of the `optimizer` section (`jaxtrain.transforms.spec.build`)."""
-    try:
-        return build_spec(spec)
-    except JaxtrainError as err:
-        raise JaxtrainError(f"config key 'optimizer': {err}") from None
-
-
 def model_kwargs(name: str, kwargs: dict, info: dict) -> dict:
     """`kwargs` plus the data `info` entries the model's constructor takes."""
     cls = model_registry.MODELS.get(name)
@@ -212,7 +204,7 @@ def run_config(cfg: RunConfig, resume: bool = False) -> dict:
     if cfg.distill is not None:
         task, data = distill_setup(cfg, task, data)
     model = model_registry.build(name, seed, **kwargs)
-    tx = build_optimizer(cfg.optimizer)
+    tx = build_spec(cfg.optimizer, "config key 'optimizer': ")
     train_data, privacy = data["train"], cfg.privacy
     if privacy is not None:  # DP-SGD on Poisson batches of expected size train.batch_size
         mesh = sharding.make_mesh(**to_dict(cfg.sharding.mesh))

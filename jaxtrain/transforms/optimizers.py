@@ -8,7 +8,6 @@ differs from torch.optim, an argument selects torch's (docs/transforms.md says w
 
 from __future__ import annotations
 
-import inspect
 from typing import NamedTuple
 
 import jax
@@ -150,18 +149,6 @@ def _scale_by_radam_torch(b1, b2, eps, threshold):
     return optax.GradientTransformation(init, update)
 
 
-def _injected(factory, only=None, **hyperparams):
-    """`factory` with its hyperparameters injected (`inject.injected`: float32
-    hyperparameters, dtypes kept, arrays used as given); with `only`, just those names
-    are injected (every other argument of `factory`, defaults included, stays a Python
-    constant): for adadelta and lars, runtime rho/eps or weight_decay/trust_coefficient
-    made the update 15-25% slower than Optax's (measured), while an injected learning
-    rate alone costs nothing."""
-    names = inspect.signature(factory).parameters  # defaults too: inject binds them
-    static = tuple(k for k in names if k in _STATIC or (only is not None and k not in only))
-    return injected(factory, static, **hyperparams)
-
-
 def _none_if_zero(value):
     """None for a momentum of None or a concrete 0 (no momentum buffer in the state); a
     traced value (under jit, vmap or an outer inject_hyperparams) is kept as it is."""
@@ -181,8 +168,8 @@ def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False):
     """
     check_learning_rate(learning_rate)
     check_nonnegative("sgd", momentum=momentum)
-    return _injected(
-        optax.sgd, learning_rate=learning_rate, momentum=_none_if_zero(momentum),
+    return injected(
+        optax.sgd, _STATIC, learning_rate=learning_rate, momentum=_none_if_zero(momentum),
         nesterov=nesterov,
     )
 
@@ -195,7 +182,7 @@ def ema_momentum(learning_rate, beta: float = 0.9):
     """EMA-form momentum: v <- beta*v + (1-beta)*g, theta <- theta - lr*v (no debiasing)."""
     check_learning_rate(learning_rate)
     _betas("ema_momentum", beta=beta)
-    return _injected(_ema_momentum, learning_rate=learning_rate, beta=beta)
+    return injected(_ema_momentum, _STATIC, learning_rate=learning_rate, beta=beta)
 
 
 def _adagrad(learning_rate, initial_accumulator_value, eps, eps_in_sqrt):
@@ -217,8 +204,9 @@ def adagrad(
     g / (sqrt(sum g^2) + eps)."""
     check_learning_rate(learning_rate)
     check_nonnegative("adagrad", initial_accumulator_value=initial_accumulator_value, eps=eps)
-    return _injected(
+    return injected(
         _adagrad,
+        _STATIC,
         learning_rate=learning_rate,
         initial_accumulator_value=initial_accumulator_value,
         eps=eps,
@@ -231,8 +219,8 @@ def adadelta(learning_rate=1.0, rho: float = 0.9, eps: float = 1e-6):
     check_learning_rate(learning_rate)
     _betas("adadelta", rho=rho)
     check_positive("adadelta", eps=eps)
-    return _injected(optax.adadelta, only=("learning_rate",), learning_rate=learning_rate,
-                     rho=rho, eps=eps)
+    return injected(optax.adadelta, _STATIC, only=("learning_rate",), learning_rate=learning_rate,
+                    rho=rho, eps=eps)
 
 
 def rmsprop(
@@ -250,8 +238,9 @@ def rmsprop(
     _betas("rmsprop", decay=decay)
     check_positive("rmsprop", eps=eps)
     check_nonnegative("rmsprop", momentum=momentum)
-    return _injected(
+    return injected(
         optax.rmsprop,
+        _STATIC,
         learning_rate=learning_rate,
         decay=decay,
         eps=eps,
@@ -267,7 +256,7 @@ def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
     check_learning_rate(learning_rate)
     _betas("adam", b1=b1, b2=b2)
     check_positive("adam", eps=eps)
-    return _injected(optax.adam, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
+    return injected(optax.adam, _STATIC, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
 def adamw(
@@ -284,8 +273,9 @@ def adamw(
     _betas("adamw", b1=b1, b2=b2)
     check_positive("adamw", eps=eps)
     check_nonnegative("adamw", weight_decay=weight_decay)
-    tx = _injected(
+    tx = injected(
         optax.adamw,
+        _STATIC,
         learning_rate=learning_rate,
         b1=b1,
         b2=b2,
@@ -301,7 +291,7 @@ def adamax(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8)
     check_learning_rate(learning_rate)
     _betas("adamax", b1=b1, b2=b2)
     check_positive("adamax", eps=eps)
-    return _injected(optax.adamax, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
+    return injected(optax.adamax, _STATIC, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
 def _amsgrad(learning_rate, b1, b2, eps, max_of):
@@ -327,7 +317,8 @@ def amsgrad(
     check_positive("amsgrad", eps=eps)
     if max_of not in ("corrected", "raw"):
         raise ValueError(f"amsgrad: max_of must be 'corrected' or 'raw', got {max_of!r}")
-    return _injected(_amsgrad, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, max_of=max_of)
+    return injected(_amsgrad, _STATIC, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                    max_of=max_of)
 
 
 def _nadamw(learning_rate, b1, b2, eps, weight_decay, mask, momentum_decay):
@@ -357,8 +348,9 @@ def nadam(
     """NAdam (Dozat, 2016). `momentum_decay=None`: Optax's form (constant b1);
     `momentum_decay=4e-3` is torch.optim.NAdam's schedule b1*(1 - 0.5*0.96^(t*psi))."""
     _check_nadam("nadam", learning_rate, b1, b2, eps, momentum_decay)
-    return _injected(
+    return injected(
         _nadamw,
+        _STATIC,
         learning_rate=learning_rate,
         b1=b1,
         b2=b2,
@@ -382,8 +374,9 @@ def nadamw(
     with `decoupled_weight_decay=True` when `momentum_decay=4e-3`)."""
     _check_nadam("nadamw", learning_rate, b1, b2, eps, momentum_decay)
     check_nonnegative("nadamw", weight_decay=weight_decay)
-    tx = _injected(
+    tx = injected(
         _nadamw,
+        _STATIC,
         learning_rate=learning_rate,
         b1=b1,
         b2=b2,
@@ -422,8 +415,8 @@ def radam(
     check_nonnegative("radam", threshold=threshold)
     if eps_of not in ("corrected", "raw"):
         raise ValueError(f"radam: eps_of must be 'corrected' or 'raw', got {eps_of!r}")
-    return _injected(_radam, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
-                     threshold=threshold, eps_of=eps_of)
+    return injected(_radam, _STATIC, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                    threshold=threshold, eps_of=eps_of)
 
 
 def _normalized_sgd(learning_rate, beta, eps):
@@ -447,7 +440,7 @@ def normalized_sgd(beta: float, eps: float, learning_rate=1.0):
     check_learning_rate(learning_rate)
     check_nonnegative("normalized_sgd", beta=beta)
     check_positive("normalized_sgd", eps=eps)
-    return _injected(_normalized_sgd, learning_rate=learning_rate, beta=beta, eps=eps)
+    return injected(_normalized_sgd, _STATIC, learning_rate=learning_rate, beta=beta, eps=eps)
 
 
 def lion(
@@ -461,8 +454,9 @@ def lion(
     check_learning_rate(learning_rate)
     _betas("lion", b1=b1, b2=b2)
     check_nonnegative("lion", weight_decay=weight_decay)
-    tx = _injected(
+    tx = injected(
         optax.lion,
+        _STATIC,
         learning_rate=learning_rate,
         b1=b1,
         b2=b2,
@@ -486,8 +480,9 @@ def lamb(
     _betas("lamb", b1=b1, b2=b2)
     check_positive("lamb", eps=eps)
     check_nonnegative("lamb", weight_decay=weight_decay)
-    tx = _injected(
+    tx = injected(
         optax.lamb,
+        _STATIC,
         learning_rate=learning_rate,
         b1=b1,
         b2=b2,
@@ -518,8 +513,9 @@ def lars(
         eps=eps,
         momentum=momentum,
     )
-    tx = _injected(
+    tx = injected(
         optax.lars,
+        _STATIC,
         only=("learning_rate",),
         learning_rate=learning_rate,
         weight_decay=weight_decay,
@@ -551,8 +547,9 @@ def adafactor(
     )
     if momentum is not None:
         _betas("adafactor", momentum=momentum)
-    return _injected(
+    return injected(
         optax.adafactor,
+        _STATIC,
         learning_rate=learning_rate,
         min_dim_size_to_factor=min_dim_size_to_factor,
         decay_rate=decay_rate,
@@ -577,8 +574,9 @@ def schedule_free_adamw(
     _betas("schedule_free_adamw", b1=b1, b2=b2)
     check_positive("schedule_free_adamw", eps=eps)
     check_nonnegative("schedule_free_adamw", weight_decay=weight_decay)
-    tx = _injected(
+    tx = injected(
         optax.contrib.schedule_free_adamw,
+        _STATIC,
         learning_rate=learning_rate,
         warmup_steps=warmup_steps,
         b1=b1,

@@ -230,8 +230,12 @@ def _nonnegative(where: str, schedule):
     return schedule
 
 
-def _optimizer(where: str, value, learning_rate):
-    """(factory, kwargs) of an `optimizer` entry, learning rate included."""
+def _optimizer(where: str, value, learning_rate, decay_rule, group=None, override=None):
+    """The transform of an `optimizer` entry (a name or {name, <its arguments>}) and the
+    arguments it was built with. Its learning rate is the entry's own, else
+    `learning_rate`; a group's `override` (errors then name `group`) goes over both. The
+    decoupled weight decay of `decay_rule` goes to the optimizer's own `weight_decay`/`mask`
+    where it has them, else after it."""
     if isinstance(value, str):
         name, kwargs = value, {}
     else:
@@ -239,15 +243,31 @@ def _optimizer(where: str, value, learning_rate):
         if "name" not in kwargs:
             _fail(where, f"expected an optimizer name or a mapping with 'name', got {value!r}")
         name = _expect(f"{where}.name", kwargs.pop("name"), "str")
-    factories = OPTIMIZERS
-    if name not in factories:
-        _unknown(where, "optimizer", name, factories)
+    if name not in OPTIMIZERS:
+        _unknown(where, "optimizer", name, OPTIMIZERS)
+    factory = OPTIMIZERS[name]
     if "learning_rate" in kwargs:
         kwargs["learning_rate"] = _learning_rate(f"{where}.learning_rate",
                                                  kwargs["learning_rate"])
     elif learning_rate is not None:
         kwargs["learning_rate"] = learning_rate
-    return factories[name], kwargs
+    where = group or where
+    if override:
+        if "learning_rate" in override:
+            override["learning_rate"] = _learning_rate(f"{where}.learning_rate",
+                                                       override["learning_rate"])
+        kwargs.update(override)
+    if decay_rule is None or decay_rule[1] != "decoupled":
+        return _call(where, factory, kwargs), kwargs
+    rate, _, mask = decay_rule
+    params = inspect.signature(factory).parameters
+    if "weight_decay" in params and (mask is None or "mask" in params):
+        extra = {"weight_decay": rate, **({"mask": mask} if mask is not None else {})}
+        return _call(where, factory, {**kwargs, **extra}, passthrough=("mask",)), kwargs
+    return optax.chain(
+        _call(where, factory, kwargs),
+        decay.add_decoupled_weight_decay(rate, kwargs.get("learning_rate", 1.0), mask),
+    ), kwargs
 
 
 def _decay_mask(where: str, spec: dict):
@@ -288,21 +308,6 @@ def _weight_decay(value):
     return rate, kind, _decay_mask(where, spec)
 
 
-def _group_optimizer(where, factory, kwargs, decay_rule):
-    """The optimizer of one group, with its decoupled weight decay if any."""
-    params = inspect.signature(factory).parameters
-    if decay_rule is None or decay_rule[1] != "decoupled":
-        return _call(where, factory, kwargs)
-    rate, _, mask = decay_rule
-    if "weight_decay" in params and (mask is None or "mask" in params):
-        extra = {"weight_decay": rate, **({"mask": mask} if mask is not None else {})}
-        return _call(where, factory, {**kwargs, **extra}, passthrough=("mask",))
-    return optax.chain(
-        _call(where, factory, kwargs),
-        decay.add_decoupled_weight_decay(rate, kwargs.get("learning_rate", 1.0), mask),
-    )
-
-
 def _prune(value) -> optax.GradientTransformation:
     """`magnitude_prune` from the `prune` entry (its sparsity a fraction or a schedule)."""
     spec = dict(_mapping("prune", value))
@@ -333,43 +338,47 @@ def _stochastic_rounding(value) -> optax.GradientTransformation:
     return low_precision.stochastic_rounding(jax.random.PRNGKey(seed))
 
 
-def build(config) -> optax.GradientTransformationExtraArgs:
-    """The chain described by `config`: a dict, or YAML text (see the module docstring)."""
-    if isinstance(config, str):
-        try:
-            config = yaml_numbers.load(config)
-        except yaml.YAMLError as err:
-            raise JaxtrainError(f"spec: not valid YAML: {err}") from err
-    cfg = _mapping("spec", config)
-    _check_keys("spec", cfg, TOP_KEYS)
-    if "optimizer" not in cfg:
-        _fail("spec", "missing key 'optimizer' (e.g. optimizer: adamw)")
-    lr = (_learning_rate("learning_rate", cfg["learning_rate"])
-          if "learning_rate" in cfg else None)
-    decay_rule = _weight_decay(cfg.get("weight_decay"))
-    factory, kwargs = _optimizer("optimizer", cfg["optimizer"], lr)
-    core = _group_optimizer("optimizer", factory, kwargs, decay_rule)
-    if "groups" in cfg:
-        groups = {}
-        for pattern, override in _mapping("groups", cfg["groups"]).items():
-            where = f"groups.{pattern}"
-            override = dict(_mapping(where, override))
-            g_factory, g_kwargs = factory, dict(kwargs)
-            if "optimizer" in override:
-                g_factory, g_kwargs = _optimizer(f"{where}.optimizer", override.pop("optimizer"),
-                                                 g_kwargs.get("learning_rate"))
-            if "learning_rate" in override:
-                override["learning_rate"] = _learning_rate(f"{where}.learning_rate",
-                                                           override["learning_rate"])
-            groups[pattern] = _group_optimizer(where, g_factory, {**g_kwargs, **override},
-                                               decay_rule)
-        core = wrappers.per_group(groups, default=core)
-    if "state_dtype" in cfg:
-        name = _expect("state_dtype", cfg["state_dtype"], "str")
-        if name not in STATE_DTYPES:
-            _unknown("state_dtype", "dtype", name, STATE_DTYPES)
-        core = low_precision.low_precision_state(core, STATE_DTYPES[name])
+def build(config, prefix: str = "") -> optax.GradientTransformationExtraArgs:
+    """The chain described by `config`: a dict, or YAML text (see the module docstring).
+    Each error's line starts with `prefix` (e.g. "config key 'optimizer': ")."""
+    try:
+        if isinstance(config, str):
+            try:
+                config = yaml_numbers.load(config)
+            except yaml.YAMLError as err:
+                raise JaxtrainError(f"spec: not valid YAML: {err}") from err
+        cfg = _mapping("spec", config)
+        _check_keys("spec", cfg, TOP_KEYS)
+        if "optimizer" not in cfg:
+            _fail("spec", "missing key 'optimizer' (e.g. optimizer: adamw)")
+        lr = (_learning_rate("learning_rate", cfg["learning_rate"])
+              if "learning_rate" in cfg else None)
+        decay_rule = _weight_decay(cfg.get("weight_decay"))
+        core, kwargs = _optimizer("optimizer", cfg["optimizer"], lr, decay_rule)
+        if "groups" in cfg:
+            groups = {}
+            for pattern, override in _mapping("groups", cfg["groups"]).items():
+                where = f"groups.{pattern}"
+                override = dict(_mapping(where, override))
+                value = override.pop("optimizer", cfg["optimizer"])
+                groups[pattern], _ = _optimizer(f"{where}.optimizer", value,
+                                                kwargs.get("learning_rate"), decay_rule,
+                                                where, override)
+            core = wrappers.per_group(groups, default=core)
+        if "state_dtype" in cfg:
+            name = _expect("state_dtype", cfg["state_dtype"], "str")
+            if name not in STATE_DTYPES:
+                _unknown("state_dtype", "dtype", name, STATE_DTYPES)
+            core = low_precision.low_precision_state(core, STATE_DTYPES[name])
+        return _around(cfg, core, decay_rule)
+    except JaxtrainError as err:
+        if not prefix:
+            raise
+        raise JaxtrainError(f"{prefix}{err}") from None
 
+
+def _around(cfg: dict, core, decay_rule) -> optax.GradientTransformationExtraArgs:
+    """`core` (the optimizer, per group) inside the chain of every other key of `cfg`."""
     chain = []
     if "clip_global_norm" in cfg:
         chain.append(wrappers.clip_by_global_norm(

@@ -9,8 +9,9 @@ from ..errors import JaxtrainError
 from ..models import registry as model_registry
 from ..train.config import RunConfig
 from ..train.precision import get_policy
-from ..train.run import build_optimizer, data_and_model
+from ..train.run import data_and_model
 from ..train.tasks import get_task
+from ..transforms.spec import build as build_spec
 from .runs import RunSpec
 
 
@@ -55,7 +56,7 @@ def problem_from_config(cfg: RunConfig, optimizer: dict | None = None,
     spec = RunSpec(
         model_fn=lambda seed: model_registry.build(name, seed, **kwargs),
         task=get_task(cfg.task),
-        tx=build_optimizer(optimizer or cfg.optimizer),
+        tx=build_spec(optimizer or cfg.optimizer, "config key 'optimizer': "),
         batch_size=train.batch_size,
         eval_every=train.eval_every or max(1, train.steps // 10),
         precision=get_policy(train.precision),
