@@ -44,6 +44,16 @@ def option(default=None, doc: str = "", *, key: str | None = None, positive: boo
     return dataclasses.field(default=default, metadata=meta)
 
 
+def named(key: str, value) -> dict:
+    """`parse` for a registry entry: {name, **kwargs}, a bare name standing for {name}."""
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise JaxtrainError(f"config key {key!r} must be a mapping with a 'name' (and its "
+                            f"keyword arguments), got {value!r}")
+    return value
+
+
 def section(cls, doc: str):
     """A nested section field whose default is `cls()` (every key at its default)."""
     return dataclasses.field(default_factory=cls, metadata={"doc": doc, "key": None})

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import option
+from ..config import named, option
 from ..errors import JaxtrainError
+from ..transforms.spec import config_entry
 
 
 def _check_positive(section: str, **values) -> None:
@@ -35,15 +36,6 @@ class PrivacyConfig:
                                 f"{self.delta!r}")
 
 
-def _named(key: str, value) -> dict:
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        raise JaxtrainError(f"config key {key!r} must be a data set {{name, **kwargs}}, got "
-                            f"{value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation (`jaxtrain.strategies.distill`): the student (the config's
@@ -59,7 +51,7 @@ class DistillConfig:
                                   "labels; the rest learn from the teacher alone")
     transfer: dict | None = option(None, "{name, **kwargs}: a data set whose training "
                                          "inputs join, unlabelled (a transfer set)",
-                                   parse=_named)
+                                   parse=named)
 
     def __post_init__(self):
         _check_positive("distill", temperature=self.temperature)
@@ -67,15 +59,6 @@ class DistillConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise JaxtrainError(f"config key 'distill.{name}' must be in [0, 1], got "
                                     f"{getattr(self, name)!r}")
-
-
-def _spec(key: str, value) -> dict:
-    if isinstance(value, str):
-        value = {"optimizer": value}
-    if not isinstance(value, dict):
-        raise JaxtrainError(f"config key {key!r} must be a transforms spec mapping (e.g. "
-                            f"{{optimizer: sgd, learning_rate: 1.0}}), got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -88,4 +71,4 @@ class LocalSGDConfig:
                              positive=True)
     outer: dict = option({"optimizer": "sgd", "learning_rate": 1.0},
                          "the outer optimizer, a transforms spec (sgd 1.0: model "
-                         "averaging; DiLoCo: nesterov sgd 0.7, momentum 0.9)", parse=_spec)
+                         "averaging; DiLoCo: nesterov sgd 0.7, momentum 0.9)", parse=config_entry)

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint.config import CheckpointConfig
-from ..config import load, option, read_yaml, section, set_key, to_dict
+from ..config import load, named, option, read_yaml, section, set_key, to_dict
 from ..data.augment import check_augment
-from ..errors import JaxtrainError
 from ..sharding.config import ShardingConfig
 from ..strategies.config import DistillConfig, LocalSGDConfig, PrivacyConfig
+from ..transforms.spec import config_entry
 
 
 @dataclass(frozen=True)
@@ -106,28 +106,10 @@ class LoggingConfig:
                                              "\"jaxtrain[wandb]\"; null: no)")
 
 
-def _named(key: str, value) -> dict:
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        raise JaxtrainError(f"config key {key!r} must be a mapping with a 'name' (and its "
-                            f"keyword arguments), got {value!r}")
-    return value
-
-
 def _data(key: str, value) -> dict:
-    value = _named(key, value)
+    value = named(key, value)
     if "augment" in value:
         value = {**value, "augment": check_augment(value["augment"])}
-    return value
-
-
-def _spec(key: str, value) -> dict:
-    if isinstance(value, str):
-        value = {"optimizer": value}
-    if not isinstance(value, dict):
-        raise JaxtrainError(f"config key {key!r} must be a transforms spec mapping (e.g. "
-                            f"{{optimizer: adam, learning_rate: 0.001}}), got {value!r}")
     return value
 
 
@@ -141,7 +123,7 @@ class RunConfig:
                                     "checkpoints/")
     model: dict = option(None, "{name, **kwargs}: a model of jaxtrain.models.registry and "
                                "its keyword arguments (free-form; a bare name is allowed)",
-                         parse=_named, required=True)
+                         parse=named, required=True)
     data: dict = option(None, "{name, augment, **kwargs}: a data set of "
                               "jaxtrain.data.registry and its keyword arguments "
                               "(free-form); augment: see docs/augmentation.md",
@@ -151,7 +133,7 @@ class RunConfig:
                              "regression)", required=True)
     optimizer: dict = option(None, "the transforms spec {optimizer, learning_rate, ...} "
                                    "(free-form, checked by jaxtrain.transforms.spec.build; "
-                                   "see docs/transforms.md)", parse=_spec, required=True)
+                                   "see docs/transforms.md)", parse=config_entry, required=True)
     train: TrainConfig = section(TrainConfig, "the train loop")
     sharding: ShardingConfig = section(ShardingConfig, "device mesh and partition rules")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Orbax checkpoints")

@@ -52,19 +52,10 @@ def _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask, mu_dtyp
     return finish(scale, learning_rate, weight_decay, mask)
 
 
-def ademamix(
-    learning_rate,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    b3: float = 0.9999,
-    alpha: float = 5.0,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    mask=None,
-    alpha_warmup_steps: int | None = None,
-    b3_warmup_steps: int | None = None,
-    mu_dtype=None,
-):
+def ademamix(learning_rate, b1: float = 0.9, b2: float = 0.999, b3: float = 0.9999,
+             alpha: float = 5.0, eps: float = 1e-8, weight_decay: float = 0.0, mask=None,
+             alpha_warmup_steps: int | None = None, b3_warmup_steps: int | None = None,
+             mu_dtype=None):
     """AdEMAMix; with no warm-ups it is `optax.contrib.ademamix` (tested step by step), with
     them the authors' schedules (tested against `pytorch_optimizer.AdEMAMix`'s
     `t_alpha_beta3`). `mu_dtype` stores the three moments (float32 by default)."""

@@ -89,22 +89,10 @@ def _mars(learning_rate, b1, b2, gamma, eps, weight_decay, mask, optimize_1d, ad
     return optax.partition({"mars": main, "adam": other}, labels)
 
 
-def mars(
-    learning_rate,
-    b1: float = 0.95,
-    b2: float = 0.99,
-    gamma: float = 0.025,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    mask=None,
-    optimize_1d: bool = False,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.95,
-    adam_learning_rate=None,
-    adam_weight_decay: float = 0.0,
-    eps_inside_correction: bool = False,
-    mu_dtype=None,
-):
+def mars(learning_rate, b1: float = 0.95, b2: float = 0.99, gamma: float = 0.025, eps: float = 1e-8,
+         weight_decay: float = 0.0, mask=None, optimize_1d: bool = False, adam_b1: float = 0.9,
+         adam_b2: float = 0.95, adam_learning_rate=None, adam_weight_decay: float = 0.0,
+         eps_inside_correction: bool = False, mu_dtype=None):
     """MARS-AdamW (see the module docstring). `adam_learning_rate=None` uses
     `learning_rate` for the 1-D leaves; `mask` selects which MARS leaves decay."""
     check_learning_rate(learning_rate)

@@ -168,10 +168,8 @@ def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False):
     """
     check_learning_rate(learning_rate)
     check_nonnegative("sgd", momentum=momentum)
-    return injected(
-        optax.sgd, _STATIC, learning_rate=learning_rate, momentum=_none_if_zero(momentum),
-        nesterov=nesterov,
-    )
+    return injected(optax.sgd, _STATIC, learning_rate=learning_rate,
+                    momentum=_none_if_zero(momentum), nesterov=nesterov)
 
 
 def _ema_momentum(learning_rate, beta):
@@ -194,24 +192,15 @@ def _adagrad(learning_rate, initial_accumulator_value, eps, eps_in_sqrt):
     )
 
 
-def adagrad(
-    learning_rate,
-    initial_accumulator_value: float = 0.1,
-    eps: float = 1e-7,
-    eps_in_sqrt: bool = True,
-):
+def adagrad(learning_rate, initial_accumulator_value: float = 0.1, eps: float = 1e-7,
+            eps_in_sqrt: bool = True):
     """Adagrad: g / sqrt(sum g^2 + eps) (Optax); `eps_in_sqrt=False` gives torch's
     g / (sqrt(sum g^2) + eps)."""
     check_learning_rate(learning_rate)
     check_nonnegative("adagrad", initial_accumulator_value=initial_accumulator_value, eps=eps)
-    return injected(
-        _adagrad,
-        _STATIC,
-        learning_rate=learning_rate,
-        initial_accumulator_value=initial_accumulator_value,
-        eps=eps,
-        eps_in_sqrt=eps_in_sqrt,
-    )
+    return injected(_adagrad, _STATIC, learning_rate=learning_rate,
+                    initial_accumulator_value=initial_accumulator_value, eps=eps,
+                    eps_in_sqrt=eps_in_sqrt)
 
 
 def adadelta(learning_rate=1.0, rho: float = 0.9, eps: float = 1e-6):
@@ -223,32 +212,17 @@ def adadelta(learning_rate=1.0, rho: float = 0.9, eps: float = 1e-6):
                     rho=rho, eps=eps)
 
 
-def rmsprop(
-    learning_rate,
-    decay: float = 0.9,
-    eps: float = 1e-8,
-    eps_in_sqrt: bool = True,
-    centered: bool = False,
-    momentum: float | None = None,
-    nesterov: bool = False,
-):
+def rmsprop(learning_rate, decay: float = 0.9, eps: float = 1e-8, eps_in_sqrt: bool = True,
+            centered: bool = False, momentum: float | None = None, nesterov: bool = False):
     """RMSprop (Tieleman & Hinton), Optax's. torch.optim.RMSprop is `decay=alpha` (0.99
     there) with `eps_in_sqrt=False`."""
     check_learning_rate(learning_rate)
     _betas("rmsprop", decay=decay)
     check_positive("rmsprop", eps=eps)
     check_nonnegative("rmsprop", momentum=momentum)
-    return injected(
-        optax.rmsprop,
-        _STATIC,
-        learning_rate=learning_rate,
-        decay=decay,
-        eps=eps,
-        eps_in_sqrt=eps_in_sqrt,
-        centered=centered,
-        momentum=_none_if_zero(momentum),
-        nesterov=nesterov,
-    )
+    return injected(optax.rmsprop, _STATIC, learning_rate=learning_rate, decay=decay, eps=eps,
+                    eps_in_sqrt=eps_in_sqrt, centered=centered, momentum=_none_if_zero(momentum),
+                    nesterov=nesterov)
 
 
 def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
@@ -259,31 +233,23 @@ def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
     return injected(optax.adam, _STATIC, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
-def adamw(
-    learning_rate,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-2,
-    mask=None,
-):
+def _adam_decoupled(name, factory, learning_rate, b1, b2, eps, weight_decay, mask):
+    """`factory` (optax.adamw or optax.lamb: Adam moments and decoupled weight decay where
+    `mask` says) with its arguments checked, injected, and `mask` checked at init."""
+    check_learning_rate(learning_rate)
+    _betas(name, b1=b1, b2=b2)
+    check_positive(name, eps=eps)
+    check_nonnegative(name, weight_decay=weight_decay)
+    tx = injected(factory, _STATIC, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                  weight_decay=weight_decay, mask=mask)
+    return with_mask_check(tx, mask, f"{name}: mask")
+
+
+def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 1e-2, mask=None):
     """AdamW (Loshchilov & Hutter): decay decoupled from the gradient and scaled by the
     learning rate, as torch.optim.AdamW (whose default weight_decay, 1e-2, we share)."""
-    check_learning_rate(learning_rate)
-    _betas("adamw", b1=b1, b2=b2)
-    check_positive("adamw", eps=eps)
-    check_nonnegative("adamw", weight_decay=weight_decay)
-    tx = injected(
-        optax.adamw,
-        _STATIC,
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        weight_decay=weight_decay,
-        mask=mask,
-    )
-    return with_mask_check(tx, mask, "adamw: mask")
+    return _adam_decoupled("adamw", optax.adamw, learning_rate, b1, b2, eps, weight_decay, mask)
 
 
 def adamax(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
@@ -302,13 +268,8 @@ def _amsgrad(learning_rate, b1, b2, eps, max_of):
     )
 
 
-def amsgrad(
-    learning_rate,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    max_of: str = "corrected",
-):
+def amsgrad(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+            max_of: str = "corrected"):
     """AMSGrad: Adam dividing by the running max of the second moment. `max_of="corrected"`
     (Optax) takes the max of the bias-corrected moment; `"raw"` takes it of the raw moment
     and corrects afterwards, as torch.optim.Adam(amsgrad=True)."""
@@ -338,53 +299,23 @@ def _check_nadam(name, learning_rate, b1, b2, eps, momentum_decay):
     check_nonnegative(name, momentum_decay=momentum_decay)
 
 
-def nadam(
-    learning_rate,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    momentum_decay: float | None = None,
-):
+def nadam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          momentum_decay: float | None = None):
     """NAdam (Dozat, 2016). `momentum_decay=None`: Optax's form (constant b1);
     `momentum_decay=4e-3` is torch.optim.NAdam's schedule b1*(1 - 0.5*0.96^(t*psi))."""
     _check_nadam("nadam", learning_rate, b1, b2, eps, momentum_decay)
-    return injected(
-        _nadamw,
-        _STATIC,
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        weight_decay=0.0,
-        mask=None,
-        momentum_decay=momentum_decay,
-    )
+    return injected(_nadamw, _STATIC, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                    weight_decay=0.0, mask=None, momentum_decay=momentum_decay)
 
 
-def nadamw(
-    learning_rate,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-2,
-    mask=None,
-    momentum_decay: float | None = None,
-):
+def nadamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+           weight_decay: float = 1e-2, mask=None, momentum_decay: float | None = None):
     """NAdam with decoupled weight decay scaled by the learning rate (torch.optim.NAdam
     with `decoupled_weight_decay=True` when `momentum_decay=4e-3`)."""
     _check_nadam("nadamw", learning_rate, b1, b2, eps, momentum_decay)
     check_nonnegative("nadamw", weight_decay=weight_decay)
-    tx = injected(
-        _nadamw,
-        _STATIC,
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        weight_decay=weight_decay,
-        mask=mask,
-        momentum_decay=momentum_decay,
-    )
+    tx = injected(_nadamw, _STATIC, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                  weight_decay=weight_decay, mask=mask, momentum_decay=momentum_decay)
     return with_mask_check(tx, mask, "nadamw: mask")
 
 
@@ -396,14 +327,8 @@ def _radam(learning_rate, b1, b2, eps, threshold, eps_of):
     )
 
 
-def radam(
-    learning_rate,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    threshold: float = 5.0,
-    eps_of: str = "corrected",
-):
+def radam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          threshold: float = 5.0, eps_of: str = "corrected"):
     """RAdam (Liu et al., 2020): Adam with the variance rectification term, plain momentum
     SGD while the approximated SMA length is below `threshold`. `eps_of="corrected"`
     (Optax) adds eps to sqrt of the bias-corrected second moment (rectified while
@@ -443,65 +368,25 @@ def normalized_sgd(beta: float, eps: float, learning_rate=1.0):
     return injected(_normalized_sgd, _STATIC, learning_rate=learning_rate, beta=beta, eps=eps)
 
 
-def lion(
-    learning_rate,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    weight_decay: float = 1e-3,
-    mask=None,
-):
+def lion(learning_rate, b1: float = 0.9, b2: float = 0.99, weight_decay: float = 1e-3, mask=None):
     """Lion (Chen et al., 2023): sign of an interpolated momentum, decoupled weight decay."""
     check_learning_rate(learning_rate)
     _betas("lion", b1=b1, b2=b2)
     check_nonnegative("lion", weight_decay=weight_decay)
-    tx = injected(
-        optax.lion,
-        _STATIC,
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        weight_decay=weight_decay,
-        mask=mask,
-    )
+    tx = injected(optax.lion, _STATIC, learning_rate=learning_rate, b1=b1, b2=b2,
+                  weight_decay=weight_decay, mask=mask)
     return with_mask_check(tx, mask, "lion: mask")
 
 
-def lamb(
-    learning_rate,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    mask=None,
-):
+def lamb(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+         weight_decay: float = 0.0, mask=None):
     """LAMB (You et al., 2020): the Adam step plus decay, scaled per leaf by the trust
     ratio ||theta|| / ||step||."""
-    check_learning_rate(learning_rate)
-    _betas("lamb", b1=b1, b2=b2)
-    check_positive("lamb", eps=eps)
-    check_nonnegative("lamb", weight_decay=weight_decay)
-    tx = injected(
-        optax.lamb,
-        _STATIC,
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        weight_decay=weight_decay,
-        mask=mask,
-    )
-    return with_mask_check(tx, mask, "lamb: mask")
+    return _adam_decoupled("lamb", optax.lamb, learning_rate, b1, b2, eps, weight_decay, mask)
 
 
-def lars(
-    learning_rate,
-    weight_decay: float = 0.0,
-    trust_coefficient: float = 1e-3,
-    eps: float = 0.0,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    mask=None,
-):
+def lars(learning_rate, weight_decay: float = 0.0, trust_coefficient: float = 1e-3,
+         eps: float = 0.0, momentum: float = 0.9, nesterov: bool = False, mask=None):
     """LARS (You et al., 2017): per-leaf trust ratio eta*||theta|| / (||g + wd*theta|| + eps)
     on the decayed gradient, then heavy-ball momentum. `mask` selects the leaves that get
     decay and trust ratio (all by default)."""
@@ -513,31 +398,17 @@ def lars(
         eps=eps,
         momentum=momentum,
     )
-    tx = injected(
-        optax.lars,
-        _STATIC,
-        only=("learning_rate",),
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        weight_decay_mask=True if mask is None else mask,
-        trust_coefficient=trust_coefficient,
-        eps=eps,
-        trust_ratio_mask=True if mask is None else mask,
-        momentum=momentum,
-        nesterov=nesterov,
-    )
+    tx = injected(optax.lars, _STATIC, only=("learning_rate",), learning_rate=learning_rate,
+                  weight_decay=weight_decay, weight_decay_mask=True if mask is None else mask,
+                  trust_coefficient=trust_coefficient, eps=eps,
+                  trust_ratio_mask=True if mask is None else mask, momentum=momentum,
+                  nesterov=nesterov)
     return with_mask_check(tx, mask, "lars: mask")
 
 
-def adafactor(
-    learning_rate,
-    min_dim_size_to_factor: int = 128,
-    decay_rate: float = 0.8,
-    clipping_threshold: float | None = 1.0,
-    multiply_by_parameter_scale: bool = True,
-    momentum: float | None = None,
-    eps: float = 1e-30,
-):
+def adafactor(learning_rate, min_dim_size_to_factor: int = 128, decay_rate: float = 0.8,
+              clipping_threshold: float | None = 1.0, multiply_by_parameter_scale: bool = True,
+              momentum: float | None = None, eps: float = 1e-30):
     """Adafactor (Shazeer & Stern, 2018), Optax's: factored second moment for leaves with two
     dims >= `min_dim_size_to_factor`, beta2_t = 1 - t^-decay_rate, update clipping, relative
     step scaled by max(1e-3, RMS(theta))."""
@@ -547,43 +418,23 @@ def adafactor(
     )
     if momentum is not None:
         _betas("adafactor", momentum=momentum)
-    return injected(
-        optax.adafactor,
-        _STATIC,
-        learning_rate=learning_rate,
-        min_dim_size_to_factor=min_dim_size_to_factor,
-        decay_rate=decay_rate,
-        clipping_threshold=clipping_threshold,
-        multiply_by_parameter_scale=multiply_by_parameter_scale,
-        momentum=momentum,
-        eps=eps,
-    )
+    return injected(optax.adafactor, _STATIC, learning_rate=learning_rate,
+                    min_dim_size_to_factor=min_dim_size_to_factor, decay_rate=decay_rate,
+                    clipping_threshold=clipping_threshold,
+                    multiply_by_parameter_scale=multiply_by_parameter_scale, momentum=momentum,
+                    eps=eps)
 
 
-def schedule_free_adamw(
-    learning_rate=2.5e-3,
-    warmup_steps: int | None = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-):
+def schedule_free_adamw(learning_rate=2.5e-3, warmup_steps: int | None = None, b1: float = 0.9,
+                        b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0):
     """Schedule-free AdamW (Defazio et al., 2024), Optax's. The params it trains are the
     'y' sequence; evaluate with `schedule_free_eval_params(opt_state, params)`."""
     check_learning_rate(learning_rate)
     _betas("schedule_free_adamw", b1=b1, b2=b2)
     check_positive("schedule_free_adamw", eps=eps)
     check_nonnegative("schedule_free_adamw", weight_decay=weight_decay)
-    tx = injected(
-        optax.contrib.schedule_free_adamw,
-        _STATIC,
-        learning_rate=learning_rate,
-        warmup_steps=warmup_steps,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        weight_decay=weight_decay,
-    )
+    tx = injected(optax.contrib.schedule_free_adamw, _STATIC, learning_rate=learning_rate,
+                  warmup_steps=warmup_steps, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
     def init(params):
         # Optax's state holds `params` itself as z: copy it, so that a step donating both

@@ -338,6 +338,17 @@ def _stochastic_rounding(value) -> optax.GradientTransformation:
     return low_precision.stochastic_rounding(jax.random.PRNGKey(seed))
 
 
+def config_entry(key: str, value) -> dict:
+    """A spec as a run config holds it (the `optimizer` section, a strategy's outer
+    optimizer): a bare optimizer name stands for {optimizer: name}; `build` checks the rest."""
+    if isinstance(value, str):
+        value = {"optimizer": value}
+    if not isinstance(value, dict):
+        raise JaxtrainError(f"config key {key!r} must be a transforms spec mapping (e.g. "
+                            f"{{optimizer: adam, learning_rate: 0.001}}), got {value!r}")
+    return value
+
+
 def build(config, prefix: str = "") -> optax.GradientTransformationExtraArgs:
     """The chain described by `config`: a dict, or YAML text (see the module docstring).
     Each error's line starts with `prefix` (e.g. "config key 'optimizer': ")."""
