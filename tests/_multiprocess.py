@@ -19,10 +19,13 @@ def free_port() -> int:
 
 def base_env(devices: int) -> dict:
     """The test's environment for a child: `devices` CPU devices, this tree importable,
-    none of the launcher variables the parent may have."""
+    none of the launcher variables the parent may have, and no shared compilation cache
+    (a process that loads its step from the cache reaches the first collective far ahead
+    of one that compiles, and gloo's 30 s start-up deadline ran out)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("XLA_FLAGS", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
-           and not k.startswith(("SLURM_", "OMPI_", "PMIX_", "SKYPILOT_"))}
+           and not k.startswith(("SLURM_", "OMPI_", "PMIX_", "SKYPILOT_", "JAX_PERSISTENT",
+                                 "JAX_COMPILATION_CACHE"))}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), str(HERE.parent),
                                                       env.get("PYTHONPATH")]))
