@@ -2,13 +2,13 @@
 
 Each step's folder holds Orbax items: `state` (the state's arrays, a standard PyTree
 checkpoint that plain `orbax.checkpoint` restores), `meta` (JSON: the model's name,
-config and param shapes, the step's metrics, the run's config, the data position, the
-callbacks' record, a checksum per array), Orbax's own `metrics` (what its keep-best rule
-reads after a reopen) and optionally `extra` (arrays callbacks keep, such as early
-stopping's best weights). No pickle anywhere. Saves are asynchronous by default: `save`
-returns once the arrays are copied off the device and Orbax writes them in a background
-thread into a temporary folder that is renamed into place when complete, so a crash never
-leaves a partial step.
+config and param shapes, the step's metrics, the run's config, the identity of the
+prepared data it trained on, the callbacks' record, a checksum per array), Orbax's own
+`metrics` (what its keep-best rule reads after a reopen) and optionally `extra` (arrays
+callbacks keep, such as early stopping's best weights). No pickle anywhere. Saves are
+asynchronous by default: `save` returns once the arrays are copied off the device and
+Orbax writes them in a background thread into a temporary folder that is renamed into
+place when complete, so a crash never leaves a partial step.
 
 A step that cannot be read, or whose arrays do not match their checksums, is damaged: a
 restore of the latest step falls back to the previous one with a warning, and a writable
@@ -135,8 +135,9 @@ class Manager:
              config: dict | None = None, data: dict | None = None, record: dict | None = None,
              extra=None) -> None:
         """Save the state's arrays and its JSON record (model signature, metrics, run
-        config, data position `data`, the callbacks' `record`, a checksum per array) at
-        `step`, with `extra` arrays beside them; returns before an async write is done."""
+        config, the identity of the prepared data `data`, the callbacks' `record`, a
+        checksum per array) at `step`, with `extra` arrays beside them; returns before an
+        async write is done."""
         step = int(step)
         if step in self.steps():
             raise JaxtrainError(f"{self.directory} already holds a checkpoint at step "

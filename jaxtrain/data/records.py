@@ -26,6 +26,7 @@ one open file per shard; rows are read with `os.pread`, never mapped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -279,8 +280,9 @@ class Records:
     batches; `arrays(limit, seed)` a seeded random subset in memory (the tuning tools
     hold their training set on the devices)."""
 
-    def __init__(self, source, workers: int = 0, threads: int = 2, prefetch: int = 8):
-        self.source = source
+    def __init__(self, source, workers: int = 0, threads: int = 2, prefetch: int = 8,
+                 identity: dict | None = None):
+        self.source, self.identity = source, identity
         self.workers, self.threads, self.prefetch = workers, threads, prefetch
 
     def __len__(self) -> int:
@@ -297,6 +299,32 @@ class Records:
         shuffled = grain.MapDataset.source(self.source).shuffle(seed=seed % 2**32)
         rows = [shuffled[i] for i in range(min(limit, len(self.source)))]
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def data_identity(path: str | Path, manifest: dict) -> dict:
+    """What a checkpoint records of the prepared data it was trained on: the folder, when
+    it was prepared, the examples per split, and `digest`, the SHA-256 of its kind,
+    features, tokenizer and every file's checksum (the content, so a preparation from the same input
+    made again has the same digest)."""
+    files = sorted((e["file"], e.get("count"), e["sha256"]) for e in all_files(manifest))
+    content = json.dumps([manifest["kind"], manifest.get("features"),
+                          manifest.get("tokenizer", {}).get("digest"), files], sort_keys=True)
+    return {"path": str(path), "prepared": manifest.get("created"),
+            "examples": {s: v["count"] for s, v in manifest["splits"].items()},
+            "digest": hashlib.sha256(content.encode()).hexdigest()}
+
+
+def identity_changes(saved: dict, current: dict) -> list[str]:
+    """What differs between the data a checkpoint was trained on and the data given now
+    (`data_identity` records), empty when the content is the same."""
+    if not saved.get("digest") or not current.get("digest") or (
+            saved["digest"] == current["digest"]):
+        return []
+    changes = [f"{key} {saved.get(key)} -> {current.get(key)}" for key in ("path", "examples")
+               if saved.get(key) != current.get(key)]
+    return [*changes, f"content sha256 {saved['digest'][:12]}... -> "
+                      f"{current['digest'][:12]}..., prepared {saved.get('prepared')} -> "
+                      f"{current.get('prepared')}"]
 
 
 def _int(name: str, value, low: int = 0) -> int:
@@ -344,7 +372,8 @@ def load_records(path: str, seq_len: int | None = None, cross_documents: bool = 
         sources = {s: ArrayRows(root, splits[s], manifest["features"]) for s in splits}
         if manifest.get("classes"):
             info["num_classes"] = len(manifest["classes"])
-    data = {"train": Records(sources["train"], **reading), "info": info}
+    data = {"train": Records(sources["train"], **reading,
+                             identity=data_identity(root, manifest)), "info": info}
     if "valid" in sources:
         data["valid"] = {k: Column(sources["valid"], k) for k in sources["valid"][0]}
     return data

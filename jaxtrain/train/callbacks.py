@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 
 from ..checkpoint import Manager
+from ..data.records import identity_changes
 from ..errors import JaxtrainError
 from ..transforms.plateau import observe_plateau
 from .config import config_changes
@@ -166,7 +167,8 @@ class Checkpointer(Callback):
 
     def restore_latest(self, like, trainer):
         """The latest intact checkpoint restored onto `like`, or None when there is none.
-        Refuses a checkpoint of a run with another config (see `config_changes`)."""
+        Refuses a checkpoint of a run with another config (see `config_changes`) or one
+        trained on other prepared data behind the same path (see `identity_changes`)."""
         mngr = self.open()
         self.resumed = None
         if mngr.latest_step() is None:
@@ -181,6 +183,13 @@ class Checkpointer(Callback):
                 f"checkpoint folder {self.directory} holds a run with other settings "
                 f"({', '.join(changes)}); resume it with its saved config or use another "
                 "folder")
+        changes = identity_changes(meta.get("data") or {}, trainer.data_identity or {})
+        if changes:
+            self.close()
+            raise JaxtrainError(
+                f"the prepared data at {trainer.data_identity['path']} is not the data the "
+                f"run in {self.directory} was trained on ({'; '.join(changes)}): resume with "
+                "the original data, or start a fresh run in another folder (out=)")
         record = meta.get("record") or {}
         extra = None
         if record.get("early_stopping") is not None and trainer.early_stopping is not None:
@@ -203,7 +212,7 @@ class Checkpointer(Callback):
             metrics = trainer.eval_history[-1][1]
         record, extra = trainer.resume_record()
         mngr.save(step, state, trainer.signature, metrics=metrics, config=trainer.run_config,
-                  record=record, extra=extra)
+                  data=trainer.data_identity, record=record, extra=extra)
 
     def on_step_end(self, trainer, before, step, state) -> None:
         if crossed(before, step, self.every):

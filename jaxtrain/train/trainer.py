@@ -101,6 +101,7 @@ class Trainer:
         self._shown_batch = None
         self.log_dir = None if config.log_dir is None else Path(config.log_dir)
         self.run_config = config.run_config or {}
+        self.data_identity: dict | None = None  # of fit's train_data
         self.signature = model_signature(config.model_config or {}, state.params)
         self.early_stopping, callbacks = _early_stopping(config, callbacks)
         self.checkpointer = None if ckpt.dir is None else Checkpointer(
@@ -176,6 +177,8 @@ class Trainer:
         if eval_data is not None and self.eval_fn is None:
             raise JaxtrainError("eval_data needs a metric_fn")
         feed = self._feed(train_data)
+        # prepared records say what they are: recorded with checkpoints, checked on resume
+        self.data_identity = getattr(train_data, "identity", None)
         state = self.state
         self.state = None  # donated below: only the returned state is valid
         self.stop_reason, self.interrupted = None, None
