@@ -91,3 +91,39 @@ def test_resnet_batch_statistics_are_carried_and_updated_by_the_train_step():
     trained, evaluated = new.model(), new.model()
     evaluated.eval()
     assert not np.allclose(trained(images), evaluated(images))
+
+
+def test_model_sizes_come_from_the_data_or_must_agree():
+    """A 3-class data set gives the MLP a 3-way head (it was silently 10-way) and
+    synthetic features its input width; a config size the data contradicts is refused."""
+    from jaxtrain.train.config import check_config
+    from jaxtrain.train.run import data_and_model, model_kwargs
+
+    def sizes(model, data):
+        cfg = check_config({"model": model, "data": data, "task": "classification",
+                            "optimizer": "adam"})
+        name, kwargs = data_and_model(cfg)[1:]
+        net = build(name, 0, **kwargs)
+        return net.layers[0].kernel.shape[0], net.head.kernel.shape[1]
+
+    assert sizes({"name": "mlp"}, {"name": "digits", "classes": [0, 1, 2]}) == (64, 3)
+    assert sizes({"name": "mlp", "in_features": [8, 8], "out_features": 3},
+                 {"name": "digits", "classes": [3, 4, 5]}) == (64, 3)
+    assert sizes({"name": "mlp"}, {"name": "synthetic_classification", "features": 5,
+                                   "num_classes": 2, "n_train": 8, "n_valid": 4}) == (5, 2)
+    assert model_kwargs("mlp", {}, {"targets": 2, "features": 3}) == {
+        "out_features": 2, "in_features": 3}
+    for name, kwargs, info, message in [
+        ("mlp", {"out_features": 10}, {"num_classes": 3},
+         "'model.out_features' is 10 but the data has 3 classes"),
+        ("cnn", {"num_classes": 10}, {"num_classes": 3},
+         "'model.num_classes' is 10 but the data has 3 classes"),
+        ("mlp", {"in_features": [4, 4]}, {"features": 5},
+         r"'model.in_features' is \[4, 4\] but the data has 5 features"),
+        ("gpt", {"vocab_size": 100}, {"vocab_size": 256},
+         "'model.vocab_size' is 100 .* at least 256"),
+    ]:
+        with pytest.raises(JaxtrainError, match=message):
+            model_kwargs(name, kwargs, info)
+    assert model_kwargs("gpt", {"vocab_size": 384}, {"vocab_size": 256}) == {
+        "vocab_size": 384}

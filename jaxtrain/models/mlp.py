@@ -23,7 +23,13 @@ ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh,
 
 class MLP(nnx.Module):
     """`in_features` (or an input shape, flattened) -> `hidden` -> `out_features`; every
-    kernel drawn by `init` (a name in `jaxtrain.models.init`), biases zero."""
+    kernel drawn by `init` (a name in `jaxtrain.models.init`), biases zero. From a config,
+    the data's number of classes (or regression targets) sets `out_features` and its
+    number of features `in_features` (`DATA_ARGS`)."""
+
+    # data info key -> the constructor argument it fills (jaxtrain.train.run.model_kwargs)
+    DATA_ARGS = {"num_classes": "out_features", "targets": "out_features",
+                 "features": "in_features"}
 
     def __init__(self, in_features: int | Sequence[int] = 64, out_features: int = 10,
                  hidden: Sequence[int] = (128, 128), activation: str = "relu",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import sys
 from pathlib import Path
 
@@ -48,13 +49,43 @@ def data_and_model(cfg: RunConfig) -> tuple[dict, str, dict]:
 
 
 def model_kwargs(name: str, kwargs: dict, info: dict) -> dict:
-    """`kwargs` plus the data `info` entries the model's constructor takes."""
+    """`kwargs` plus what the data's `info` fixes that the model's constructor takes, under
+    the model's name for it (`DATA_ARGS`: the MLP's head is `out_features`). A size the
+    config also gives must agree with the data's: a head of another width than the
+    number of classes (or targets), an input width other than the data's features, or a
+    vocabulary smaller than the data's is refused in one line naming both numbers."""
     cls = model_registry.MODELS.get(name)
     if cls is None:
         return kwargs
     accepted = inspect.signature(cls.__init__).parameters
-    filled = {k: v for k, v in info.items() if k in accepted and k not in kwargs}
+    renamed = getattr(cls, "DATA_ARGS", {})
+    filled = {}
+    for key, value in info.items():
+        arg = renamed.get(key, key)
+        if arg not in accepted:
+            continue
+        if arg in kwargs:
+            _check_agrees(name, arg, kwargs[arg], key, value)
+        else:
+            filled[arg] = value
     return {**filled, **kwargs}
+
+
+def _check_agrees(model: str, arg: str, given, key: str, value) -> None:
+    """Refuse a model size the config gives that the data contradicts (see model_kwargs)."""
+    if key == "vocab_size":  # a larger vocabulary (padded for speed) is fine
+        if isinstance(given, int) and given < value:
+            raise JaxtrainError(f"config key 'model.vocab_size' is {given} but the data's "
+                                f"tokens go up to {value - 1}: set it to at least {value}")
+        return
+    if key not in ("num_classes", "targets", "features"):
+        return
+    size = math.prod(given) if isinstance(given, list | tuple) else given
+    if size != value:
+        what = {"num_classes": "classes", "targets": "targets", "features": "features"}[key]
+        raise JaxtrainError(f"config key 'model.{arg}' is {given!r} but the data has {value} "
+                            f"{what}: leave it out (model {model!r} takes the data's) or set "
+                            f"it to {value}")
 
 
 def checkpoint_folder(cfg: RunConfig) -> Path:
