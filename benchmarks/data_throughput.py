@@ -2,9 +2,10 @@
 
 Cases (one JSON line per measurement, then a short table):
 
-- `format`: random 1025-token windows (uint16) from a memory-mapped `.npy` token array
-  (what `jaxtrain data prepare` writes) against ArrayRecord with one window per record
-  (read singly and 64 at a time); why the token store is a mapped array.
+- `format`: random 1025-token windows (uint16) from a flat `.npy` token array (what
+  `jaxtrain data prepare` writes), read with `os.pread` as the loader reads it
+  (`jaxtrain.data.records`), against ArrayRecord with one window per record (read singly
+  and 64 at a time); why the token store is a flat array.
 - `loader`: the Grain loader alone (`jaxtrain.data.records.Loader`): tokens/s of GPT
   windows (batch 64 x seq 1024) and images/s of 8x8 digit images (batch 256), with 0
   and N worker processes.
@@ -49,6 +50,8 @@ def bench_format(reps: int) -> list[dict]:
     from array_record.python import array_record_module as arm
     from array_record.python.array_record_data_source import ArrayRecordDataSource
 
+    from jaxtrain.data.records import _Shards
+
     seq, n_tok, reads = 1024, 20_000_000, 5000
     tmp = Path(tempfile.mkdtemp())
     try:
@@ -59,13 +62,13 @@ def bench_format(reps: int) -> list[dict]:
         for i in range(windows):
             writer.write(tokens[i * seq:i * seq + seq + 1].tobytes())
         writer.close()
-        mapped = np.load(tmp / "t.npy", mmap_mode="r")
+        flat = _Shards(tmp, [{"file": "t.npy", "count": n_tok}])  # the loader's reader
         source = ArrayRecordDataSource([str(tmp / "t.array_record")])
         index = np.random.default_rng(1).integers(0, windows, reads)
 
         def npy():
             for i in index:
-                np.asarray(mapped[i * seq:i * seq + seq + 1], np.int32)
+                flat.read(i * seq, i * seq + seq + 1).astype(np.int32)
 
         def ar_single():
             for i in index:
@@ -76,9 +79,9 @@ def bench_format(reps: int) -> list[dict]:
                 for r in source.__getitems__([int(i) for i in index[k:k + 64]]):
                     np.frombuffer(r, np.uint16).astype(np.int32)
 
-        rates: dict = {"npy mmap": [], "array_record": [], "array_record x64": []}
+        rates: dict = {"flat npy (pread)": [], "array_record": [], "array_record x64": []}
         for _ in range(reps):
-            for name, fn in (("npy mmap", npy), ("array_record", ar_single),
+            for name, fn in (("flat npy (pread)", npy), ("array_record", ar_single),
                              ("array_record x64", ar_batched)):
                 start = time.perf_counter()
                 fn()

@@ -2,11 +2,12 @@
 
     python records_multihost_worker.py PROCESS_ID PORT RECORDS OUT_DIR
 
-Joins the runtime through `sharding.initialize`, writes the batches this process's Grain
-loader reads for the first steps (`rows-PID.npz`), then trains the digits CNN on the
-prepared image records with the Trainer on the 8 global devices; process 0 writes the
-losses (`losses.json`) and the gathered params (`params.npz`). A failure ends the process
-at once (`os._exit`) so that the launcher ends the other one too.
+Joins the runtime through `sharding.initialize`, trains the digits CNN on the prepared
+image records with the Trainer on the 8 global devices, saving checkpoints at steps 3
+and 6 into OUT_DIR/checkpoints, and writes the batches this process's Grain loader reads
+(`rows-PID.npz`); process 0 writes the losses (`losses.json`) and the gathered params
+(`params.npz`). A failure ends the process at once (`os._exit`) so that the launcher ends
+the other one too.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import jax
 STEPS, BATCH = 6, 32
 
 
-def train(records: str, mesh=None):
-    """The run both sides make: CNN, Adam, 6 steps of 32 on the records, seed 0."""
+def train(records: str, mesh=None, checkpoints=None, data=None):
+    """The run both sides make: CNN, Adam, 6 steps of 32 on the records, seed 0; with a
+    checkpoint every 3 steps into `checkpoints` (resumed from its latest step) if given;
+    `data` instead of the records' train split if given."""
     from jaxtrain import transforms
+    from jaxtrain.checkpoint import CheckpointConfig
     from jaxtrain.data.records import load_records
     from jaxtrain.models import registry
     from jaxtrain.train import (
@@ -36,13 +40,15 @@ def train(records: str, mesh=None):
         classification_loss,
     )
 
-    data = load_records(records)
+    data, train_data = load_records(records), data
     model = registry.build("cnn", 0, num_classes=10, channels=4, features=16)
     state = TrainState.create(model, transforms.adam(3e-3), jax.random.PRNGKey(0))
     config = TrainerConfig(train=TrainConfig(batch_size=BATCH, log_every=1), seed=0,
-                           logging=LoggingConfig(progress=False), handle_signals=False)
+                           logging=LoggingConfig(progress=False), handle_signals=False,
+                           checkpoint=CheckpointConfig(dir=checkpoints, every=3,
+                                                       async_=False))
     trainer = Trainer(state, classification_loss, config, mesh=mesh)
-    final = trainer.fit(data["train"], STEPS)
+    final = trainer.fit(train_data or data["train"], STEPS)
     return final, [values["loss"] for _, values in trainer.history], data
 
 
@@ -57,7 +63,7 @@ def main(argv: list[str]) -> None:
     from jax.experimental import multihost_utils
 
     assert jax.device_count() == 8 and jax.local_device_count() == 4
-    state, losses, data = train(records)
+    state, losses, data = train(records, checkpoints=str(out / "checkpoints"))
     loader = data["train"].loader(BATCH, 0)
     rows = [loader(s)["image"] for s in range(STEPS)]
     np.savez(out / f"rows-{process_id}.npz", *rows)
