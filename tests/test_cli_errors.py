@@ -29,6 +29,11 @@ def _one_line(capsys) -> str:
                                             r"matches no parameter \(closest: backbone/conv"),
     ("optimizer.groups={head: {learning_rate: 0.1}}", "'optimizer.groups': pattern 'head' "
                                                       "matches no parameter"),
+    ("optimizer.learning_rate=1e39", r"config key 'optimizer': adam: learning_rate=1e\+39 is "
+                                     r"not finite in float32, the params' dtype"),
+    ("optimizer.learning_rate={schedule: constant, value: 1e39}",
+     r"'optimizer': adam: the learning_rate schedule's value at step 0, inf, is not finite "
+     r"in float32"),
 ])
 def test_bad_settings_are_one_line_naming_the_key(override, message, tmp_path, capsys):
     out = tmp_path / "run"

@@ -83,6 +83,30 @@ def test_bad_learning_rate_is_refused(bad):
         T.adam(bad)
 
 
+# Largest float16: 65504, so a linear ramp to 1e5 over 100 steps first exceeds it at step 66.
+@pytest.mark.parametrize("make, dtype, message", [
+    (lambda: T.adam(1e39), jnp.float32,
+     r"adam: learning_rate=1e\+39 is not finite in float32, the params' dtype \(largest 3.4e\+38"),
+    (lambda: T.adam(1e39), jnp.bfloat16, "is not finite in bfloat16, the params' dtype"),
+    (lambda: T.sgd(1e5), jnp.float16,
+     r"sgd: learning_rate=100000.0 is not finite in float16, the params' dtype \(largest 6.55e"),
+    (lambda: T.adam(optax.linear_schedule(0.0, 1e5, 100)), jnp.float16,
+     r"schedule's value at step 66, 6.6e\+04, is not finite in float16"),
+    (lambda: T.adam(optax.linear_schedule(0.1, -0.1, 10)), jnp.float32,
+     "schedule's value at step 6, -0.02, is negative"),
+    (lambda: T.adam(0.1, eps=1e-50), jnp.float32, "adam: eps=1e-50 is 0 in float32"),
+])
+def test_hyperparameters_meaningless_in_the_dtypes_are_refused_at_init(make, dtype, message):
+    """Refused when the params are first seen, before any step (1e39 used to train NaN
+    weights in float32 from the first step; eps=1e-50 divided 0 by 0)."""
+    tx = make()
+    with pytest.raises(ValueError, match=message):
+        tx.init({"w": jnp.ones(3, dtype)})
+    with pytest.raises(ValueError, match=message):  # also when traced (restore targets)
+        jax.eval_shape(tx.init, {"w": jnp.ones(3, dtype)})
+    T.sgd(65504.0).init({"w": jnp.ones(3, jnp.float16)})  # the largest float16 is taken
+
+
 def test_bad_beta_is_refused():
     with pytest.raises(ValueError, match="b2"):
         T.adam(0.1, b2=1.0)

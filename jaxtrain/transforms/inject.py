@@ -17,6 +17,10 @@ read it) with three differences, each fixing a fault of the plain wrapper:
   update. Only those given as Python numbers are read back from the state, where
   `set_hyperparams` changes them. Plain nesting kept the value seen at `init` forever,
   so an outer schedule was silently ignored.
+
+`init` also refuses a hyperparameter that loses its meaning in these dtypes (see
+`validate.check_in_dtypes`): a learning rate of 1e39 is infinite in float32 and trained
+NaN weights from the first step.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from .validate import check_in_dtypes
 
 
 def hyperparam_dtype(tree):
@@ -76,7 +82,9 @@ def injected(factory, static=(), dtype=None, only=None, **hyperparams
                                         hyperparam_dtype=dtype)(**hyperparams)
 
     def init(params):
-        return make(fixed_dtype or hyperparam_dtype(params)).init(params)
+        dtype = fixed_dtype or hyperparam_dtype(params)
+        check_in_dtypes(factory.__name__.lstrip("_"), hyperparams, dtype, params)
+        return make(dtype).init(params)
 
     def update(updates, state, params=None, **extra):
         dtype = fixed_dtype or hyperparam_dtype(params if params is not None else updates)

@@ -221,12 +221,14 @@ _CHECK_STEPS = np.unique(np.concatenate([np.arange(1024.0), np.geomspace(1024, 1
 def _nonnegative(where: str, schedule):
     """`schedule`, refused when it is negative or not finite at some step (a negative
     learning rate trains by gradient ascent)."""
-    values = np.asarray(schedule(jnp.asarray(_CHECK_STEPS)), np.float64)
+    computed = schedule(jnp.asarray(_CHECK_STEPS))
+    values = np.asarray(computed, np.float64)
     bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
     if bad.size:
         i = bad[0]
-        _fail(where, f"the schedule is {values[i]:.3g} at step {int(_CHECK_STEPS[i])}: a "
-                     "learning rate must stay finite and >= 0 (check its end or peak values)")
+        _fail(where, f"the schedule is {values[i]:.3g} at step {int(_CHECK_STEPS[i])} (in "
+                     f"{computed.dtype}): a learning rate must stay finite and >= 0 (check "
+                     "its end or peak values)")
     return schedule
 
 
@@ -351,7 +353,8 @@ def config_entry(key: str, value) -> dict:
 
 def build(config, prefix: str = "") -> optax.GradientTransformationExtraArgs:
     """The chain described by `config`: a dict, or YAML text (see the module docstring).
-    Each error's line starts with `prefix` (e.g. "config key 'optimizer': ")."""
+    Each error's line, also those of the returned transform's `init`, starts with `prefix`
+    (e.g. "config key 'optimizer': ")."""
     try:
         if isinstance(config, str):
             try:
@@ -381,11 +384,25 @@ def build(config, prefix: str = "") -> optax.GradientTransformationExtraArgs:
             if name not in STATE_DTYPES:
                 _unknown("state_dtype", "dtype", name, STATE_DTYPES)
             core = low_precision.low_precision_state(core, STATE_DTYPES[name])
-        return _around(cfg, core, decay_rule)
+        tx = _around(cfg, core, decay_rule)
     except JaxtrainError as err:
         if not prefix:
             raise
         raise JaxtrainError(f"{prefix}{err}") from None
+    return _prefixed_init(tx, prefix) if prefix else tx
+
+
+def _prefixed_init(tx, prefix: str) -> optax.GradientTransformationExtraArgs:
+    """`tx` whose `init` errors (the checks against the params: a learning rate not
+    finite in their dtype, a mask of another structure) also start with `prefix`."""
+
+    def init(params):
+        try:
+            return tx.init(params)
+        except JaxtrainError as err:
+            raise JaxtrainError(f"{prefix}{err}") from None
+
+    return optax.GradientTransformationExtraArgs(init, tx.update)
 
 
 def _around(cfg: dict, core, decay_rule) -> optax.GradientTransformationExtraArgs:

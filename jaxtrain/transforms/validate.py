@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -33,6 +34,70 @@ def check_learning_rate(learning_rate, name: str = "learning_rate") -> None:
         raise JaxtrainError(
             f"{name} must be a finite number >= 0 or a schedule, got {learning_rate!r}"
         )
+
+
+# Step counts at which `check_in_dtypes` reads a schedule, as Optax passes them (int32):
+# every step of a short run, then log-spaced to the largest count.
+_PROBE_STEPS = np.unique(np.concatenate([
+    np.arange(1024), np.geomspace(1024, np.iinfo(np.int32).max, 128).astype(np.int64)]))
+
+
+def _schedule_values(schedule):
+    """`schedule` at `_PROBE_STEPS` (float64), read eagerly even inside a trace (about
+    25 ms); None when it cannot be read that way."""
+    try:
+        with jax.ensure_compile_time_eval():
+            values = jax.vmap(schedule)(jnp.asarray(_PROBE_STEPS, jnp.int32))
+        return np.asarray(values, np.float64)
+    except Exception:  # the step-time check (nan_policy) still sees what this cannot
+        return None
+
+
+def _narrowest_float(tree):
+    """The floating dtype of `tree` with the smallest largest value, or None."""
+    dtypes = {jnp.result_type(x) for x in jax.tree.leaves(tree)}
+    floats = [d for d in dtypes if jnp.issubdtype(d, jnp.floating)]
+    return min(floats, key=lambda d: float(jnp.finfo(d).max), default=None)
+
+
+def check_in_dtypes(name: str, hyperparams: dict, dtype, params) -> None:
+    """Each numeric hyperparameter keeps its meaning once held in `dtype`: a finite one stays
+    finite and a nonzero one nonzero (eps=1e-50 is 0 in float32); and `learning_rate`, a
+    number or every value of a schedule, is finite in the params' narrowest floating dtype,
+    where the updates land (1e39 is infinite in float32, 1e5 in float16). Checked when the
+    params are first seen (`init`), so a run is refused before its first step; traced
+    values cannot be read and are let through."""
+    held_in = jnp.finfo(dtype)
+    narrow = _narrowest_float(params)
+    for key, value in hyperparams.items():
+        schedule = callable(value)
+        if isinstance(value, bool) or (schedule and key != "learning_rate"):
+            continue
+        arr = _schedule_values(value) if schedule else _concrete(value)
+        if arr is None:
+            continue
+        arr = arr.reshape(-1)
+        with np.errstate(over="ignore", under="ignore"):
+            held = arr.astype(jnp.dtype(dtype)).astype(np.float64)
+        faults = [(np.isfinite(arr) & ~np.isfinite(held),
+                   f"is not finite in {held_in.dtype.name}, the dtype the optimizer holds "
+                   f"it in (largest {float(held_in.max):.3g})"),
+                  ((arr != 0) & (held == 0),
+                   f"is 0 in {held_in.dtype.name}, the dtype the optimizer holds it in "
+                   f"(smallest positive {float(held_in.smallest_subnormal):.3g})")]
+        if key == "learning_rate" and narrow is not None:
+            largest = float(jnp.finfo(narrow).max)
+            faults[:0] = [(~np.isfinite(arr) | (np.abs(arr) > largest), f"is not finite in "
+                           f"{jnp.dtype(narrow).name}, the params' dtype (largest "
+                           f"{largest:.3g})"),
+                          (arr < 0, "is negative (a learning rate below 0 trains by "
+                                    "gradient ascent)")]
+        for bad, why in faults:
+            if np.any(bad):
+                i = int(np.flatnonzero(bad)[0])
+                shown = (f"the {key} schedule's value at step {int(_PROBE_STEPS[i])}, "
+                         f"{arr[i]:.3g}," if schedule else f"{key}={value!r}")
+                raise JaxtrainError(f"{name}: {shown} {why}")
 
 
 def check_unit_interval(name: str, closed: bool = False, **values) -> None:
