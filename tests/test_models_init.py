@@ -1,6 +1,7 @@
 """Initialisers from the config: each gives the variance its closed form states
 (scale / fan_in, or 2 / (fan_in + fan_out) for Xavier), with the stated distribution,
-in the MLP's dense kernels and the CNN's convolution kernels; GPT-2's scaled init."""
+in the MLP's dense kernels, the CNN's and ResNet's convolution kernels and the GPT's
+attention and MLP projections (fans counted per projection); GPT-2's scaled init."""
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ CLOSED_FORM = {  # written out here, not read from the module's table
 def _check(kernel: np.ndarray, name: str, fan_in: int, fan_out: int):
     expected = CLOSED_FORM[name](fan_in, fan_out)
     assert variance(name, fan_in, fan_out) == pytest.approx(expected)
-    # ~500k draws: the sample variance's relative standard error is ~0.2%
+    # >= 100k draws: the sample variance's relative standard error is <= 0.45%
+    assert kernel.size >= 100_000
     assert kernel.var() == pytest.approx(expected, rel=0.02)
     assert abs(kernel.mean()) < 0.01 * expected ** 0.5
     bound = np.abs(kernel).max() / expected ** 0.5
@@ -44,6 +46,36 @@ def test_cnn_conv_kernels_count_the_receptive_field(name):
     model = build("cnn", 0, channels=128, features=16, init=name)
     kernel = np.asarray(model.backbone.conv2.kernel[...])  # (3, 3, 128, 256)
     _check(kernel, name, 9 * 128, 9 * 256)
+
+
+@pytest.mark.parametrize("name", ["he_normal", "xavier_uniform"])
+def test_gpt_projections_count_their_own_fans(name):
+    """q/k/v (embed, heads, kv): fan-in embed, fan-out heads x kv; out (heads, kv, embed)
+    the reverse (JAX's default counting would take heads as a receptive field)."""
+    d, heads, hidden, vocab = 256, 4, 1024, 512
+    model = build("gpt", 0, vocab_size=vocab, d_model=d, num_layers=2, num_heads=heads,
+                  max_len=8, tie_embeddings=False, init=name)
+    blocks = list(model.blocks)
+    kernel = lambda *ks: np.concatenate([np.asarray(k[...]).ravel() for k in ks])
+    _check(kernel(*[k for b in blocks for k in (b.attn.query.kernel, b.attn.key.kernel,
+                                                b.attn.value.kernel)]), name, d, d)
+    _check(kernel(*[b.attn.out.kernel for b in blocks]), name, d, d)
+    _check(kernel(blocks[0].mlp.up.kernel), name, d, hidden)
+    _check(kernel(blocks[0].mlp.down.kernel), name, hidden, d)
+    _check(kernel(model.lm_head.kernel), name, d, vocab)
+    assert np.asarray(model.embed.embedding[...]).std() == pytest.approx(0.02, rel=0.02)
+    with pytest.raises(JaxtrainError, match="GPT init='kaiming': valid are gpt2, lecun"):
+        build("gpt", 0, vocab_size=8, d_model=8, num_layers=1, num_heads=2, init="kaiming")
+
+
+def test_resnet_init_names_every_kernel():
+    model = build("resnet", 0, width=64, stage_sizes=[1, 1], init="he_uniform")
+    _check(np.asarray(model.stages[1][0].conv2.kernel[...]), "he_uniform", 9 * 128,
+           9 * 128)  # (3, 3, 128, 128)
+    head = np.abs(np.asarray(model.head.kernel[...]))  # (128, 10): U(-a, a), a^2 = 6/128
+    assert 0.9 * (6 / 128) ** 0.5 < head.max() <= (6 / 128) ** 0.5
+    with pytest.raises(JaxtrainError, match="unknown init 'kaiming'"):
+        build("resnet", 0, width=4, stage_sizes=[1], init="kaiming")
 
 
 def test_default_is_lecun_normal_and_unchanged():

@@ -24,7 +24,7 @@ from flax import nnx
 
 from ..errors import JaxtrainError
 from .annotate import kernel_init, ones_init, zeros_init
-from .init import gpt2_stds
+from .init import INITIALIZERS, gpt2_stds, initializer
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("rotary", "learned")
@@ -79,6 +79,14 @@ def _normal(axes: tuple, std: float = 0.02):
     return kernel_init(axes, nnx.initializers.normal(std))
 
 
+def _kernel(init: str, axes: tuple, std: float = 0.02, in_axis=-2, out_axis=-1):
+    """A projection kernel's init: GPT-2's N(0, std^2) under `init` 'gpt2', else the
+    named variance-scaling rule (`jaxtrain.models.init`) with these fan axes."""
+    if init == "gpt2":
+        return _normal(axes, std)
+    return kernel_init(axes, initializer(init, in_axis, out_axis))
+
+
 def _norm(kind: str, d: int, rngs: nnx.Rngs) -> nnx.Module:
     if kind == "layernorm":
         return nnx.LayerNorm(d, scale_init=ones_init(("norm",)), bias_init=zeros_init(("norm",)),
@@ -101,16 +109,17 @@ class Attention(nnx.Module):
     """Multi-head causal self-attention; q/k/v kernels (embed, heads, kv)."""
 
     def __init__(self, d: int, heads: int, head_dim: int, use_rotary: bool, out_std: float,
-                 attention: str = "auto", *, rngs: nnx.Rngs):
+                 attention: str = "auto", init: str = "gpt2", *, rngs: nnx.Rngs):
         self.use_rotary, self.attention = use_rotary, attention
-        shape_in, axes_in = (d, heads, head_dim), ("embed", "heads", "kv")
-        self.query = nnx.Einsum("btd,dnh->btnh", shape_in, kernel_init=_normal(axes_in),
-                                rngs=rngs)
-        self.key = nnx.Einsum("btd,dnh->btnh", shape_in, kernel_init=_normal(axes_in), rngs=rngs)
-        self.value = nnx.Einsum("btd,dnh->btnh", shape_in, kernel_init=_normal(axes_in),
-                                rngs=rngs)
-        self.out = nnx.Einsum("btnh,nhd->btd", (heads, head_dim, d),
-                              kernel_init=_normal(("heads", "kv", "embed"), out_std), rngs=rngs)
+        shape_in = (d, heads, head_dim)
+        # fans: q/k/v (embed, heads, kv) read embed and write heads x kv; out the reverse
+        qkv = _kernel(init, ("embed", "heads", "kv"), in_axis=0, out_axis=(1, 2))
+        self.query = nnx.Einsum("btd,dnh->btnh", shape_in, kernel_init=qkv, rngs=rngs)
+        self.key = nnx.Einsum("btd,dnh->btnh", shape_in, kernel_init=qkv, rngs=rngs)
+        self.value = nnx.Einsum("btd,dnh->btnh", shape_in, kernel_init=qkv, rngs=rngs)
+        self.out = nnx.Einsum("btnh,nhd->btd", (heads, head_dim, d), rngs=rngs,
+                              kernel_init=_kernel(init, ("heads", "kv", "embed"), out_std,
+                                                  in_axis=(0, 1), out_axis=2))
 
     def __call__(self, x):
         q, k, v = self.query(x), self.key(x), self.value(x)
@@ -122,11 +131,12 @@ class Attention(nnx.Module):
 class FeedForward(nnx.Module):
     """Two-layer GELU MLP, kernels (embed, mlp) and (mlp, embed), no biases."""
 
-    def __init__(self, d: int, hidden: int, out_std: float, *, rngs: nnx.Rngs):
-        self.up = nnx.Linear(d, hidden, use_bias=False, kernel_init=_normal(("embed", "mlp")),
-                             rngs=rngs)
-        self.down = nnx.Linear(hidden, d, use_bias=False,
-                               kernel_init=_normal(("mlp", "embed"), out_std), rngs=rngs)
+    def __init__(self, d: int, hidden: int, out_std: float, init: str = "gpt2", *,
+                 rngs: nnx.Rngs):
+        self.up = nnx.Linear(d, hidden, use_bias=False, rngs=rngs,
+                             kernel_init=_kernel(init, ("embed", "mlp")))
+        self.down = nnx.Linear(hidden, d, use_bias=False, rngs=rngs,
+                               kernel_init=_kernel(init, ("mlp", "embed"), out_std))
 
     def __call__(self, x):
         return self.down(jax.nn.gelu(self.up(x)))
@@ -135,12 +145,13 @@ class FeedForward(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, d, heads, head_dim, hidden, norm, use_rotary, out_std, attention, *,
-                 rngs):
+    def __init__(self, d, heads, head_dim, hidden, norm, use_rotary, out_std, attention,
+                 init="gpt2", *, rngs):
         self.norm1 = _norm(norm, d, rngs)
-        self.attn = Attention(d, heads, head_dim, use_rotary, out_std, attention, rngs=rngs)
+        self.attn = Attention(d, heads, head_dim, use_rotary, out_std, attention, init,
+                              rngs=rngs)
         self.norm2 = _norm(norm, d, rngs)
-        self.mlp = FeedForward(d, hidden, out_std, rngs=rngs)
+        self.mlp = FeedForward(d, hidden, out_std, init, rngs=rngs)
 
     def __call__(self, x):
         x = x + self.attn(self.norm1(x))
@@ -167,13 +178,20 @@ def stack_modules(modules: list[nnx.Module], axis_name: str = LAYER_AXIS) -> nnx
 
 
 class GPT(nnx.Module):
-    """Byte/token-level decoder-only transformer: tokens (batch, time) -> logits."""
+    """Byte/token-level decoder-only transformer: tokens (batch, time) -> logits.
+
+    `init` 'gpt2' (the default) is GPT-2's: every weight N(0, 0.02^2), the projections
+    into the residual stream scaled by 1 / sqrt(2 num_layers) (`init.gpt2_stds`); a name
+    of `jaxtrain.models.init` draws every projection kernel (attention, MLP, an untied
+    head) by that rule instead, fans counted per projection (q/k/v: fan-in embed, fan-out
+    heads x head_dim), embeddings staying N(0, 0.02^2)."""
 
     def __init__(self, vocab_size: int = 256, d_model: int = 128, num_layers: int = 4,
                  num_heads: int = 4, mlp_ratio: int = 4, max_len: int = 256,
                  positions: str = "rotary", norm: str = "layernorm",
                  tie_embeddings: bool = True, remat: str | bool = "none",
-                 attention: str = "auto", scan_layers: bool = False, *, rngs: nnx.Rngs):
+                 attention: str = "auto", scan_layers: bool = False, init: str = "gpt2", *,
+                 rngs: nnx.Rngs):
         if positions not in POSITIONS:
             raise JaxtrainError(f"GPT positions={positions!r}: valid are {', '.join(POSITIONS)}")
         if norm not in NORMS:
@@ -181,6 +199,8 @@ class GPT(nnx.Module):
         if attention not in ATTENTION:
             raise JaxtrainError(
                 f"GPT attention={attention!r}: valid are {', '.join(ATTENTION)}")
+        if init != "gpt2" and init not in INITIALIZERS:
+            raise JaxtrainError(f"GPT init={init!r}: valid are gpt2, {', '.join(INITIALIZERS)}")
         remat = remat_policy_name(remat)
         if not isinstance(scan_layers, bool):
             raise JaxtrainError(f"GPT scan_layers={scan_layers!r}: must be true or false")
@@ -205,12 +225,12 @@ class GPT(nnx.Module):
             if positions == "learned" else None
         )
         blocks = [Block(d_model, num_heads, head_dim, mlp_ratio * d_model, norm,
-                        positions == "rotary", out_std, attention, rngs=rngs)
+                        positions == "rotary", out_std, attention, init, rngs=rngs)
                   for _ in range(num_layers)]
         self.blocks = stack_modules(blocks) if scan_layers else nnx.List(blocks)
         self.final_norm = _norm(norm, d_model, rngs)
         self.lm_head = None if tie_embeddings else nnx.Linear(
-            d_model, vocab_size, use_bias=False, kernel_init=_normal(("embed", "vocab")),
+            d_model, vocab_size, use_bias=False, kernel_init=_kernel(init, ("embed", "vocab")),
             rngs=rngs,
         )
 

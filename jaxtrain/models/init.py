@@ -36,11 +36,15 @@ INITIALIZERS = {
 DEFAULT = "lecun_normal"
 
 
-def initializer(name: str = DEFAULT):
-    """The named initialiser (`jax.nn.initializers.variance_scaling`)."""
+def initializer(name: str = DEFAULT, in_axis=-2, out_axis=-1):
+    """The named initialiser (`jax.nn.initializers.variance_scaling`). `in_axis` and
+    `out_axis` (ints or tuples) say which kernel axes are the fan-in and fan-out ones
+    where they are not the last two (an attention kernel `(embed, heads, head_dim)`: in 0,
+    out (1, 2))."""
     if name not in INITIALIZERS:
         raise JaxtrainError(f"unknown init {name!r} (valid: {', '.join(INITIALIZERS)})")
-    return jax.nn.initializers.variance_scaling(*INITIALIZERS[name])
+    return jax.nn.initializers.variance_scaling(*INITIALIZERS[name], in_axis=in_axis,
+                                                out_axis=out_axis)
 
 
 def variance(name: str, fan_in: int, fan_out: int) -> float:

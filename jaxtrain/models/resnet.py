@@ -15,15 +15,16 @@ from flax import nnx
 from ..errors import JaxtrainError
 from .annotate import kernel_init, ones_init, param_dtype, zeros_init
 from .flops import conv2d
-from .init import initializer
+from .init import DEFAULT, initializer
 
 CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
 
 
-def _conv(c_in: int, c_out: int, size: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
+def _conv(c_in: int, c_out: int, size: int, stride: int, init: str, rngs: nnx.Rngs
+          ) -> nnx.Conv:
     return nnx.Conv(c_in, c_out, (size, size), strides=(stride, stride), padding="SAME",
-                    use_bias=False, rngs=rngs,
-                    kernel_init=kernel_init(CONV_AXES, initializer("he_normal")))
+                    use_bias=False, rngs=rngs, kernel_init=kernel_init(CONV_AXES,
+                                                                       initializer(init)))
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -43,11 +44,12 @@ class BasicBlock(nnx.Module):
     """relu(x + bn(conv(relu(bn(conv(x)))))), with a strided 1x1 projection when the
     shape changes."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv1, self.bn1 = _conv(c_in, c_out, 3, stride, rngs), _bn(c_out, rngs)
-        self.conv2, self.bn2 = _conv(c_out, c_out, 3, 1, rngs), _bn(c_out, rngs)
+    def __init__(self, c_in: int, c_out: int, stride: int, init: str = "he_normal", *,
+                 rngs: nnx.Rngs):
+        self.conv1, self.bn1 = _conv(c_in, c_out, 3, stride, init, rngs), _bn(c_out, rngs)
+        self.conv2, self.bn2 = _conv(c_out, c_out, 3, 1, init, rngs), _bn(c_out, rngs)
         project = stride != 1 or c_in != c_out
-        self.proj = _conv(c_in, c_out, 1, stride, rngs) if project else None
+        self.proj = _conv(c_in, c_out, 1, stride, init, rngs) if project else None
         self.proj_bn = _bn(c_out, rngs) if project else None
 
     def __call__(self, x):
@@ -59,26 +61,36 @@ class BasicBlock(nnx.Module):
 
 class ResNet(nnx.Module):
     """Stem conv, `len(stage_sizes)` stages (width doubling, stride 2 after the first),
-    global average pooling, linear head. Images (N, H, W) or (N, H, W, C)."""
+    global average pooling, linear head. Images (N, H, W) or (N, H, W, C).
+
+    `init` None (the default) draws the convolutions with `he_normal` (He et al.'s rule
+    for ReLU nets, as the ResNet paper) and the head with `lecun_normal`; a name of
+    `jaxtrain.models.init` draws every kernel, convolutions and head, by that rule."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16,
-                 stage_sizes: Sequence[int] = (1, 1, 1), *, rngs: nnx.Rngs):
+                 stage_sizes: Sequence[int] = (1, 1, 1), init: str | None = None, *,
+                 rngs: nnx.Rngs):
         if not stage_sizes or any(n < 1 for n in stage_sizes):
             raise JaxtrainError(f"ResNet stage_sizes must be positive, got {list(stage_sizes)}")
         self.config = {"name": "ResNet", "num_classes": num_classes,
                        "in_channels": in_channels, "width": width,
                        "stage_sizes": list(stage_sizes)}
-        self.stem, self.stem_bn = _conv(in_channels, width, 3, 1, rngs), _bn(width, rngs)
+        conv_init, head_init = ("he_normal", DEFAULT) if init is None else (init, init)
+        head_draw = initializer(head_init)  # an unknown name is refused before any work
+        self.stem = _conv(in_channels, width, 3, 1, conv_init, rngs)
+        self.stem_bn = _bn(width, rngs)
         stages, c = [], width
         for s, n in enumerate(stage_sizes):
             c_out = width * 2**s
             blocks = []
             for b in range(n):
-                blocks.append(BasicBlock(c, c_out, 2 if s > 0 and b == 0 else 1, rngs=rngs))
+                blocks.append(BasicBlock(c, c_out, 2 if s > 0 and b == 0 else 1, conv_init,
+                                         rngs=rngs))
                 c = c_out
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
-        self.head = nnx.Linear(c, num_classes, kernel_init=kernel_init(("embed", "classes")),
+        self.head = nnx.Linear(c, num_classes, kernel_init=kernel_init(("embed", "classes"),
+                                                                       head_draw),
                                bias_init=zeros_init(("classes",)), rngs=rngs)
 
     def __call__(self, x):
