@@ -3,9 +3,9 @@ default and doc, and docs/config.md, all generated from the config dataclasses."
 
 from __future__ import annotations
 
-from .config import format_value, keys, load, to_yaml
+from .config import format_value, keys, load, read_yaml, to_yaml
 from .finetune.config import FinetuneRunConfig
-from .train.config import RunConfig, read_config
+from .train.config import SHORTHAND, RunConfig
 
 REFERENCE = "docs/config.md"
 REGENERATE = "jaxtrain config --markdown > docs/config.md"
@@ -14,7 +14,7 @@ REGENERATE = "jaxtrain config --markdown > docs/config.md"
 def resolve(path, overrides=()):
     """The checked config of a YAML file and `key=value` overrides: a `RunConfig`, or a
     `FinetuneRunConfig` when it has a `finetune` section."""
-    raw = read_config(path, overrides)
+    raw = read_yaml(path, overrides, SHORTHAND)
     return load(FinetuneRunConfig if "finetune" in raw else RunConfig, raw)
 
 

@@ -26,28 +26,26 @@ import yaml
 from . import yaml_numbers
 from .errors import JaxtrainError
 
-_CHECKS = ("doc", "key", "positive", "minimum", "choices", "parse", "required")
-
 
 def option(default=None, doc: str = "", *, key: str | None = None, positive: bool = False,
            minimum: int | None = None, choices: tuple | None = None, parse=None,
-           required: bool = False):
+           required: bool = False, shorthand: str | None = None):
     """A config field: its `default`, a one-line `doc`, and what a value must be besides
     its annotated type: `positive` (an integer >= 1, or null where the type allows it),
     `minimum`, one of `choices`, `required` (no default; the loader says it is missing).
-    `key` is the YAML name where it is not a Python name (`async`); `parse(key, value)`
-    normalises a free-form value (a registry entry's `{name, **kwargs}`) and checks it."""
+    `key` is the YAML name where it is not a Python name (`async`); `shorthand`: a bare
+    string stands for `{shorthand: string}` (`model: cnn` is `{name: cnn}`); `parse(key,
+    value)` checks a free-form mapping (a registry entry's `{name, **kwargs}`)."""
     meta = {"doc": doc, "key": key, "positive": positive, "minimum": minimum,
-            "choices": choices, "parse": parse, "required": required}
+            "choices": choices, "parse": parse, "required": required, "shorthand": shorthand}
     if isinstance(default, dict | list):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
 def named(key: str, value) -> dict:
-    """`parse` for a registry entry: {name, **kwargs}, a bare name standing for {name}."""
-    if isinstance(value, str):
-        value = {"name": value}
+    """`parse` for a registry entry: {name, **kwargs} (with `shorthand="name"`, a bare
+    name stands for {name})."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise JaxtrainError(f"config key {key!r} must be a mapping with a 'name' (and its "
                             f"keyword arguments), got {value!r}")
@@ -162,6 +160,8 @@ def load(cls, mapping, prefix: str = ""):
                 values[field.name] = load(hints[field.name], {}, full + ".")
             continue
         value = mapping[key]
+        if meta.get("shorthand") and isinstance(value, str):
+            value = {meta["shorthand"]: value}
         if meta.get("parse") is not None and value is not None:
             value = meta["parse"](full, value)
         value = _check_type(full, value, hints[field.name])
@@ -211,6 +211,19 @@ def keys(cls, prefix: str = "") -> list[tuple[str, str, object, str]]:
     return rows
 
 
+def shorthands(cls, prefix: str = "") -> dict[str, str]:
+    """`{dotted key: shorthand}` of every field of `cls` (sections included) that may be
+    given as a bare string (what `set_key` needs to apply an override under one)."""
+    out, hints = {}, _hints(cls)
+    for field in dataclasses.fields(cls):
+        key = prefix + yaml_key(field)
+        if field.metadata.get("shorthand"):
+            out[key] = field.metadata["shorthand"]
+        for nested in (t for t in _options(hints[field.name]) if dataclasses.is_dataclass(t)):
+            out.update(shorthands(nested, key + "."))
+    return out
+
+
 def format_value(value) -> str:
     """A default as YAML writes it inline (`null`, `true`, `{data: -1}`)."""
     if isinstance(value, str) and value == "(required)":
@@ -228,14 +241,15 @@ def to_yaml(config) -> str:
 
 def set_key(tree: dict, key: str, value, shorthand: dict | None = None) -> None:
     """Set the dotted `key` of `tree` to `value`, making the sections on the way; a
-    section given as a bare string (`model: cnn`) becomes `{shorthand[section]: string}`."""
+    section given as a bare string (`model: cnn`) becomes `{shorthand[section]: string}`
+    (`shorthand` by dotted key, as `shorthands` gives it)."""
     parts = key.split(".")
-    for part in parts[:-1]:
-        node = tree.get(part)
+    for i, part in enumerate(parts[:-1]):
+        node, dotted = tree.get(part), ".".join(parts[:i + 1])
         if node is None:
             node = tree[part] = {}
-        elif isinstance(node, str) and part in (shorthand or {}):
-            node = tree[part] = {shorthand[part]: node}
+        elif isinstance(node, str) and dotted in (shorthand or {}):
+            node = tree[part] = {shorthand[dotted]: node}
         elif not isinstance(node, dict):
             raise JaxtrainError(f"override {key}: {part!r} is not a section")
         tree = node
@@ -249,7 +263,7 @@ def read_yaml(path: str | Path, overrides=(), shorthand: dict | None = None) -> 
     if not path.is_file():
         raise JaxtrainError(f"config file {path} does not exist")
     try:
-        raw = yaml_numbers.load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=yaml_numbers.Loader) or {}
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
@@ -262,7 +276,7 @@ def read_yaml(path: str | Path, overrides=(), shorthand: dict | None = None) -> 
         if not sep or not key:
             raise JaxtrainError(f"override {item!r} must be key=value (e.g. train.steps=100)")
         try:
-            value = yaml_numbers.load(text)
+            value = yaml.load(text, Loader=yaml_numbers.Loader)
         except yaml.YAMLError:
             value = text
         set_key(raw, key.strip(), value, shorthand)

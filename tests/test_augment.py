@@ -11,6 +11,7 @@ from flax import nnx
 
 from jaxtrain import JaxtrainError, sharding, transforms
 from jaxtrain.checkpoint import CheckpointConfig
+from jaxtrain.config import load
 from jaxtrain.data.augment import (
     augmenter,
     check_augment,
@@ -29,7 +30,7 @@ from jaxtrain.train import (
     TrainState,
     classification_loss,
 )
-from jaxtrain.train.config import check_config
+from jaxtrain.train.config import RunConfig
 
 IMAGES = np.random.default_rng(0).random((16, 8, 8)).astype(np.float32)
 
@@ -159,14 +160,14 @@ def test_same_seed_runs_and_a_resumed_run_are_bitwise_equal(tmp_path):
 ])
 def test_bad_augment_config_names_the_key(augment, message):
     with pytest.raises(JaxtrainError, match=message):
-        check_config({"model": "mlp", "data": {"name": "digits", "augment": augment},
+        load(RunConfig, {"model": "mlp", "data": {"name": "digits", "augment": augment},
                       "task": "classification", "optimizer": "adam"})
 
 
 def test_flip_is_refused_for_digits(tmp_path):
     from jaxtrain.train.run import run_config
 
-    cfg = check_config({"model": "mlp", "data": {"name": "digits", "augment": {"flip": True}},
+    cfg = load(RunConfig, {"model": "mlp", "data": {"name": "digits", "augment": {"flip": True}},
                         "task": "classification", "optimizer": "adam",
                         "out": str(tmp_path)})
     with pytest.raises(JaxtrainError, match="flip.*digits"):

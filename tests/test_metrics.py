@@ -12,6 +12,7 @@ from flax import nnx
 from sklearn import metrics as skm
 
 from jaxtrain import sharding, transforms
+from jaxtrain.config import load
 from jaxtrain.data import eval_batches
 from jaxtrain.models.registry import build
 from jaxtrain.train import (
@@ -23,7 +24,7 @@ from jaxtrain.train import (
     classification_loss,
     make_eval_step,
 )
-from jaxtrain.train.config import check_config
+from jaxtrain.train.config import RunConfig
 from jaxtrain.train.metrics import (
     classification_report,
     precision_recall_f1,
@@ -140,7 +141,7 @@ def test_language_model_task_reports_perplexity():
 
 
 def test_classification_config_run_summary_has_per_class_values(tmp_path):
-    cfg = check_config({
+    cfg = load(RunConfig, {
         "out": str(tmp_path), "task": "classification",
         "model": {"name": "mlp", "in_features": [8, 8], "hidden": [16], "out_features": 3},
         "data": {"name": "digits", "classes": [0, 1, 2]},

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from jaxtrain import JaxtrainError
+from jaxtrain.config import load
 from jaxtrain.models.init import DEFAULT, INITIALIZERS, gpt2_stds, variance
 from jaxtrain.models.registry import build
-from jaxtrain.train.config import check_config
+from jaxtrain.train.config import RunConfig
 from jaxtrain.train.run import model_kwargs
 
 CLOSED_FORM = {  # written out here, not read from the module's table
@@ -104,7 +105,7 @@ def test_gpt2_residual_init():
 
 
 def test_init_from_the_config_and_bad_names():
-    cfg = check_config({"model": {"name": "mlp", "init": "he_uniform"}, "data": "digits",
+    cfg = load(RunConfig, {"model": {"name": "mlp", "init": "he_uniform"}, "data": "digits",
                         "task": "classification", "optimizer": "adam"})
     assert model_kwargs("mlp", {"init": "he_uniform"}, {})["init"] == "he_uniform"
     assert cfg.model["init"] == "he_uniform"

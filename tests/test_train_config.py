@@ -136,3 +136,96 @@ def test_a_python_trainer_config_is_checked_like_a_yaml_one():
                 callbacks=[EarlyStopping()])
     # state, loss_fn, config, metric_fn, callbacks, mesh, trackers, train_step
     assert len(inspect.signature(Trainer).parameters) <= 8
+
+
+def test_an_override_reaches_into_a_nested_shorthand():
+    """`local_sgd.outer: sgd` stands for {optimizer: sgd}, so an override can set its
+    learning rate (the shorthands come from the fields' declarations)."""
+    cfg = load_config(CONFIG, ["local_sgd={outer: sgd}", "local_sgd.outer.learning_rate=0.5",
+                               "optimizer=sgd", "optimizer.learning_rate=0.25"])
+    assert cfg.local_sgd.outer == {"optimizer": "sgd", "learning_rate": 0.5}
+    assert cfg.optimizer == {"optimizer": "sgd", "learning_rate": 0.25}
+
+
+@pytest.mark.slow
+def test_the_learning_rate_reaches_optax_through_few_functions(tmp_path):
+    """The data flow of the YAML learning rate on `jaxtrain train`, traced: an edge
+    caller -> callee where a call's arguments hold it, callee -> caller where a return
+    value does, a closure's maker -> the closure; the shortest path from the YAML read to
+    Optax's `inject_hyperparams` transform receiving it (13 functions before the config
+    loader and the spec builder were folded)."""
+    import collections
+    import dataclasses
+
+    import jaxtrain.cli
+
+    lr = 0.0031234567
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG.read_text().replace("3e-3", str(lr)))
+
+    def holds(x, depth=0):
+        if isinstance(x, float):
+            return x == lr
+        if depth > 8:
+            return False
+        if isinstance(x, dict):
+            x = list(x.values())
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            x = [getattr(x, f.name) for f in dataclasses.fields(x)]
+        return isinstance(x, list | tuple) and any(holds(v, depth + 1) for v in x)
+
+    def ours(frame):
+        return (frame.f_globals.get("__name__", "").startswith(("jaxtrain", "optax"))
+                and "__create_fn__" not in frame.f_code.co_qualname)
+
+    def label(frame):
+        return f"{frame.f_globals['__name__']}.{frame.f_code.co_qualname}"
+
+    def caller(frame):
+        frame = frame.f_back
+        while frame is not None and not ours(frame):
+            frame = frame.f_back
+        return frame
+
+    class Reached(Exception):
+        pass
+
+    edges, start, end = collections.defaultdict(set), [], []
+
+    def profile(frame, event, arg):
+        if event not in ("call", "return") or not ours(frame):
+            return
+        me, up = label(frame), caller(frame)
+        if event == "call" and holds(list(frame.f_locals.values())):
+            if up is not None:
+                edges[label(up)].add(me)
+            if "<locals>" in me:
+                edges[me.rsplit(".<locals>.", 1)[0]].add(me)
+            if me.endswith("inject_hyperparams.<locals>.wrapped_transform"):
+                end.append(me)
+                raise Reached
+        elif event == "return" and holds(arg):
+            start.append(me)
+            if up is not None:
+                edges[me].add(label(up))
+
+    sys.setprofile(profile)
+    try:
+        jaxtrain.cli.main(["train", str(config), f"out={tmp_path / 'run'}"])
+    except Reached:
+        pass
+    finally:
+        sys.setprofile(None)
+    before, queue = {start[0]: None}, collections.deque(start[:1])
+    while queue:  # breadth first from the YAML read
+        node = queue.popleft()
+        for nxt in sorted(edges[node] - set(before)):
+            before[nxt] = node
+            queue.append(nxt)
+    path, node = [], end[0]
+    while node is not None:
+        path.append(node)
+        node = before[node]
+    path = [p.rpartition(".<locals>")[0] or p for p in reversed(path)]
+    assert path[0] == "jaxtrain.config.read_yaml" and "inject_hyperparams" in path[-1]
+    assert len(path) <= 10, path

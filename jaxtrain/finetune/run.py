@@ -17,12 +17,12 @@ import optax
 from flax import nnx
 
 from ..checkpoint import Manager, model_signature
-from ..config import load, set_key, to_dict
+from ..config import load, read_yaml, set_key, to_dict
 from ..errors import JaxtrainError
 from ..models import registry as model_registry
 from ..models.lora import apply_lora, merge_lora
 from ..train import TrainState
-from ..train.config import read_config
+from ..train.config import SHORTHAND
 from ..train.run import (
     check_patterns,
     config_patterns,
@@ -42,7 +42,7 @@ def load_finetune_config(path: str | Path, overrides=(),
                          pretrained: str | Path | None = None) -> FinetuneRunConfig:
     """The fine-tune config of a YAML file, `key=value` overrides and `--from` (the
     pretrained folder, `finetune.from`)."""
-    raw = read_config(path, overrides)
+    raw = read_yaml(path, overrides, SHORTHAND)
     if pretrained is not None:
         set_key(raw, "finetune.from", str(pretrained))
     cfg = load(FinetuneRunConfig, raw)

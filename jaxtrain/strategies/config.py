@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from ..config import named, option
 from ..errors import JaxtrainError
-from ..transforms.spec import config_entry
 
 
 def _check_positive(section: str, **values) -> None:
@@ -51,7 +50,7 @@ class DistillConfig:
                                   "labels; the rest learn from the teacher alone")
     transfer: dict | None = option(None, "{name, **kwargs}: a data set whose training "
                                          "inputs join, unlabelled (a transfer set)",
-                                   parse=named)
+                                   parse=named, shorthand="name")
 
     def __post_init__(self):
         _check_positive("distill", temperature=self.temperature)
@@ -71,4 +70,5 @@ class LocalSGDConfig:
                              positive=True)
     outer: dict = option({"optimizer": "sgd", "learning_rate": 1.0},
                          "the outer optimizer, a transforms spec (sgd 1.0: model "
-                         "averaging; DiLoCo: nesterov sgd 0.7, momentum 0.9)", parse=config_entry)
+                         "averaging; DiLoCo: nesterov sgd 0.7, momentum 0.9)",
+                         shorthand="optimizer")

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint.config import CheckpointConfig
-from ..config import load, named, option, read_yaml, section, set_key, to_dict
+from ..config import load, named, option, read_yaml, section, set_key, shorthands, to_dict
 from ..data.augment import check_augment
 from ..sharding.config import ShardingConfig
 from ..strategies.config import DistillConfig, LocalSGDConfig, PrivacyConfig
-from ..transforms.spec import config_entry
 
 
 @dataclass(frozen=True)
@@ -123,17 +122,17 @@ class RunConfig:
                                     "checkpoints/")
     model: dict = option(None, "{name, **kwargs}: a model of jaxtrain.models.registry and "
                                "its keyword arguments (free-form; a bare name is allowed)",
-                         parse=named, required=True)
+                         parse=named, shorthand="name", required=True)
     data: dict = option(None, "{name, augment, **kwargs}: a data set of "
                               "jaxtrain.data.registry and its keyword arguments "
                               "(free-form); augment: see docs/augmentation.md",
-                        parse=_data, required=True)
+                        parse=_data, shorthand="name", required=True)
     task: str = option(None, "what the model is trained for: a task of "
                              "jaxtrain.train.tasks (classification, language_model, "
                              "regression)", required=True)
     optimizer: dict = option(None, "the transforms spec {optimizer, learning_rate, ...} "
                                    "(free-form, checked by jaxtrain.transforms.spec.build; "
-                                   "see docs/transforms.md)", parse=config_entry, required=True)
+                                   "see docs/transforms.md)", shorthand="optimizer", required=True)
     train: TrainConfig = section(TrainConfig, "the train loop")
     sharding: ShardingConfig = section(ShardingConfig, "device mesh and partition rules")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Orbax checkpoints")
@@ -180,13 +179,8 @@ class TrainerConfig:
                                            "folder holding another one is refused")
 
 
-# Sections that may be given as a bare string, and the key the string stands for.
-SHORTHAND = {"model": "name", "data": "name", "optimizer": "optimizer"}
-
-
-def check_config(raw: dict) -> RunConfig:
-    """The full config: defaults filled in, unknown keys and wrong types refused."""
-    return load(RunConfig, raw)
+# Keys that may be given as a bare string, and the key the string stands for.
+SHORTHAND = shorthands(RunConfig)
 
 
 # Keys a rerun into the same folder may change and still be the same run: where it writes,
@@ -236,12 +230,6 @@ def with_rerun_free(saved: dict, current: dict) -> dict:
     return merged
 
 
-def read_config(path: str | Path, overrides=()) -> dict:
-    """Read `path` (YAML) and apply `key=value` overrides (values parsed as YAML); the
-    raw mapping, not yet checked (a caller may take out sections of its own first)."""
-    return read_yaml(path, overrides, SHORTHAND)
-
-
 def load_config(path: str | Path, overrides=()) -> RunConfig:
     """Read `path` (YAML), apply `key=value` overrides (values parsed as YAML), check."""
-    return check_config(read_config(path, overrides))
+    return load(RunConfig, read_yaml(path, overrides, SHORTHAND))

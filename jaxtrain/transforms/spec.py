@@ -38,6 +38,7 @@ the valid set, a wrong type with the type expected.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import math
@@ -166,8 +167,9 @@ def _param_kind(param: inspect.Parameter):
     return None, optional
 
 
-def _call(where: str, factory, kwargs: dict, passthrough=()):
-    """`factory(**kwargs)`, each argument checked against the factory's signature."""
+def _check_args(where: str, factory, kwargs: dict, passthrough=()) -> None:
+    """Refuse an argument `factory` does not take, one of a type its signature does not
+    allow (but those in `passthrough`), or a missing required one."""
     params = inspect.signature(factory).parameters
     for key, value in kwargs.items():
         if key not in params:
@@ -181,10 +183,22 @@ def _call(where: str, factory, kwargs: dict, passthrough=()):
                and p.kind is p.POSITIONAL_OR_KEYWORD and n not in kwargs]
     if missing:
         _fail(where, f"{factory.__name__} needs {', '.join(missing)}")
+
+
+@contextlib.contextmanager
+def _refusals_named(where: str):
+    """A factory's ValueError or TypeError as a `JaxtrainError` naming `where`."""
     try:
-        return factory(**kwargs)
+        yield
     except (ValueError, TypeError) as err:
         raise JaxtrainError(f"{where}: {err}") from err
+
+
+def _call(where: str, factory, kwargs: dict, passthrough=()):
+    """`factory(**kwargs)`, each argument checked against the factory's signature."""
+    _check_args(where, factory, kwargs, passthrough)
+    with _refusals_named(where):
+        return factory(**kwargs)
 
 
 # -- names ------------------------------------------------------------------------------
@@ -259,17 +273,20 @@ def _optimizer(where: str, value, learning_rate, decay_rule, group=None, overrid
             override["learning_rate"] = _learning_rate(f"{where}.learning_rate",
                                                        override["learning_rate"])
         kwargs.update(override)
-    if decay_rule is None or decay_rule[1] != "decoupled":
-        return _call(where, factory, kwargs), kwargs
-    rate, _, mask = decay_rule
+    decoupled = decay_rule is not None and decay_rule[1] == "decoupled"
+    rate, _, mask = decay_rule if decoupled else (None, None, None)
     params = inspect.signature(factory).parameters
-    if "weight_decay" in params and (mask is None or "mask" in params):
-        extra = {"weight_decay": rate, **({"mask": mask} if mask is not None else {})}
-        return _call(where, factory, {**kwargs, **extra}, passthrough=("mask",)), kwargs
-    return optax.chain(
-        _call(where, factory, kwargs),
-        decay.add_decoupled_weight_decay(rate, kwargs.get("learning_rate", 1.0), mask),
-    ), kwargs
+    own_decay = decoupled and "weight_decay" in params and (mask is None or "mask" in params)
+    call = kwargs
+    if own_decay:
+        call = {**kwargs, "weight_decay": rate, **({"mask": mask} if mask is not None else {})}
+    _check_args(where, factory, call, passthrough=("mask",) if own_decay else ())
+    with _refusals_named(where):
+        tx = factory(**call)
+    if decoupled and not own_decay:
+        tx = optax.chain(tx, decay.add_decoupled_weight_decay(
+            rate, kwargs.get("learning_rate", 1.0), mask))
+    return tx, kwargs
 
 
 def _decay_mask(where: str, spec: dict):
@@ -338,17 +355,6 @@ def _stochastic_rounding(value) -> optax.GradientTransformation:
     _check_keys("stochastic_rounding", value, ("seed",))
     seed = _expect("stochastic_rounding.seed", value.get("seed", 0), "int")
     return low_precision.stochastic_rounding(jax.random.PRNGKey(seed))
-
-
-def config_entry(key: str, value) -> dict:
-    """A spec as a run config holds it (the `optimizer` section, a strategy's outer
-    optimizer): a bare optimizer name stands for {optimizer: name}; `build` checks the rest."""
-    if isinstance(value, str):
-        value = {"optimizer": value}
-    if not isinstance(value, dict):
-        raise JaxtrainError(f"config key {key!r} must be a transforms spec mapping (e.g. "
-                            f"{{optimizer: adam, learning_rate: 0.001}}), got {value!r}")
-    return value
 
 
 def build(config, prefix: str = "") -> optax.GradientTransformationExtraArgs:
