@@ -9,8 +9,7 @@ import pytest
 
 from jaxtrain import transforms
 from jaxtrain.errors import JaxtrainError
-from jaxtrain.strategies import make_loss_scaled_step
-from jaxtrain.train import TrainState
+from jaxtrain.train import LossScale, TrainState, make_train_step
 
 
 def _reference_scales(finite_flags, scale, period, factor, min_scale):
@@ -69,7 +68,7 @@ def test_float16_step_recovers_from_overflow_and_trains():
     tx = transforms.dynamic_loss_scale(optax.sgd(1e-5), initial_scale=2.0**15, period=1000)
     state = TrainState.create(_apply, tx, jax.random.PRNGKey(0),
                               params={"w": jnp.ones(4, jnp.float32)})
-    step = jax.jit(make_loss_scaled_step(loss_fn))
+    step = jax.jit(make_train_step(loss_fn, precision="float16"))
     losses, scales = [], []
     for _ in range(30):
         state, metrics = step(state, {"x": jnp.full((4,), 100.0)})
@@ -83,6 +82,17 @@ def test_float16_step_recovers_from_overflow_and_trains():
 
 def _apply(params, batch):
     return params["w"] * batch["x"]
+
+
+def test_a_loss_scale_in_the_optimizer_refuses_a_second_scale_or_a_nonfinite_policy():
+    loss_fn = lambda params, batch, rng: (jnp.sum(params["w"]), {})  # noqa: E731
+    tx = transforms.dynamic_loss_scale(optax.sgd(0.1))
+    state = TrainState.create(_apply, tx, jax.random.PRNGKey(0),
+                              params={"w": jnp.ones(2, jnp.float32)})
+    with pytest.raises(JaxtrainError, match="the loss would be scaled twice"):
+        make_train_step(loss_fn)(state.replace(loss_scale=LossScale.create()), {})
+    with pytest.raises(JaxtrainError, match="nan_policy 'raise' with a dynamic_loss_scale"):
+        make_train_step(loss_fn, nan_policy="raise")(state, {})
 
 
 def test_loss_scale_arguments_are_checked():
@@ -156,8 +166,6 @@ def test_the_steps_loss_scale_and_the_transforms_follow_one_rule():
     and `dynamic_loss_scale` in the optimizer state) give the scale torch.amp's update
     (`GradScaler`'s op) gives on one sequence of finite and overflowing steps."""
     import torch
-
-    from jaxtrain.train import LossScale, make_train_step
 
     flags = [True, True, False, True, True, True, False, False, True, True, True, True,
              False, True, True]

@@ -1,10 +1,9 @@
-"""Step-level training strategies: DP-SGD, distillation, float16 loss scaling, local SGD /
-DiLoCo."""
+"""Step-level training strategies: DP-SGD, distillation, local SGD / DiLoCo (float16 loss
+scaling is `jaxtrain.train.make_train_step`'s)."""
 
 from .distill import distillation_loss, load_teacher, make_distill_loss
 from .local_sgd import LocalSGDState, all_reduce_stats, make_local_sgd_round
 from .local_sgd import state_shardings as local_sgd_shardings
-from .loss_scaling import make_loss_scaled_step
 from .privacy import dp_epsilon, make_dp_train_step, per_example_grads
 
 __all__ = [
@@ -17,6 +16,5 @@ __all__ = [
     "make_distill_loss",
     "make_dp_train_step",
     "make_local_sgd_round",
-    "make_loss_scaled_step",
     "per_example_grads",
 ]

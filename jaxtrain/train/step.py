@@ -20,6 +20,7 @@ import optax
 
 from ..errors import JaxtrainError
 from ..transforms import current_hyperparams, find_state
+from ..transforms.loss_scale import LossScaleState
 from ..transforms.wrappers import EmaState
 from .precision import Policy, get_policy
 from .state import TrainState
@@ -196,7 +197,10 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
     every step.
     `unroll`: of the microbatch `lax.scan` (default: see `default_unroll`).
     With a `LossScale` in the state, a non-finite gradient skips the step and halves
-    the scale whatever the policy.
+    the scale whatever the policy. With a `transforms.dynamic_loss_scale` in the
+    optimizer instead, the step multiplies the loss by that transform's scale and the
+    transform unscales, skips and adapts (nan_policy must then be `none`); metrics add
+    `loss_scale` and `skipped_steps`.
     An optimizer that takes extra args (an Optax `GradientTransformationExtraArgs`: a
     chain with `reduce_on_plateau`, `lbfgs`, `newton`, `newton_cg`) receives the step's
     loss as `value=`, the gradient as `grad=` and `value_fn=` (params -> the loss on this
@@ -218,10 +222,12 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
 
     def train_step(state: TrainState, batch):
         rng = state.step_rng()
-        value, aux, model_state, grads = _unscaled_gradients(loss, state, batch, rng)
+        in_optimizer = _optimizer_loss_scale(state, nan_policy)
+        value, aux, model_state, grads = _unscaled_gradients(loss, state, batch, rng,
+                                                             in_optimizer)
         squared = squared_norm(grads)
         new_state = _update(loss, state, batch, rng, value, grads, model_state)
-        metrics = _metrics(state, new_state, value, aux, squared)
+        metrics = _metrics(state, new_state, value, aux, squared, in_optimizer)
         if state.loss_scale is None and nan_policy == "none":
             return new_state, metrics
         if state.loss_scale is None and nan_policy == "raise":
@@ -241,11 +247,29 @@ class _Loss(NamedTuple):
     unroll: object
 
 
-def _unscaled_gradients(loss: _Loss, state: TrainState, batch, rng):
+def _optimizer_loss_scale(state: TrainState, nan_policy: str) -> LossScaleState | None:
+    """The state of a `transforms.dynamic_loss_scale` in the optimizer, if there is one
+    (refused beside a `LossScale`, which would scale the loss twice, and with a non-finite
+    policy, which would stop or undo the overflowing steps the transform skips itself)."""
+    found = find_state(state.opt_state, LossScaleState)
+    if found is not None and state.loss_scale is not None:
+        raise JaxtrainError("the optimizer has a dynamic_loss_scale and the state a "
+                            "LossScale (precision float16): keep one, the loss would be "
+                            "scaled twice")
+    if found is not None and nan_policy != "none":
+        raise JaxtrainError(f"nan_policy {nan_policy!r} with a dynamic_loss_scale optimizer: "
+                            "it skips overflowing steps itself; use nan_policy 'none'")
+    return found
+
+
+def _unscaled_gradients(loss: _Loss, state: TrainState, batch, rng, in_optimizer=None):
     """The gradient part: `(loss, aux, model_state, grads)` over the microbatches; with a
-    `LossScale` in the state, the grads of `loss * scale` divided by the scale again."""
+    `LossScale` in the state, the grads of `loss * scale` divided by the scale again; with
+    a loss scale `in_optimizer`, the grads of `loss * scale`, which it divides itself."""
     scaler = state.loss_scale
     scale = 1.0 if scaler is None else scaler.scale
+    if in_optimizer is not None:
+        scale = in_optimizer.scale
     value, aux, model_state, grads = _accumulated(loss.fn, loss.policy, loss.microbatches,
                                                   loss.unroll, state, batch, rng, scale)
     if scaler is not None:
@@ -267,10 +291,16 @@ def _update(loss: _Loss, state: TrainState, batch, rng, value, grads, model_stat
         model_state=model_state, data_position=state.data_position + 1)
 
 
-def _metrics(state: TrainState, new_state: TrainState, value, aux, squared) -> dict:
+def _metrics(state: TrainState, new_state: TrainState, value, aux, squared,
+             in_optimizer=None) -> dict:
     """Loss, gradient norm, aux, the learning rate in force (times a plateau's scale) and
-    the loss scale this step used."""
+    the loss scale this step used (with one `in_optimizer`, whose gradients `squared`
+    measures still scaled: the steps it skipped too)."""
     metrics = {"loss": value, "grad_norm": jnp.sqrt(squared), **aux}
+    if in_optimizer is not None:
+        metrics["grad_norm"] = metrics["grad_norm"] / in_optimizer.scale
+        metrics["loss_scale"] = in_optimizer.scale
+        metrics["skipped_steps"] = find_state(new_state.opt_state, LossScaleState).skipped
     hyper = current_hyperparams(new_state.opt_state)
     if "learning_rate" in hyper:
         metrics["learning_rate"] = (jnp.asarray(hyper["learning_rate"], F32)
