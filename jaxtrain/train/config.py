@@ -113,11 +113,17 @@ def _data(key: str, value) -> dict:
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """What `jaxtrain train CONFIG` runs: the model, data, task and optimizer, and the
-    sections of the layers that train it."""
+class _Seed:
+    """The first key of a run config and of a Trainer's."""
 
-    seed: int = option(0, "random seed: model init, data order, dropout", minimum=0)
+    seed: int = option(0, "random seed: the data order, and in `jaxtrain train` the model "
+                          "init and dropout", minimum=0)
+
+
+@dataclass(frozen=True)
+class _RunSetup(_Seed):
+    """What a run trains (the keys of `RunConfig` before `TrainerSections`')."""
+
     out: str = option("runs/train", "output folder: log.jsonl, TensorBoard, curves.png, "
                                     "checkpoints/")
     model: dict = option(None, "{name, **kwargs}: a model of jaxtrain.models.registry and "
@@ -133,36 +139,42 @@ class RunConfig:
     optimizer: dict = option(None, "the transforms spec {optimizer, learning_rate, ...} "
                                    "(free-form, checked by jaxtrain.transforms.spec.build; "
                                    "see docs/transforms.md)", shorthand="optimizer", required=True)
-    train: TrainConfig = section(TrainConfig, "the train loop")
-    sharding: ShardingConfig = section(ShardingConfig, "device mesh and partition rules")
-    checkpoint: CheckpointConfig = section(CheckpointConfig, "Orbax checkpoints")
-    early_stopping: EarlyStoppingConfig | None = option(
-        None, "stop when a held-out metric stops improving (null: never)")
     distill: DistillConfig | None = option(
         None, "learn from a teacher checkpoint (task classification; null: off)")
     local_sgd: LocalSGDConfig | None = option(
         None, "communication-light data parallelism: local SGD / DiLoCo (null: off)")
     privacy: PrivacyConfig | None = option(
         None, "DP-SGD on Poisson batches of expected size train.batch_size (null: off)")
+
+
+@dataclass(frozen=True)
+class TrainerSections(_Seed):
+    """The sections a `Trainer` reads: declared once here, for both `RunConfig` and
+    `TrainerConfig`."""
+
+    train: TrainConfig = section(TrainConfig, "the train loop")
+    sharding: ShardingConfig = section(ShardingConfig, "device mesh and partition rules")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Orbax checkpoints")
+    early_stopping: EarlyStoppingConfig | None = option(
+        None, "stop when a held-out metric stops improving (null: never)")
     logging: LoggingConfig = section(LoggingConfig, "what is written besides log.jsonl")
 
 
 @dataclass(frozen=True)
-class TrainerConfig:
-    """What a `Trainer` is told besides its state, loss, metrics and callbacks: the run
-    config's sections it reads, and what `jaxtrain train` works out from the task and the
-    command. Built in Python (`TrainerConfig(train=TrainConfig(batch_size=32))`) or from a
-    run config (`jaxtrain.train.run.trainer_config`)."""
+class RunConfig(TrainerSections, _RunSetup):
+    """What `jaxtrain train CONFIG` runs: the model, data, task and optimizer
+    (`_RunSetup`), and the sections of the layers that train it (`TrainerSections`)."""
 
-    train: TrainConfig = section(TrainConfig, "the train loop (steps and eval_every are "
-                                              "fit's defaults)")
-    sharding: ShardingConfig = section(ShardingConfig, "device mesh and partition rules")
-    checkpoint: CheckpointConfig = section(CheckpointConfig, "Orbax checkpoints (dir null: "
-                                                             "none)")
-    early_stopping: EarlyStoppingConfig | None = option(
-        None, "stop when a held-out metric stops improving (null: never)")
-    logging: LoggingConfig = section(LoggingConfig, "what is written besides log.jsonl")
-    seed: int = option(0, "seed of the data order", minimum=0)
+
+@dataclass(frozen=True)
+class TrainerConfig(TrainerSections):
+    """What a `Trainer` is told besides its state, loss, metrics and callbacks: the
+    `TrainerSections` of a run config (there `checkpoint.dir` null means no checkpoints,
+    and `train.steps` and `train.eval_every` are `fit`'s defaults), and what `jaxtrain
+    train` works out from the task and the command. Built in Python
+    (`TrainerConfig(train=TrainConfig(batch_size=32))`) or from a run config
+    (`jaxtrain.train.run.config_trainer`)."""
+
     log_dir: str | None = option(None, "folder of log.jsonl, TensorBoard and curves.png "
                                        "(null: no logs)")
     monitor: str = option("loss", "the held-out metric 'best' refers to (checkpoint.best, "

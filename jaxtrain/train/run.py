@@ -28,6 +28,7 @@ from .callbacks import PlateauOnEval
 from .config import (
     RunConfig,
     TrainerConfig,
+    TrainerSections,
     config_changes,
     with_rerun_free,
 )
@@ -181,11 +182,10 @@ def config_trainer(cfg: RunConfig, state, model, task, model_config: dict,
     if monitor is not None and train.eval_every is None:
         raise JaxtrainError(f"config key 'optimizer.reduce_on_plateau.monitor' watches the "
                             f"held-out {monitor!r}: set train.eval_every too")
-    config = TrainerConfig(
-        train=train, sharding=cfg.sharding, early_stopping=cfg.early_stopping,
-        checkpoint=dataclasses.replace(ckpt, dir=str(checkpoint_folder(cfg))),
-        logging=cfg.logging, seed=cfg.seed, log_dir=str(out), monitor=task.monitor,
-        mode=task.mode, run=run, model_config=model_config, run_config=to_dict(cfg))
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainerSections)}
+    sections["checkpoint"] = dataclasses.replace(ckpt, dir=str(checkpoint_folder(cfg)))
+    config = TrainerConfig(**sections, log_dir=str(out), monitor=task.monitor, mode=task.mode,
+                           run=run, model_config=model_config, run_config=to_dict(cfg))
     return Trainer(state, loss_fn, config, metric_fn=task.metric_fn,
                    callbacks=[] if monitor is None else [PlateauOnEval(monitor)],
                    train_step=None if cfg.privacy is None else make_dp_train_step(loss_fn))
