@@ -112,6 +112,35 @@ def test_bfloat16_params_and_optimizer_state_on_request():
     assert np.isfinite(float(metrics["loss"]))
 
 
+@pytest.mark.parametrize("wrong, message", [
+    (lambda g: {**g, "w": g["w"][:3]},
+     r"at 'w' the gradients have shape \(3,\), the param \(4,\)"),
+    (lambda g: {"w": g["w"]},
+     r"the gradients have no 'b' \(a param of shape \(\)\); they hold 'w' \(dict of 1"),
+    (lambda g: {**g, "extra": g["w"]}, r"the gradients have 'extra' \(shape \(4,\)\), which "
+                                       "is not a param"),
+    (lambda g: [g["b"], g["w"]], r"the gradients have no 'b' .* they hold '0', '1' \(list of 2"),
+    (lambda g: {"b": (g["b"],), "w": g["w"]}, "the gradients have no 'b'"),
+    (lambda g: jax.tree.map(lambda x: jnp.stack([x, x]), g),  # per-example, not reduced
+     r"at 'b' the updates have shape \(2,\), the param \(\) \(gradients with leading "
+     "per-example axes need a transform that reduces them"),
+])
+def test_gradients_that_do_not_match_the_params_are_named(wrong, message):
+    """A hand-written step giving `apply_gradients` another tree than the params: one
+    JaxtrainError naming the first differing path and both sides, eagerly and traced
+    (before: Optax's broadcasting or tree-structure error from deep inside the update)."""
+    params = {"w": jnp.zeros(4), "b": jnp.zeros(())}
+    state = TrainState.create(lambda p, x: x @ p["w"] + p["b"], transforms.adam(0.1),
+                              jax.random.PRNGKey(0), params=params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    with pytest.raises(JaxtrainError, match="apply_gradients: the (gradients|optimizer's "
+                                            "updates) do not match the params: " + message):
+        state.apply_gradients(wrong(grads))
+    with pytest.raises(JaxtrainError, match=message):
+        jax.jit(lambda s: s.apply_gradients(wrong(jax.tree.map(jnp.ones_like, s.params))))(
+            state)
+
+
 def test_bad_models_are_refused():
     with pytest.raises(JaxtrainError, match="needs its params"):
         TrainState.create(lambda p, x: x, optax.sgd(0.1), jax.random.PRNGKey(0))

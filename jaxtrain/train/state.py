@@ -17,6 +17,7 @@ from flax import nnx, struct
 
 from ..errors import JaxtrainError
 from ..models.annotate import logical_axes
+from ..transforms.paths import tree_mismatch
 from ..transforms.wrappers import EmaState, ema
 from .adapters import ApplyAdapter, LinenAdapter, NnxAdapter, cast_floats
 
@@ -109,8 +110,20 @@ class TrainState(struct.PyTreeNode):
 
     def apply_gradients(self, grads, **extra_args) -> TrainState:
         """One optimizer step: transform the gradients, add them to the params, move the
-        EMA, advance the step."""
+        EMA, advance the step. Gradients (and so updates) of another structure or shape
+        than the params, a hand-written step's mistake, are refused naming the first path
+        that differs. Gradients may carry leading per-example axes for a transform that
+        reduces them (`dp_aggregate`); its updates must then have the params' shapes."""
+        wrong = tree_mismatch(grads, self.params, "gradients", "param", leading=True)
+        if wrong is not None:
+            raise JaxtrainError(f"apply_gradients: the gradients do not match the params: "
+                                f"{wrong}")
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra_args)
+        wrong = tree_mismatch(updates, self.params, "updates", "param")
+        if wrong is not None:
+            raise JaxtrainError(f"apply_gradients: the optimizer's updates do not match the "
+                                f"params: {wrong} (gradients with leading per-example axes "
+                                f"need a transform that reduces them, e.g. dp_aggregate)")
         params = optax.apply_updates(self.params, updates)
         ema_params = self.ema_params
         if ema_params is not None:  # the `transforms.ema` rule, kept outside the optimizer

@@ -37,6 +37,37 @@ def path_list(tree) -> list[str]:
     return [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def _shape(leaf) -> tuple:
+    return tuple(getattr(leaf, "shape", ()))
+
+
+def tree_mismatch(tree, like, name: str = "tree", like_name: str = "leaf",
+                  leading: bool = False) -> str | None:
+    """How `tree` fails to have `like`'s structure and leaf shapes, in words naming the
+    first path that differs and both sides (`name`: what `tree` holds, plural; `like_name`:
+    one leaf of `like`), or None when it matches. `leading`: a leaf may also have extra
+    leading axes (per-example gradients). Reads only structures and shapes, so it works
+    on traced values."""
+    leaves = {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    wanted = {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(like)[0]}
+    for path, ref in wanted.items():
+        if path not in leaves:
+            held = ", ".join(repr(p) for p in list(leaves)[:4]) or "nothing"
+            return (f"the {name} have no {path!r} (a {like_name} of shape {_shape(ref)}); "
+                    f"they hold {held}{' ...' if len(leaves) > 4 else ''} "
+                    f"({type(tree).__name__} of {len(leaves)} leaves)")
+        shape, want = _shape(leaves[path]), _shape(ref)
+        if (shape[len(shape) - len(want):] if leading else shape) != want:
+            return f"at {path!r} the {name} have shape {shape}, the {like_name} {want}"
+    for path, leaf in leaves.items():
+        if path not in wanted:
+            return f"the {name} have {path!r} (shape {_shape(leaf)}), which is not a {like_name}"
+    a, b = jax.tree.structure(tree), jax.tree.structure(like)
+    if a != b:
+        return f"the {name} are {a}, the {like_name}s {b}"
+    return None
+
+
 def _matcher(pattern: str) -> Callable[[str], bool]:
     if pattern.startswith("re:"):
         rx = re.compile(pattern[3:])
