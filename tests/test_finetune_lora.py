@@ -148,3 +148,60 @@ def test_einsum_of_another_form_is_refused():
     odd = nnx.Einsum("btd,hd->bth", (4, 8), rngs=nnx.Rngs(0))
     with pytest.raises(JaxtrainError, match="contracts the input's last axes"):
         LoRA(odd, rank=2, rngs=nnx.Rngs(0))
+
+
+def test_stacked_gpt_adapters_equal_the_unrolled_ones_and_merge():
+    """On a scanned GPT (`scan_layers`) each stacked kernel gets one adapter per layer:
+    with the adapters copied across layouts (`unstack_layers`), the stacked model's
+    output and adapter gradients equal the unrolled model's (itself checked against the
+    closed form above); merged equals adapted; dropout draws new keys in each layer in
+    training and nothing in eval mode (no state mutated: a closed-over model traces)."""
+    from jaxtrain.checkpoint.layout import unstack_layers
+    from jaxtrain.models.registry import build
+
+    kw = dict(vocab_size=32, d_model=16, num_layers=2, num_heads=2, max_len=8)
+    stacked, unrolled = build("gpt", 0, scan_layers=True, **kw), build("gpt", 0, **kw)
+    tokens = jnp.arange(16).reshape(2, 8) % 32
+    paths_before = path_list(nnx.to_pure_dict(nnx.state(stacked, nnx.Param)))
+    wrapped = apply_lora(stacked, ["blocks/attn/*", "blocks/mlp/up"], rank=2, alpha=4.0,
+                         dropout=0.5, rngs=nnx.Rngs(1))
+    assert wrapped == ["blocks/attn/key", "blocks/attn/out", "blocks/attn/query",
+                       "blocks/attn/value", "blocks/mlp/up"]
+    apply_lora(unrolled, ["blocks/*/attn/*", "blocks/*/mlp/up"], rank=2, alpha=4.0,
+               dropout=0.5, rngs=nnx.Rngs(1))
+    assert stacked.blocks.attn.query.lora_a.shape == (2, 16, 2)  # (layers, d, rank)
+    assert stacked.blocks.attn.out.lora_b.shape == (2, 2, 16)    # (layers, rank, d)
+    _randomise_b(stacked)
+    params = nnx.to_pure_dict(nnx.state(stacked, nnx.Param))
+    state = nnx.state(unrolled, nnx.Param)
+    nnx.replace_by_pure_dict(state, unstack_layers(params))
+    nnx.update(unrolled, state)
+    stacked.eval()
+    unrolled.eval()
+
+    def loss_and_grads(model):
+        graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+        def f(p):
+            logits = nnx.merge(graphdef, p, rest)(tokens)
+            return logits.astype(jnp.float32).std(), logits
+
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(nnx.to_pure_dict(p))
+
+    (_, adapted), grads = loss_and_grads(stacked)
+    (_, want_logits), want_grads = loss_and_grads(unrolled)
+    np.testing.assert_allclose(adapted, want_logits, rtol=1e-5, atol=1e-5)
+    lora_grads = lambda g: {p: x for p, x in zip(path_list(g), jax.tree.leaves(g),
+                                                 strict=True) if "lora" in p}
+    got, want = lora_grads(unstack_layers(grads)), lora_grads(want_grads)
+    assert len(got) == 20 and got.keys() == want.keys()  # 5 adapters x 2 layers x (a, b)
+    for path in got:
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-4, atol=1e-6,
+                                   err_msg=path)
+    stacked.train()
+    first, second = stacked(tokens), stacked(tokens)
+    assert int(stacked.blocks.mlp.up.dropout.rngs.count[...]) == 4  # 2 calls x 2 layers
+    assert not np.allclose(first, second) and not np.allclose(first, adapted)
+    stacked.eval()
+    merge_lora(stacked)
+    np.testing.assert_allclose(stacked(tokens), adapted, rtol=1e-5, atol=1e-5)
+    assert path_list(nnx.to_pure_dict(nnx.state(stacked, nnx.Param))) == paths_before

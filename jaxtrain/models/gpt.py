@@ -258,14 +258,29 @@ class GPT(nnx.Module):
             for block in self.blocks:
                 x = call(block, x)
             return x
-        graphdef, layers = nnx.split(self.blocks)
+        # Random-stream state (a LoRA adapter's dropout) has no layer axis: it is carried
+        # through the layers, each drawing its own keys, and written back only if a layer
+        # drew (as the unrolled blocks mutate it only then: not in eval mode, nor at rate 0).
+        graphdef, streams, layers = nnx.split(self.blocks, nnx.RngState, ...)
+        drew = []
 
-        def body(x, layer):
-            return nnx.merge(graphdef, layer)(x), None
+        def body(carry, layer):
+            x, streams = carry
+            before = jax.tree.leaves(streams)
+            block = nnx.merge(graphdef, streams, layer)
+            x = block(x)
+            streams = nnx.state(block, nnx.RngState)
+            if any(a is not b for a, b in zip(before, jax.tree.leaves(streams),
+                                               strict=True)):
+                drew.append(True)
+            return (x, streams), None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        return jax.lax.scan(body, x, layers)[0]
+        (x, streams), _ = jax.lax.scan(body, (x, streams), layers)
+        if drew:
+            nnx.update(self.blocks, streams)
+        return x
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         """Matmul FLOPs per token at sequence length `seq_len` (2 per multiply-add): every

@@ -7,6 +7,12 @@ kernel's contracted input axes flattened into `lora_a`'s rows and its output axe
 `lora_b`'s columns; `lora_b` starts at zero, so the wrapped model starts as the base one.
 (`flax.nnx.LoRA` has no `alpha`, no dropout and only 2-D kernels, hence this wrapper.)
 `merge_lora` folds the adapters back into the kernels for export.
+
+A kernel stacked on a leading `layers` axis (a GPT built with `scan_layers=True`) gets
+one adapter per layer: `lora_a` (layers, fan_in, rank) and `lora_b` (layers, rank,
+fan_out), sliced with the kernel inside the GPT's scan over layers, so the stacked
+model adapted is the unrolled one adapted (`jaxtrain.checkpoint.layout` converts the
+adapters with the rest).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from flax import nnx
 
 from ..errors import JaxtrainError
 from ..transforms.paths import matches
+from .gpt import LAYER_AXIS
 
 ADAPTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
@@ -50,9 +57,16 @@ def _input_axes(base) -> int:
     return len(axes)
 
 
+def _stacked_layers(base) -> int | None:
+    """The number of layers when the base kernel is stacked on a leading layer axis (its
+    logical axis names start with `layers`), else None."""
+    names = base.kernel.get_metadata().get("out_sharding") or ()
+    return base.kernel.shape[0] if names and names[0] == LAYER_AXIS else None
+
+
 class LoRA(nnx.Module):
     """A Linear / LinearGeneral / Einsum layer plus a trainable low-rank update of its
-    kernel."""
+    kernel (one per layer for a stacked kernel)."""
 
     def __init__(self, base, rank: int, alpha: float | None = None, dropout: float = 0.0,
                  *, rngs: nnx.Rngs):
@@ -65,18 +79,23 @@ class LoRA(nnx.Module):
             raise JaxtrainError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
         alpha = float(rank if alpha is None else alpha)
         kernel = base.kernel[...]
+        layers = _stacked_layers(base)
+        lead = () if layers is None else (layers,)  # one adapter per stacked layer
+        per_layer = kernel.shape[len(lead):]
         self.n_in = _input_axes(base)
-        self.out_shape = tuple(kernel.shape[self.n_in:])
-        fan_in = math.prod(kernel.shape[:self.n_in])
+        self.out_shape = tuple(per_layer[self.n_in:])
+        fan_in = math.prod(per_layer[:self.n_in])
         self.scale = alpha / rank
         self.base = base
-        self.lora_a = nnx.Param(
-            nnx.initializers.he_uniform()(rngs.params(), (fan_in, rank), kernel.dtype))
-        self.lora_b = nnx.Param(jnp.zeros((rank, math.prod(self.out_shape)), kernel.dtype))
+        init = nnx.initializers.he_uniform(batch_axis=tuple(range(len(lead))))
+        self.lora_a = nnx.Param(init(rngs.params(), (*lead, fan_in, rank), kernel.dtype))
+        self.lora_b = nnx.Param(
+            jnp.zeros((*lead, rank, math.prod(self.out_shape)), kernel.dtype))
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def delta(self):
-        """The kernel update `(alpha / rank) * lora_a @ lora_b`, in the kernel's shape."""
+        """The kernel update `(alpha / rank) * lora_a @ lora_b`, in the kernel's shape (a
+        stacked kernel's: the product is batched over the layer axis)."""
         kernel = self.base.kernel[...]
         return (self.scale * self.lora_a[...] @ self.lora_b[...]).reshape(kernel.shape)
 
