@@ -96,12 +96,13 @@ def test_resnet_batch_statistics_are_carried_and_updated_by_the_train_step():
 def test_model_sizes_come_from_the_data_or_must_agree():
     """A 3-class data set gives the MLP a 3-way head (it was silently 10-way) and
     synthetic features its input width; a config size the data contradicts is refused."""
-    from jaxtrain.train.config import check_config
+    from jaxtrain.config import load
+    from jaxtrain.train.config import RunConfig
     from jaxtrain.train.run import data_and_model, model_kwargs
 
     def sizes(model, data):
-        cfg = check_config({"model": model, "data": data, "task": "classification",
-                            "optimizer": "adam"})
+        cfg = load(RunConfig, {"model": model, "data": data, "task": "classification",
+                               "optimizer": "adam"})
         name, kwargs = data_and_model(cfg)[1:]
         net = build(name, 0, **kwargs)
         return net.layers[0].kernel.shape[0], net.head.kernel.shape[1]
