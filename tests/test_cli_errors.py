@@ -57,6 +57,38 @@ def test_a_task_that_does_not_fit_the_data_is_one_line(tmp_path, capsys):
     assert "KeyError: 'tokens'" in err
 
 
+def test_images_too_small_for_the_cnn_are_one_line_naming_both_sizes(tmp_path, capsys):
+    """7x7 PNGs prepared into records, trained with the 8x8 digits CNN: exit 2 and one
+    line naming the images' shape and the model's (before: dot_general's contracting
+    dimensions, 288 and 512); the same from the model in Python, and for RGB images."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from PIL import Image
+
+    from jaxtrain import JaxtrainError
+    from jaxtrain.data.prepare import prepare_images
+    from jaxtrain.models import CNN
+
+    pixels = np.random.default_rng(0).integers(0, 255, (16, 7, 7), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        (tmp_path / "pngs" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, "L").save(tmp_path / "pngs" / "ab"[i % 2] / f"{i}.png")
+    prepare_images(tmp_path / "pngs", tmp_path / "records", valid_fraction=0.25,
+                   progress=False)
+    config = str(Path(CONFIG).parent / "image_folder_cnn.yaml")
+    assert main(["train", config, f"data.path={tmp_path / 'records'}", f"out={tmp_path / 'run'}",
+                 "train.batch_size=8", "train.steps=2", *QUIET]) == 2
+    assert ("the cnn model takes 8x8 images with 1 channel (its dense layer reads the 4x4 map "
+            "pooled from them), got images of shape (7, 7, 1) (batch (8, 7, 7, 1))"
+            in _one_line(capsys))
+    with nnx.use_eager_sharding(False):
+        model = CNN(2, channels=2, features=4, rngs=nnx.Rngs(0))
+    for shape, seen in [((1, 7, 7), (7, 7, 1)), ((1, 8, 8, 3), (8, 8, 3))]:
+        with pytest.raises(JaxtrainError, match=re.escape(f"got images of shape {seen}")):
+            model(jnp.zeros(shape))
+
+
 def test_an_unforeseen_fault_is_one_line_with_exit_code_1(monkeypatch, capsys):
     def broken(args):
         raise RuntimeError("something inside\nmore lines")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from ..errors import JaxtrainError
 from .annotate import kernel_init, param_dtype, zeros_init
 from .flops import conv2d
 from .init import DEFAULT, initializer
@@ -37,6 +38,12 @@ class Backbone(nnx.Module):
         )
 
     def __call__(self, x):
+        if x.shape[1:] != (8, 8, 1):  # else a shape error deep inside conv or dense
+            raise JaxtrainError(
+                f"the cnn model takes 8x8 images with 1 channel (its dense layer reads the 4x4 "
+                f"map pooled from them), got images of shape {tuple(x.shape[1:])} (batch "
+                f"{tuple(x.shape)}); resize them (jaxtrain data prepare images --image-size 8 "
+                f"8) or pick a model for that size")
         x = jax.nn.relu(self.conv1(x))
         x = jax.nn.relu(self.conv2(x))
         x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
