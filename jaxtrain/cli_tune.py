@@ -104,6 +104,8 @@ def cmd_sweep(args) -> int:
 
     grid = parse_grid(args.grid or ["learning_rate=log:1e-4:1e-1:8"])
     problem, cfg, out = _problem(args)
+    if args.folds is not None:
+        return _cross_validate(args, grid, problem, cfg, out)
     result = sweep(problem.spec, grid, problem.train, problem.valid, cfg.train.steps,
                    progress=not args.quiet)
     print(result.table())
@@ -206,6 +208,27 @@ def cmd_batch_size(args) -> int:
     return 0
 
 
+def _cross_validate(args, grid, problem, cfg, out) -> int:
+    """`jaxtrain sweep --folds K`: the grid on K folds of the training split (the config's
+    held-out split is the test set), chosen by the mean held-out metric."""
+    from .tune.crossval import cross_validate
+
+    cv = cross_validate(problem.spec, grid, problem.train, problem.valid, cfg.train.steps,
+                        args.folds, cfg.seed, progress=not args.quiet)
+    print(cv.table())
+    best = cv.points[cv.best_index()]
+    result = cv.result
+    print(f"best: {best} by mean held-out {result.monitor} over {args.folds} folds "
+          f"(seed {cfg.seed}); {len(result.points)} runs in {result.run_seconds:.1f} s "
+          f"(+{result.compile_seconds:.1f} s compile)")
+    cv.plot(out / "sweep.png")
+    (out / "sweep.json").write_text(json.dumps(
+        {"monitor": result.monitor, "folds": args.folds, "fold_seed": cfg.seed,
+         "best": best, "points": cv.rows()}, indent=1) + "\n")
+    print(f"wrote {out / 'sweep.png'}, {out / 'sweep.json'}")
+    return 0
+
+
 def add_commands(sub, positive_int) -> None:
     """Register the tuning subcommands on the `jaxtrain` parser."""
 
@@ -225,6 +248,10 @@ def add_commands(sub, positive_int) -> None:
     p.add_argument("--grid", action="append", metavar="NAME=VALUES",
                    help="learning_rate=1e-3,3e-3 or learning_rate=log:1e-4:1e-1:8 or "
                         "seed=0,1 (repeatable; default: 8 log-spaced learning rates)")
+    p.add_argument("--folds", type=positive_int, metavar="K",
+                   help="K-fold cross-validation on the training split: every point "
+                        "trained on K folds (stratified by label), chosen by the mean "
+                        "held-out metric; the config's held-out split is the test set")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("compare", help="compare optimizers, each tuned over learning rates")

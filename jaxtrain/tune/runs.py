@@ -97,11 +97,29 @@ def make_runner(spec: RunSpec):
                             unroll=default_unroll(None, one, state, indices[0]))
 
     def evaluate(state: TrainState, valid: dict) -> dict:
-        model = state.model(evaluation_params(state), train=False)
-        values = spec.task.metric_fn(model, valid)
-        return {k: jnp.mean(v) for k, v in values.items() if v.ndim == 1}  # not confusion
+        return {k: jnp.mean(v) for k, v in example_metrics(spec, state, valid).items()}
 
     return start, chunk, evaluate
+
+
+def example_metrics(spec: RunSpec, state: TrainState, data: dict) -> dict:
+    """The task's per-example held-out values of `state`'s model on `data` (metrics with
+    other shapes, such as confusion entries, left out)."""
+    model = state.model(evaluation_params(state), train=False)
+    values = spec.task.metric_fn(model, data)
+    return {k: v for k, v in values.items() if v.ndim == 1}
+
+
+def make_rows_evaluate(spec: RunSpec):
+    """`evaluate(state, data, rows, weight) -> metrics`: held-out means over the examples
+    `data[rows]` weighted by `weight` (0 for padding), so that held-out sets of different
+    sizes (a cross-validation's folds) stack into one vmapped evaluation."""
+
+    def evaluate(state: TrainState, data: dict, rows, weight) -> dict:
+        values = example_metrics(spec, state, {k: v[rows] for k, v in data.items()})
+        return {k: jnp.sum(v * weight) / jnp.sum(weight) for k, v in values.items()}
+
+    return evaluate
 
 
 def conv_on_cpu(spec: RunSpec, state: TrainState, train: dict) -> bool:

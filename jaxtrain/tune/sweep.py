@@ -7,7 +7,8 @@ runs of `steps` not a multiple of `eval_every` end with a shorter chunk and one 
 evaluation. On CPU a model with a convolution takes one step per call instead (XLA:CPU
 runs convolutions in loops ~24x slower, and unrolling a long chunk compiles slowly).
 `seed` in the grid varies the init and the data order; every other name sets an injected
-hyperparameter of the optimizer.
+hyperparameter of the optimizer. With `folds` (cross-validation, `jaxtrain.tune.crossval`)
+every point is trained once per fold, all runs side by side in the same program.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .runs import (
     conv_on_cpu,
     initial_state,
     injected_names,
+    make_rows_evaluate,
     make_runner,
 )
 
@@ -68,6 +70,7 @@ class SweepResult:
     compile_seconds: float
     run_seconds: float
     params: object = None  # final params, stacked over points
+    test: dict | None = None  # with folds: metric -> (points,) on `valid`, after the last step
 
     def final(self, metric: str | None = None) -> np.ndarray:
         return self.evals[metric or self.monitor][:, -1]
@@ -187,12 +190,31 @@ def eval_ends(steps: int, eval_every: int) -> list[int]:
     return ends if ends and ends[-1] == steps else [*ends, steps]
 
 
+def _held_out_rows(folds, runs) -> tuple[np.ndarray, np.ndarray]:
+    """Each run's held-out rows padded to the largest fold, and their weights (0: pad)."""
+    width = max(len(held) for _, held in folds)
+    rows = np.zeros((len(runs), width), np.int32)
+    weight = np.zeros((len(runs), width), np.float32)
+    for i, p in enumerate(runs):
+        held = folds[p["fold"]][1]
+        rows[i, :len(held)], weight[i, :len(held)] = held, 1.0
+    return rows, weight
+
+
 def sweep(spec: RunSpec, grid: dict, train: dict, valid: dict, steps: int, devices=None,
-          progress: bool = True, keep_params: bool = False) -> SweepResult:
-    """Train every point of `grid` for `steps` steps as one vmapped program."""
+          progress: bool = True, keep_params: bool = False, folds=None) -> SweepResult:
+    """Train every point of `grid` for `steps` steps as one vmapped program.
+
+    `folds`, a list of (train rows, held-out rows) of `train`: every point is trained once
+    per fold on that fold's rows (in the order a run on `train[rows]` alone would draw
+    them) and evaluated on its held-out rows; the result's points carry a `fold` key
+    (point-major), its `evals` are the folds' held-out metrics and its `test` those of
+    `valid` after the last step."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise JaxtrainError(f"steps must be a positive integer, got {steps!r}")
     points = expand_grid(grid)
+    if folds is not None:
+        points = [{**p, "fold": f} for p in points for f in range(len(folds))]
     seeds = sorted({int(p.get("seed", 0)) for p in points})
     base = initial_state(spec, seeds[0])
     # one set of static fields (model adapter, transform) for all, so the states stack
@@ -213,8 +235,15 @@ def sweep(spec: RunSpec, grid: dict, train: dict, valid: dict, steps: int, devic
     hyper = jax.device_put({n: np.array([p[n] for p in padded], np.float32) for n in swept},
                            along)
     n_train = len(next(iter(train.values())))
-    indices = np.stack([batch_indices(n_train, spec.batch_size, int(p.get("seed", 0)), steps)
-                        for p in padded], axis=1)  # (steps, runs, batch)
+
+    def rows(p: dict) -> np.ndarray:
+        seed = int(p.get("seed", 0))
+        if folds is None:
+            return batch_indices(n_train, spec.batch_size, seed, steps)
+        own = folds[p["fold"]][0]
+        return own[batch_indices(len(own), spec.batch_size, seed, steps)]
+
+    indices = np.stack([rows(p) for p in padded], axis=1)  # (steps, runs, batch)
     one_step_calls = conv_on_cpu(spec, base, train)
     train, valid = jax.device_put((train, valid), everywhere)
 
@@ -224,6 +253,11 @@ def sweep(spec: RunSpec, grid: dict, train: dict, valid: dict, steps: int, devic
                     donate_argnums=(0,), out_shardings=(along, NamedSharding(
                         mesh, PartitionSpec(None, "sweep"))))
     evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, None)), out_shardings=along)
+    held_out, eval_args = evaluate, (valid,)
+    if folds is not None:
+        held_out = jax.jit(jax.vmap(make_rows_evaluate(spec), in_axes=(0, None, 0, 0)),
+                           out_shardings=along)
+        eval_args = (train, *jax.device_put(_held_out_rows(folds, padded), along))
     state = start(state, hyper)
     indices = jax.device_put(indices, NamedSharding(mesh, PartitionSpec(None, "sweep")))
     ends = eval_ends(steps, spec.eval_every)
@@ -234,7 +268,7 @@ def sweep(spec: RunSpec, grid: dict, train: dict, valid: dict, steps: int, devic
     t0 = time.perf_counter()
     compiled = {n: chunk.lower(state, indices[:n], train).compile()
                 for n in {b - a for a, b in calls}}
-    evaluate = evaluate.lower(state, valid).compile()
+    held_out = held_out.lower(state, *eval_args).compile()
     compile_seconds = time.perf_counter() - t0
     bar = Progress(steps, f"sweep ({len(points)} runs)", enabled=progress)
     losses, evals = [], []
@@ -243,9 +277,10 @@ def sweep(spec: RunSpec, grid: dict, train: dict, valid: dict, steps: int, devic
         state, loss = compiled[b - a](state, indices[a:b], train)
         losses.append(loss)
         if b in ends:
-            evals.append(evaluate(state, valid))
+            evals.append(held_out(state, *eval_args))
             bar.update(b, {})
-    losses, evals = jax.device_get((losses, evals))
+    test = None if folds is None else evaluate(state, valid)
+    losses, evals, test = jax.device_get((losses, evals, test))
     run_seconds = time.perf_counter() - t0
     bar.close()
 
@@ -260,4 +295,5 @@ def sweep(spec: RunSpec, grid: dict, train: dict, valid: dict, steps: int, devic
         compile_seconds=compile_seconds,
         run_seconds=run_seconds,
         params=jax.tree.map(lambda x: x[:n], state.params) if keep_params else None,
+        test=None if test is None else {k: v[:n] for k, v in test.items()},
     )
