@@ -83,6 +83,39 @@ def test_early_stopping_and_the_log_resume_exactly(tmp_path):
     assert _records(tmp_path / "b") == before
 
 
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
+    """A run killed after step 20's checkpoint had logged steps 25 and 30 (and step 30's
+    evaluation); its resume logs them again. TensorBoard's own reader sees each step once,
+    with the resumed run's values, from both event files (before: the second evaluation
+    of step 30 showed twice; a resume within the second of the first start overwrote the
+    first event file)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_train_loop import _trainer as plain_trainer
+
+    def fit():
+        trainer = plain_trainer(log_dir=tmp_path, log_every=5,
+                                checkpoint=CheckpointConfig(dir=tmp_path / "ckpt", every=10),
+                                logging=LoggingConfig(progress=False, plots=False))
+        return trainer.fit(_data(), 30, eval_data=_data(48, 1), eval_every=10), trainer
+
+    fit()
+    with Manager(tmp_path / "ckpt") as mngr:  # the kill: step 30 was never saved
+        mngr.delete(30)
+    _, resumed = fit()
+    assert resumed.start_step == 20
+    files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    log = read_log(tmp_path / "log.jsonl")
+    for tag, run, steps in [("train/loss", "train", [5, 10, 15, 20, 25, 30]),
+                            ("train/eval/accuracy", "train/eval", [10, 20, 30])]:
+        shown = [(e.step, e.value) for e in board.Scalars(tag)]
+        name = tag.rsplit("/", 1)[1]
+        logged = [(r["step"], float(np.float32(r[name]))) for r in log if r["run"] == run]
+        assert [s for s, _ in shown] == steps and shown == logged, (tag, shown, logged)
+
+
 def test_keep_until_drops_later_records_and_a_partial_line(tmp_path):
     log = tmp_path / "log.jsonl"
     lines = [{"run": "train", "step": s, "loss": 1.0 / s} for s in (5, 10, 15)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 
@@ -101,12 +102,20 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path,
 
 
 class TensorBoardLogger:
-    """Scalars to TensorBoard event files (tensorboardX), one tag per `run/metric`."""
+    """Scalars to TensorBoard event files (tensorboardX), one tag per `run/metric`.
 
-    def __init__(self, logdir: str | Path):
+    A run that continues from `start_step` (a resume) writes a new event file that begins
+    with TensorBoard's purge marker for the steps after it (tensorboardX's `purge_step`):
+    TensorBoard then drops what an earlier, interrupted process logged past that step, so
+    each step shows once, as in the JSONL log. Files are named in the order they are
+    written (nanoseconds): tensorboardX's own names change once a second, and a second
+    writer within it would replace the first's file."""
+
+    def __init__(self, logdir: str | Path, start_step: int = 0):
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(logdir))
+        self.writer = SummaryWriter(str(logdir), purge_step=start_step + 1,
+                                    filename_suffix=f".{time.time_ns():020d}")
 
     def log(self, run: str, step: int, metrics: dict) -> None:
         for name, value in metrics.items():

@@ -414,7 +414,7 @@ class Trainer:
             keep_until(self.log_dir / "log.jsonl", {self.run, f"{self.run}/eval"}, self.step)
             self.loggers.append(JsonlLogger(self.log_dir / "log.jsonl"))
             if self.tensorboard:
-                self.loggers.append(TensorBoardLogger(self.log_dir / "tensorboard"))
+                self.loggers.append(TensorBoardLogger(self.log_dir / "tensorboard", self.step))
         self._tracking = []
         if main:
             self._start_trackers()
