@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import JaxtrainError
 from ..train.logs import pyplot, save_figure
 from .runs import RunSpec
-from .sweep import SweepResult, sweep
+from .sweep import SweepResult, marked_table, sweep
 
 
 def fold_sets(train: dict, folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -91,13 +91,7 @@ class CrossValidation:
                  f"{m:.4f}", f"{s:.4f}", f"{t:.4f}"]
                 for p, folds, m, s, t in zip(self.points, self.per_fold(), self.mean(),
                                              self.spread(), self.test(), strict=True)]
-        best = self.best_index()
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-        lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
-        for i, r in enumerate(rows):
-            mark = "  <- best" if i == best else ""
-            lines.append("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + mark)
-        return "\n".join(lines)
+        return marked_table(head, rows, self.best_index())
 
     def rows(self) -> list[dict]:
         """One JSON-ready mapping per point: its values, per-fold metric, mean, std, test."""

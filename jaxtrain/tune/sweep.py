@@ -57,6 +57,16 @@ def expand_grid(grid: dict) -> list[dict]:
     return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*grid.values())]
 
 
+def marked_table(head: list[str], rows: list[list[str]], best: int) -> str:
+    """Right-aligned columns under `head`, the row `best` marked `<- best`."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
+    for i, r in enumerate(rows):
+        mark = "  <- best" if i == best else ""
+        lines.append("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + mark)
+    return "\n".join(lines)
+
+
 @dataclasses.dataclass
 class SweepResult:
     """Curves of every grid point: training loss per step, held-out metrics per eval."""
@@ -94,13 +104,7 @@ class SweepResult:
             for p, f, b, loss in zip(self.points, self.final(), self.best(),
                                      self.evals["loss"][:, -1], strict=True)
         ]
-        best = self.best_index()
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-        lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
-        for i, r in enumerate(rows):
-            mark = "  <- best" if i == best else ""
-            lines.append("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + mark)
-        return "\n".join(lines)
+        return marked_table(head, rows, self.best_index())
 
     def plot(self, path: str | Path) -> Path:
         """Left: the final (line) and best (dashed) held-out metric against the swept
