@@ -148,7 +148,7 @@ def cmd_compare(args) -> int:
     problem, cfg, out = _problem(args)
     result = compare(problem.spec, strategies, problem.train, problem.valid,
                      cfg.train.steps, seeds=seeds, target=args.target,
-                     progress=not args.quiet)
+                     progress=not args.quiet, folds=args.folds, fold_seed=cfg.seed)
     print(result.table())
     result.plot(out / "compare.png")
     rows = [{"strategy": r.name, "learning_rate": r.learning_rate,
@@ -156,7 +156,8 @@ def cmd_compare(args) -> int:
              "best_mean": float(r.best.mean()), "steps_to_target": r.steps_to_target,
              "seconds_to_target": r.seconds_to_target} for r in result.results]
     (out / "compare.json").write_text(json.dumps({"target": result.target, "seeds": seeds,
-                                                  "results": rows}, indent=1) + "\n")
+                                                  "folds": args.folds, "results": rows},
+                                                 indent=1) + "\n")
     print(f"wrote {out / 'compare.png'}, {out / 'compare.json'}")
     return 0
 
@@ -243,15 +244,17 @@ def add_commands(sub, positive_int) -> None:
         parser.add_argument("--out", help="output folder (default: <config out>/<command>)")
         parser.add_argument("--quiet", action="store_true", help="no progress output")
 
+    def folds(parser, what: str):
+        parser.add_argument("--folds", type=positive_int, metavar="K",
+                            help=f"K-fold cross-validation on the training split: {what}")
+
     p = sub.add_parser("sweep", help="train a hyperparameter grid as one vmapped program")
     common(p)
     p.add_argument("--grid", action="append", metavar="NAME=VALUES",
                    help="learning_rate=1e-3,3e-3 or learning_rate=log:1e-4:1e-1:8 or "
                         "seed=0,1 (repeatable; default: 8 log-spaced learning rates)")
-    p.add_argument("--folds", type=positive_int, metavar="K",
-                   help="K-fold cross-validation on the training split: every point "
-                        "trained on K folds (stratified by label), chosen by the mean "
-                        "held-out metric; the config's held-out split is the test set")
+    folds(p, "every point trained on K folds (stratified by label), chosen by the mean "
+             "held-out metric; the config's held-out split is the test set")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("compare", help="compare optimizers, each tuned over learning rates")
@@ -267,6 +270,8 @@ def add_commands(sub, positive_int) -> None:
                    help="comma-separated seeds (default 0,1)")
     p.add_argument("--target", type=finite_float,
                    help="held-out target of the monitored metric")
+    folds(p, "each learning rate and seed trained on K folds, tuned by the mean over "
+             "seeds and folds, reported on the folds' held-out rows")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("lr-find", help="the learning-rate range test")

@@ -84,3 +84,23 @@ def test_sweep_folds_from_the_command_line(tmp_path, capsys):
     assert (out / "sweep.png").stat().st_size > 0
     assert main(["sweep", str(config), "--folds", "1", "--out", str(out), "--quiet"]) == 2
     assert "--folds must be an integer from 2" in capsys.readouterr().err
+
+
+def test_compare_tunes_each_strategy_on_the_folds():
+    """`compare(..., folds=K)`: the tuned rate is the best mean over the K folds' held-out
+    metrics, and the strategy's figures are those folds' values."""
+    from jaxtrain.tune.compare import compare
+
+    train, valid = digits_split((0, 1), 0.25, 0)
+    spec = RunSpec(lambda s: build("mlp", s, in_features=64, hidden=[8], out_features=2),
+                   get_task("classification"), transforms.adam(1e-2), 16, 4)
+    rates = [1e-3, 3e-2]
+    result = compare(spec, ["adam"], train, valid, 4, seeds=(0,), lr_grids={"adam": rates},
+                     progress=False, folds=2, fold_seed=0)
+    tuned = result.results[0]
+    assert [p["fold"] for p in tuned.sweep.points] == [0, 1, 0, 1]
+    per_fold = tuned.sweep.final().reshape(2, 2)  # (rates, folds)
+    chosen = int(np.argmax(per_fold.mean(1)))
+    assert tuned.learning_rate == rates[chosen]
+    np.testing.assert_array_equal(tuned.final, per_fold[chosen])
+    assert "seeds [0]; 2 folds of the training split" in result.table()

@@ -7,6 +7,9 @@ At that rate we report the final and best held-out metric (mean and spread over
 seeds), the steps to reach the target (median over seeds; the target is given, or else
 95% of the way from the worst to the best strategy's mean final value), and the
 wall time to the target: the sweep's measured time per step per run times those steps.
+With `folds` (`jaxtrain compare --folds K`) every learning rate and seed is trained on K
+folds of the training split (`jaxtrain.tune.crossval`): the tuned rate is the one with the
+best mean over seeds and folds, and the figures are the folds' held-out ones.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from ..errors import JaxtrainError
 from ..train.logs import pyplot, save_figure
 from ..transforms.spec import OPTIMIZERS
 from ..transforms.spec import build as build_spec
+from .crossval import fold_sets
 from .runs import RunSpec
 from .sweep import SweepResult, sweep
 
@@ -63,6 +67,7 @@ class Comparison:
     target: float
     seeds: list[int]
     steps: int
+    folds: int | None = None  # cross-validated: the held-out figures are the folds'
 
     def table(self) -> str:
         head = ["strategy", "lr", f"final {self.monitor}", f"best {self.monitor}",
@@ -78,7 +83,8 @@ class Comparison:
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
         fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
         lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]
-        lines.append(f"target {self.monitor} = {self.target:.4f}; seeds {self.seeds}; "
+        folds = f"; {self.folds} folds of the training split" if self.folds else ""
+        lines.append(f"target {self.monitor} = {self.target:.4f}; seeds {self.seeds}{folds}; "
                      f"{self.steps} steps; learning rate tuned per strategy")
         return "\n".join(lines)
 
@@ -151,14 +157,18 @@ def _first_reaching(values: np.ndarray, steps: np.ndarray, target: float, mode: 
 
 def compare(spec: RunSpec, strategies, train: dict, valid: dict, steps: int,
             seeds=(0, 1), lr_grids: dict | None = None, target: float | None = None,
-            devices=None, progress: bool = True) -> Comparison:
+            devices=None, progress: bool = True, folds: int | None = None,
+            fold_seed: int = 0) -> Comparison:
     """Tune and run every strategy on the problem of `spec` (see the module docstring).
-    `strategies`: names (see `strategy_spec`), or {label: name or spec}."""
+    `strategies`: names (see `strategy_spec`), or {label: name or spec}; `folds`: K-fold
+    cross-validation on `train` (`fold_sets(train, folds, fold_seed)`) instead of
+    `valid`."""
     if not strategies:
         raise JaxtrainError("give at least one strategy")
     if not isinstance(strategies, dict):
         strategies = {name: name for name in strategies}
     specs = {label: strategy_spec(s) for label, s in strategies.items()}
+    sets = None if folds is None else fold_sets(train, folds, fold_seed)
     sweeps = {}
     for name, opt in specs.items():
         grid = {"learning_rate": list((lr_grids or {}).get(name)
@@ -172,7 +182,7 @@ def compare(spec: RunSpec, strategies, train: dict, valid: dict, steps: int,
             print(f"compare: {name}: {len(grid['learning_rate'])} learning rates x "
                   f"{len(seeds)} seeds", flush=True)
         sweeps[name] = sweep(dc.replace(spec, tx=tx), grid, train, valid, steps,
-                             devices=devices, progress=progress)
+                             devices=devices, progress=progress, folds=sets)
     mode, monitor = spec.task.mode, spec.task.monitor
     pick = np.argmax if mode == "max" else np.argmin
     tuned = {}
@@ -204,4 +214,4 @@ def compare(spec: RunSpec, strategies, train: dict, valid: dict, steps: int,
             steps_to_target=steps_to, seconds_to_target=steps_to * per_step_run,
             curve=list(zip(result.eval_steps.tolist(), values.mean(0).tolist(), strict=True)),
             sweep=result))
-    return Comparison(results, monitor, mode, target, list(seeds), steps)
+    return Comparison(results, monitor, mode, target, list(seeds), steps, folds)
