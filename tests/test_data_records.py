@@ -209,3 +209,17 @@ def test_arrays_keep_every_row_once(tmp_path):
     assert len(data["valid"]["x"]) == 20 and data["info"]["num_classes"] == int(y.max()) + 1
     order = np.argsort(rows[:, 0, 0])
     np.testing.assert_array_equal(rows[order], x[np.argsort(x[:, 0, 0])])
+    # a batch is read in one go across shards; the batches are Grain's own, per example
+    import grain
+
+    source = data["train"].source
+    for hosts in (1, 2):
+        for h in range(hosts):
+            grains = grain.MapDataset.source(source).shuffle(seed=7).repeat().batch(
+                10 // hosts, drop_remainder=True)[h::hosts]
+            loader = Loader(source, 10, seed=7, process_index=h, process_count=hosts)
+            for s in (0, 1, 7, 8, 9, 30):  # 8 and 9 straddle the first epoch's end
+                got, want = loader(s), grains[s]
+                for k in want:
+                    assert got[k].dtype == want[k].dtype
+                    np.testing.assert_array_equal(got[k], want[k])

@@ -5,10 +5,12 @@
 
 - `train`: a `Records` split; the Trainer asks it for a `loader(batch_size, seed)`, a
   Grain pipeline whose batch for step `s` is a pure function of (seed, s, the data):
-  `MapDataset.source(rows).shuffle(seed).repeat()` (a global shuffle, a new one each
-  epoch, computed per index: no permutation array is held) `.batch(batch_size //
-  process_count)[process_index::process_count]`, so host `h` reads only rows
-  `h*b/P .. (h+1)*b/P` of each global batch. The global batch sequence is the same on any
+  `MapDataset.range(len(rows)).shuffle(seed).repeat()` (a global shuffle of the example
+  indices, a new one each epoch, computed per index: no permutation array is held)
+  `.batch(batch_size // process_count)[process_index::process_count].map(rows.take)`, so
+  host `h` reads only rows `h*b/P .. (h+1)*b/P` of each global batch, each batch in one
+  call (the batches of Grain's per-example `MapDataset.source(rows).shuffle(seed)
+  .repeat().batch(...)`, without its per-example cost). The global batch sequence is the same on any
   number of processes, and resuming at step `s` starts the pipeline at `s`: the state's
   `data_position` (saved in the same Orbax checkpoint) is the whole iterator state.
   Worker processes (`workers`) and read threads with a prefetch buffer come from Grain.
@@ -117,6 +119,20 @@ class _Shards:
             opened.append((os.open(f, os.O_RDONLY), offset, row, dtype, tuple(shape[1:])))
         return opened
 
+    def take(self, indices) -> np.ndarray:
+        """Rows `indices` (any order) as one array, each read straight into its place."""
+        if self.open is None:
+            self.open = self._open()
+        _, _, row, dtype, shape = self.open[0]
+        out = np.empty((len(indices), *shape), dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        shard = np.searchsorted(self.bounds, indices, "right") - 1
+        for k, (i, f) in enumerate(zip(indices, shard, strict=True)):
+            fd, offset = self.open[f][:2]
+            os.preadv(fd, [view[k * row:(k + 1) * row]],
+                      offset + (int(i) - int(self.bounds[f])) * row)
+        return out
+
     def read(self, start: int, stop: int) -> np.ndarray:
         if self.open is None:
             self.open = self._open()
@@ -164,6 +180,10 @@ class TokenWindows:
         start = self._start(i)
         return {"tokens": self.stream.read(start, start + self.seq_len + 1).astype(np.int32)}
 
+    def take(self, indices) -> dict:
+        """Windows `indices` (a loader's batch) stacked."""
+        return {"tokens": np.stack([self[i]["tokens"] for i in indices])}
+
     def rows(self, start: int, stop: int) -> dict:
         """Windows `start:stop` stacked (one read when windows may cross documents)."""
         if not self.cross or stop <= start:
@@ -196,6 +216,11 @@ class ArrayRows:
 
     def rows(self, start: int, stop: int) -> dict:
         return {k: self._convert(k, c.read(start, stop)) for k, c in self.columns.items()}
+
+    def take(self, indices) -> dict:
+        """Rows `indices` (a loader's batch) stacked."""
+        indices = np.asarray(indices) % self.n
+        return {k: self._convert(k, c.take(indices)) for k, c in self.columns.items()}
 
 
 class Column:
@@ -248,8 +273,12 @@ class Loader:
                                 "in the prepared train split")
         self.batch_size, self.seed = batch_size, seed
         self.workers, self.threads, self.prefetch = workers, threads, prefetch
-        shuffled = grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat()
-        self.dataset = shuffled.batch(batch_size // pc, drop_remainder=True)[pi::pc]
+        # Grain's shuffle of the example indices, then one read per batch (`take`): the
+        # batches of `MapDataset.source(source).shuffle(seed).repeat().batch(...)`, read
+        # without Grain's per-example overhead (3-4x faster for small examples)
+        order = grain.MapDataset.range(len(source)).shuffle(seed=seed % 2**32).repeat()
+        batches = order.batch(batch_size // pc, drop_remainder=True)[pi::pc]
+        self.dataset = batches.map(source.take)
         self.iterator, self.expected = None, None
 
     def _start(self, position: int) -> None:
