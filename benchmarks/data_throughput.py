@@ -19,7 +19,7 @@ Cases (one JSON line per measurement, then a short table):
   measured by `/usr/bin/time -v` ("Maximum resident set size"); the preparation's too.
 
     python benchmarks/data_throughput.py [--only format,loader,trainer,memory] [--reps 5]
-        [--workers 2] [--memory-gb 4]
+        [--steps 50] [--models gpt,cnn] [--workers 2] [--memory-gb 4]
 """
 
 from __future__ import annotations
@@ -174,9 +174,9 @@ def _trainers(kind: str, sets: dict):
     return make, memory, files
 
 
-def bench_trainer(sets: dict, reps: int, steps: int) -> list[dict]:
+def bench_trainer(sets: dict, reps: int, steps: int, models=("gpt", "cnn")) -> list[dict]:
     out = []
-    for kind in ("gpt", "cnn"):
+    for kind in models:
         make, memory, files = _trainers(kind, sets)
         sides = {"file": (make("auto"), files), "memory (device)": (make(True), memory),
                  "memory (host)": (make(False), memory)}
@@ -251,6 +251,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="trainer steps per repetition")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-gb", type=float, default=4.0)
+    parser.add_argument("--models", default="gpt,cnn", help="the trainer case's models")
     args = parser.parse_args()
     cases = args.only.split(",")
     rows = []
@@ -263,7 +264,7 @@ def main() -> None:
             if "loader" in cases:
                 rows += bench_loader(sets, args.reps, args.workers)
             if "trainer" in cases:
-                rows += bench_trainer(sets, args.reps, args.steps)
+                rows += bench_trainer(sets, args.reps, args.steps, args.models.split(","))
         finally:
             shutil.rmtree(tmp)
     if "memory" in cases:
