@@ -35,19 +35,20 @@ from jaxtrain.train import (
 from jaxtrain.train import trainer as trainer_module
 from jaxtrain.train.config import load_config
 from jaxtrain.train.logs import keep_until, read_log
-from jaxtrain.train.run import rerun_config
+from jaxtrain.train.metrics import classification_report
+from jaxtrain.train.run import fit_summary, rerun_config
 
 CONFIG = Path(__file__).parent.parent / "configs" / "digits_cnn.yaml"
 
 
-def _trainer(folder, every=None, plots=False, run_config=None):
+def _trainer(folder, every=None, plots=False, run_config=None, metric_fn=classification_metrics):
     state = TrainState.create(MLP(nnx.Rngs(0)), transforms.adam(2e-2), jax.random.PRNGKey(0))
     config = TrainerConfig(
         train=TrainConfig(batch_size=16, log_every=5), log_dir=folder, run_config=run_config,
         logging=LoggingConfig(progress=False, tensorboard=False, plots=plots),
         checkpoint=CheckpointConfig(dir=folder, every=every),
         early_stopping=EarlyStoppingConfig(patience=2, min_delta=0.01))
-    return Trainer(state, classification_loss, config, metric_fn=classification_metrics)
+    return Trainer(state, classification_loss, config, metric_fn=metric_fn)
 
 
 def _fit(trainer, steps):
@@ -114,6 +115,22 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
         name = tag.rsplit("/", 1)[1]
         logged = [(r["step"], float(np.float32(r[name]))) for r in log if r["run"] == run]
         assert [s for s, _ in shown] == steps and shown == logged, (tag, shown, logged)
+
+
+def test_a_rerun_of_a_finished_run_reports_what_the_run_did(tmp_path):
+    """The summary of a rerun that resumes at its last step (or a resume whose early
+    stopping had already decided) equals the run's own: last train metrics, last
+    evaluation, its per-class arrays and confusion matrix come back with the checkpoint
+    (before: train {} and no eval_arrays, and no confusion.png drawn)."""
+    first = _trainer(tmp_path, every=10, plots=True, metric_fn=classification_report)
+    summary = fit_summary(first, _fit(first, 20), tmp_path)
+    assert summary["train"] and summary["eval_arrays"]["confusion"]
+    (tmp_path / "confusion.png").unlink()
+    rerun = _trainer(tmp_path, every=10, plots=True, metric_fn=classification_report)
+    state = _fit(rerun, 20)
+    assert rerun.start_step == 20 and not rerun.history and not rerun.eval_history
+    assert fit_summary(rerun, state, tmp_path) == summary
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
 
 
 def test_keep_until_drops_later_records_and_a_partial_line(tmp_path):

@@ -214,7 +214,7 @@ def fit_summary(trainer: Trainer, state, out) -> dict:
     signal or a callback stopped it, the output folder."""
     return {
         "step": int(state.step),
-        "train": trainer.history[-1][1] if trainer.history else {},
+        "train": trainer.last_train or {},
         "eval": trainer.last_eval or {},
         **({"eval_arrays": {k: v.tolist() for k, v in trainer.last_eval_arrays.items()}}
            if trainer.last_eval_arrays else {}),

@@ -124,8 +124,10 @@ class Trainer:
         self.eval_history: list[tuple[int, dict]] = []
         self.interrupted: str | None = None
         self.stop_reason: str | None = None
+        self.last_train: dict | None = None  # the last logged training metrics
         self.last_eval: dict | None = None
         self.last_eval_arrays: dict = {}  # per-class values, confusion matrix
+        self.last_eval_step: int | None = None
         self.improved, self.best = False, None
         self.step = int(self.state.step)
 
@@ -276,9 +278,15 @@ class Trainer:
     # -- what a checkpoint keeps besides the state ----------------------------------------
 
     def resume_record(self) -> tuple[dict, dict | None]:
-        """The loop's progress a checkpoint keeps (best held-out value, last evaluation,
-        early stopping's progress) as JSON, and early stopping's best weights."""
-        record, arrays = {"best": self.best, "last_eval": self.last_eval}, None
+        """The loop's progress a checkpoint keeps (best held-out value, last logged training
+        metrics, last evaluation with its per-class arrays, early stopping's progress) as
+        JSON, and early stopping's best weights. A run resumed or rerun from it reports
+        and draws what the run it continues had (a rerun of a finished run lost the
+        summary's train metrics and confusion matrix)."""
+        record = {"best": self.best, "last_train": self.last_train, "last_eval": self.last_eval,
+                  "last_eval_step": self.last_eval_step,
+                  "last_eval_arrays": {k: v.tolist() for k, v in self.last_eval_arrays.items()}}
+        arrays = None
         if self.early_stopping is not None:
             record["early_stopping"], arrays = self.early_stopping.record()
         return record, arrays
@@ -287,6 +295,10 @@ class Trainer:
         """Continue from a checkpoint's `resume_record()`; stop at once if early stopping
         had already decided to."""
         self.best, self.last_eval = record.get("best"), record.get("last_eval")
+        self.last_train, self.last_eval_step = record.get("last_train"), record.get(
+            "last_eval_step")
+        self.last_eval_arrays = {k: np.asarray(v) for k, v in
+                                 (record.get("last_eval_arrays") or {}).items()}
         es = self.early_stopping
         if es is not None and record.get("early_stopping") is not None:
             es.load(record["early_stopping"], arrays)
@@ -327,6 +339,7 @@ class Trainer:
                 values["steps_per_second"] = (step - self._last_step) / elapsed
             self._last_step, self._last_stamp = step, stamp
             self.history.append((step, values))
+            self.last_train = values
             self._write(self.run, step, values)
             self.bar.update(step - self.start_step, _shown(values, self._shown_batch))
             for cb in self.callbacks:
@@ -387,7 +400,7 @@ class Trainer:
             for k, v in jax.device_get(sums).items():
                 totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
         metrics, self.last_eval_arrays = summarize_eval(self.metric_fn, totals)
-        self.last_eval = metrics
+        self.last_eval, self.last_eval_step = metrics, step
         value = metrics.get(self.monitor)
         self.improved = value is not None and better(value, self.best, self.mode)
         if self.improved:
@@ -466,7 +479,7 @@ class Trainer:
             try:
                 plot_confusion(self.last_eval_arrays["confusion"],
                                self.log_dir / "confusion.png",
-                               title=f"{self.run}: step {self.eval_history[-1][0]}")
+                               title=f"{self.run}: step {self.last_eval_step}")
             except Exception as err:  # as above
                 warnings.warn(f"could not draw {self.log_dir / 'confusion.png'}: "
                               f"{type(err).__name__}: {err}", stacklevel=2)
