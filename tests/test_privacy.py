@@ -47,6 +47,31 @@ def test_dp_step_without_noise_is_the_mean_of_clipped_per_example_grads():
     assert float(metrics["per_example_grad_norm"]) > clip  # the clip was active
 
 
+def test_dp_step_follows_the_nan_policy():
+    """A linear least-squares model, one example with a NaN feature (so its loss and
+    gradient are NaN): `none` trains NaN params, `raise` records step 0 and leaf 0 (the
+    loss), `skip` keeps the params and advances the step; as make_train_step does."""
+
+    def loss_fn(params, batch, rng):
+        return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2), {}
+
+    tx = optax.chain(transforms.dp_aggregate(1.0, 0.0), optax.sgd(0.1))
+    state = TrainState.create(lambda p, x: x @ p["w"], tx, jax.random.PRNGKey(0),
+                              params={"w": jnp.ones(3)})
+    x = np.ones((8, 3), np.float32)
+    x[3, 1] = np.nan
+    batch = {"x": x, "y": np.zeros(8, np.float32)}
+    new, _ = jax.jit(make_dp_train_step(loss_fn))(state, batch)
+    assert not np.any(np.isfinite(new.params["w"]))
+    _, metrics = jax.jit(make_dp_train_step(loss_fn, "raise"))(state, batch)
+    assert np.asarray(metrics["nonfinite"]).tolist() == [0, 0, 1]
+    new, _ = jax.jit(make_dp_train_step(loss_fn, "skip"))(state, batch)
+    assert int(new.step) == 1 and np.asarray(new.nonfinite).tolist() == [0, 0, 1]
+    np.testing.assert_array_equal(new.params["w"], state.params["w"])
+    with pytest.raises(JaxtrainError, match="unknown nan_policy 'stop'"):
+        make_dp_train_step(loss_fn, "stop")
+
+
 def test_one_example_moves_the_sum_by_at_most_the_clip_norm():
     """Sensitivity: replacing one example by anything changes the clipped sum <= 2 * clip;
     scaling its gradient up 1000x changes it by <= clip (both clipped to clip)."""

@@ -237,6 +237,7 @@ def test_dp_sgd_from_config_reports_the_poisson_accountant_epsilon(tmp_path):
     ("privacy.accountant=gdp", "'privacy.accountant' must be rdp or pld"),
     ("privacy.clip=1", "unknown config key 'privacy.clip'"),
     ("train.microbatches=2", "'train.microbatches' must be 1 with privacy"),
+    ("train.precision=bfloat16", "'train.precision' must be float32 with privacy"),
 ])
 def test_privacy_section_refuses_bad_values_in_one_line(override, message, tmp_path):
     from jaxtrain.errors import JaxtrainError

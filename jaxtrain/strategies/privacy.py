@@ -23,6 +23,8 @@ import numpy as np
 import optax
 
 from ..errors import JaxtrainError
+from ..train.precision import POLICIES, get_policy
+from ..train.step import apply_nan_policy, check_nan_policy, squared_norm
 from ..transforms import current_hyperparams
 from ..transforms.privacy import dp_aggregate
 
@@ -40,12 +42,15 @@ def per_example_grads(loss_fn, state, batch, rng):
     return losses, aux, grads
 
 
-def make_dp_train_step(loss_fn):
+def make_dp_train_step(loss_fn, nan_policy: str = "none"):
     """A `(state, batch) -> (state, metrics)` step for a state whose `tx` starts with
     `dp_aggregate`; metrics: loss, aux means, mean per-example gradient norm, lr. A batch
     with a `mask` (1 = an example, 0 = padding; `PoissonBatches`) gives padding rows zero
     gradients, leaves them out of the means and reports the examples drawn as
-    `batch_examples`."""
+    `batch_examples`. `nan_policy` as `make_train_step`'s, on the mean loss and the
+    per-example gradients (leaf i of the record: param leaf i). It computes in the params'
+    dtype (no mixed-precision policy)."""
+    check_nan_policy(nan_policy)
 
     def train_step(state, batch):
         step_rng, noise_key = jax.random.split(state.step_rng())
@@ -68,7 +73,8 @@ def make_dp_train_step(loss_fn):
         hyper = current_hyperparams(new_state.opt_state)
         if "learning_rate" in hyper:
             metrics["learning_rate"] = jnp.asarray(hyper["learning_rate"])
-        return new_state, metrics
+        return apply_nan_policy(nan_policy, state, new_state, metrics["loss"], grads,
+                                squared_norm(grads), metrics)
 
     return train_step
 
@@ -166,6 +172,9 @@ def dp_from_config(section, tx, train_data, train, seed: int, multiple_of: int):
     if train.microbatches != 1:
         raise JaxtrainError("config key 'train.microbatches' must be 1 with privacy (the "
                             "DP step takes per-example gradients of the whole batch)")
+    if get_policy(train.precision) != POLICIES["float32"]:
+        raise JaxtrainError(f"config key 'train.precision' must be float32 with privacy (the "
+                            f"DP step computes in the params' dtype), got {train.precision!r}")
     n = len(next(iter(train_data.values())))
     if train.batch_size > n:
         raise JaxtrainError(f"config key 'train.batch_size' ({train.batch_size}) is the "

@@ -188,7 +188,8 @@ def config_trainer(cfg: RunConfig, state, model, task, model_config: dict,
                            run=run, model_config=model_config, run_config=to_dict(cfg))
     return Trainer(state, loss_fn, config, metric_fn=task.metric_fn,
                    callbacks=[] if monitor is None else [PlateauOnEval(monitor)],
-                   train_step=None if cfg.privacy is None else make_dp_train_step(loss_fn))
+                   train_step=None if cfg.privacy is None
+                   else make_dp_train_step(loss_fn, train.nan_policy))
 
 
 def distill_setup(cfg: RunConfig, task, data: dict):

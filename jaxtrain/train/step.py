@@ -214,8 +214,7 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
     policy (`_flag_nonfinite` for `raise`, `_skip_nonfinite` for `skip` and loss scaling).
     """
     policy = _policy(precision)
-    if nan_policy not in NAN_POLICIES:
-        raise JaxtrainError(f"unknown nan_policy {nan_policy!r} (valid: {', '.join(NAN_POLICIES)})")
+    check_nan_policy(nan_policy)
     if not isinstance(microbatches, int) or microbatches < 1:
         raise JaxtrainError(f"microbatches must be a positive integer, got {microbatches!r}")
     loss = _Loss(loss_fn, policy, microbatches, unroll)
@@ -228,13 +227,28 @@ def make_train_step(loss_fn, *, precision=None, microbatches: int = 1, nan_polic
         squared = squared_norm(grads)
         new_state = _update(loss, state, batch, rng, value, grads, model_state)
         metrics = _metrics(state, new_state, value, aux, squared, in_optimizer)
-        if state.loss_scale is None and nan_policy == "none":
-            return new_state, metrics
-        if state.loss_scale is None and nan_policy == "raise":
-            return _flag_nonfinite(state, new_state, value, grads, squared, metrics)
-        return _skip_nonfinite(nan_policy, state, new_state, value, grads, metrics)
+        return apply_nan_policy(nan_policy, state, new_state, value, grads, squared, metrics)
 
     return train_step
+
+
+def check_nan_policy(nan_policy: str) -> str:
+    if nan_policy not in NAN_POLICIES:
+        raise JaxtrainError(f"unknown nan_policy {nan_policy!r} (valid: {', '.join(NAN_POLICIES)})")
+    return nan_policy
+
+
+def apply_nan_policy(nan_policy: str, state, new_state, value, grads, squared, metrics):
+    """The non-finite policy part, `(state, metrics)` after a step from `state` to
+    `new_state` whose loss was `value` and gradients `grads` (`squared`: their sum of
+    squares): `none` returns `new_state`; `raise` records a non-finite value; `skip`, and
+    any policy with a `LossScale`, keeps the old state on one (see `_flag_nonfinite`,
+    `_skip_nonfinite`). Shared by every train step (the DP-SGD step too)."""
+    if state.loss_scale is None and nan_policy == "none":
+        return new_state, metrics
+    if state.loss_scale is None and nan_policy == "raise":
+        return _flag_nonfinite(state, new_state, value, grads, squared, metrics)
+    return _skip_nonfinite(nan_policy, state, new_state, value, grads, metrics)
 
 
 class _Loss(NamedTuple):

@@ -77,8 +77,9 @@ class Trainer:
 
     `train_step`: a prebuilt `(state, batch) -> (state, metrics)` step (a strategy's, such
     as `jaxtrain.strategies.make_dp_train_step`) instead of `make_train_step(loss_fn, ...)`;
-    `train.precision` then only sets the params' dtype; `train.microbatches` and
-    `train.nan_policy` are unused.
+    `train.precision` then only sets the params' dtype; `train.microbatches` is unused;
+    `train.nan_policy` is the step's own (the Trainer reads the record a step following
+    `apply_nan_policy` leaves, as the DP step does).
     """
 
     def __init__(self, state, loss_fn, config: TrainerConfig | None = None, *,
