@@ -330,6 +330,46 @@ def test_diloco_from_config_resumes_bitwise(tmp_path):
     assert losses[-1] < losses[0] and resumed["eval"] == straight["eval"]
 
 
+def test_diloco_saves_and_ends_on_sigterm(tmp_path, monkeypatch):
+    """SIGTERM during a local SGD run (sent after its first round) ends it after that
+    round with a checkpoint of it, as the Trainer does; the handler is put back."""
+    import os
+    import signal
+
+    from jaxtrain.checkpoint import Manager
+    from jaxtrain.strategies import local_sgd_run
+
+    make_round = local_sgd_run.make_local_sgd_round
+
+    def signalling(*args):
+        round_fn = make_round(*args)
+
+        def first_then_signal(local, batches):
+            out = round_fn(local, batches)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        return first_then_signal
+
+    monkeypatch.setattr(local_sgd_run, "make_local_sgd_round", signalling)
+    before = signal.getsignal(signal.SIGTERM)
+    summary = run_config(_config("digits_mlp_diloco.yaml", tmp_path, "local_sgd.sync_every=4",
+                                 "train.steps=16", "train.batch_size=64",
+                                 "checkpoint.async=false"))
+    assert summary["interrupted"] == "SIGTERM" and summary["step"] == 4
+    assert Manager(tmp_path / "checkpoints", read_only=True).steps() == [4]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("override", ["logging.mlflow={}", "logging.wandb={mode: offline}"])
+def test_diloco_refuses_a_tracker_in_one_line(override, tmp_path):
+    from jaxtrain.errors import JaxtrainError
+
+    with pytest.raises(JaxtrainError, match=r"^config key 'logging\.(mlflow|wandb)' is not "
+                                            r"supported with local_sgd"):
+        run_config(_config("digits_mlp_diloco.yaml", tmp_path, override))
+
+
 @pytest.mark.parametrize("name, key", [("digits_mlp_dp.yaml", "privacy"),
                                        ("digits_mlp_distill.yaml", "distill"),
                                        ("digits_mlp_diloco.yaml", "local_sgd")])

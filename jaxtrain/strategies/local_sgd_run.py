@@ -23,6 +23,7 @@ from ..data import batch_at, eval_batches
 from ..errors import JaxtrainError
 from ..train.logs import JsonlLogger, keep_until
 from ..train.metrics import summarize_eval
+from ..train.signals import StopSignals
 from ..train.step import make_eval_step
 from ..transforms.spec import build
 from .local_sgd import LocalSGDState, make_local_sgd_round, state_shardings
@@ -60,6 +61,10 @@ def run_local_sgd(cfg, state, task, data: dict, model_config: dict, folder: Path
     section, train = cfg.local_sgd, cfg.train
     if cfg.privacy is not None:
         raise JaxtrainError("config keys 'local_sgd' and 'privacy' cannot be combined")
+    for tracker in ("mlflow", "wandb"):
+        if getattr(cfg.logging, tracker) is not None:
+            raise JaxtrainError(f"config key 'logging.{tracker}' is not supported with "
+                                "local_sgd (its loop writes log.jsonl only)")
     if not isinstance(data["train"], dict):
         raise JaxtrainError("config key 'local_sgd': needs a data set held in memory")
     replicas = mesh.shape["data"]
@@ -72,7 +77,7 @@ def run_local_sgd(cfg, state, task, data: dict, model_config: dict, folder: Path
     every = None if ckpt.every is None else max(1, ckpt.every // h)  # in rounds
     round_fn = make_local_sgd_round(task.loss_fn, mesh, h)
     stacked = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
-    out, last, logger = Path(cfg.out), {}, None
+    out, last, logger, signals = Path(cfg.out), {}, None, StopSignals()
     with Manager(folder, max_to_keep=ckpt.max_to_keep, async_save=ckpt.async_) as mngr:
         if mngr.steps():
             local = mngr.restore(local, signature)
@@ -81,21 +86,28 @@ def run_local_sgd(cfg, state, task, data: dict, model_config: dict, folder: Path
             out.mkdir(parents=True, exist_ok=True)
             keep_until(out / "log.jsonl", {"train", "train/eval"}, int(local.step))
             logger = JsonlLogger(out / "log.jsonl")
-        for r in range(start, rounds):
-            s = r * h
-            batches = [batch_at(data["train"], train.batch_size, cfg.seed, s + t)
-                       for t in range(h)]
-            batches = jax.device_put(jax.tree.map(lambda *x: np.stack(x), *batches), stacked)
-            local, losses = round_fn(local, batches)
-            last = {"loss": float(np.mean(jax.device_get(losses)))}
-            if logger is not None and (r + 1) % max(1, train.log_every // h) == 0:
-                logger.log("train", s + h, last)
-            end = r + 1 == rounds
-            if (every and (r + 1) % every == 0) or (end and ckpt.at_end):
-                mngr.save(s + h, local, signature, config=to_dict(cfg))
+        signals.install()  # SIGTERM/SIGINT: save after this round and end
+        try:
+            for r in range(start, rounds):
+                s = r * h
+                batches = [batch_at(data["train"], train.batch_size, cfg.seed, s + t)
+                           for t in range(h)]
+                batches = jax.device_put(jax.tree.map(lambda *x: np.stack(x), *batches),
+                                         stacked)
+                local, losses = round_fn(local, batches)
+                last = {"loss": float(np.mean(jax.device_get(losses)))}
+                if logger is not None and (r + 1) % max(1, train.log_every // h) == 0:
+                    logger.log("train", s + h, last)
+                end = r + 1 == rounds or signals.received is not None
+                if (every and (r + 1) % every == 0) or (end and (ckpt.at_end or signals.received)):
+                    mngr.save(s + h, local, signature, config=to_dict(cfg))
+                if signals.received is not None:
+                    break
+        finally:
+            signals.restore()
         mngr.wait()
-    summary = {"step": int(local.step), "train": last, "out": str(out), "interrupted": None,
-               "stopped": None}
+    summary = {"step": int(local.step), "train": last, "out": str(out),
+               "interrupted": signals.received, "stopped": None}
     if data.get("valid") is not None:
         summary["eval"] = _evaluate(state, local, task, data["valid"],
                                     train.eval_batch_size)

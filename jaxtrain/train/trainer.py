@@ -10,8 +10,6 @@ cleanly (`trainer.interrupted` names the signal).
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +33,7 @@ from .logs import JsonlLogger, TensorBoardLogger, keep_until, plot_history, read
 from .metrics import plot_confusion, summarize_eval
 from .precision import LossScale, get_policy
 from .progress import Progress
+from .signals import StopSignals
 from .state import param_logical_axes
 from .step import make_eval_step, make_train_step
 from .tracking import make_trackers
@@ -194,7 +193,8 @@ class Trainer:
         self._open_logs(steps)
         for cb in self.callbacks:
             cb.on_fit_start(self, state)
-        previous = self._install_signals()
+        self._signals = StopSignals(self.handle_signals)
+        self._signals.install()
         try:
             state = self._loop(state, feed, step, position, steps, eval_data, eval_every)
             for cb in self.callbacks:  # the final checkpoint, before the logs are closed
@@ -205,7 +205,7 @@ class Trainer:
             self._finish_trackers("failed")
             raise
         finally:
-            self._restore_signals(previous)
+            self._signals.restore()
             self._close_logs()
         self._finish_trackers("killed" if self.interrupted else "finished")
         if self.early_stopping is not None and self.early_stopping.restore_best:
@@ -249,8 +249,8 @@ class Trainer:
                 state = self._evaluate(state, eval_data, step)
             for cb in self.callbacks:
                 cb.on_step_end(self, before, step, state)
-            if self._signal is not None:
-                self.interrupted = signal.Signals(self._signal).name
+            if self._signals.received is not None:
+                self.interrupted = self._signals.received
                 break
             if self.stop_reason is not None:
                 break
@@ -484,20 +484,6 @@ class Trainer:
             except Exception as err:  # as above
                 warnings.warn(f"could not draw {self.log_dir / 'confusion.png'}: "
                               f"{type(err).__name__}: {err}", stacklevel=2)
-
-    def _install_signals(self):
-        self._signal = None
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return None
-
-        def handler(signum, frame):
-            self._signal = signum
-
-        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _restore_signals(self, previous) -> None:
-        for s, h in (previous or {}).items():
-            signal.signal(s, h)
 
 
 def _logged(path: Path, run: str) -> dict:
