@@ -21,9 +21,10 @@ reads without loading it):
     valid/...
 
 Why a flat token array and not ArrayRecord: a training window is then one contiguous
-read at a computed offset (any `seq_len`, chosen at training time), about 25x faster to read
-at random than a record per window from ArrayRecord (`benchmarks/data_throughput.py`,
-`format` case, and benchmarks/RESULTS.md), and it needs no decoding.
+read at a computed offset (any `seq_len`, chosen at training time), 5-8x faster to read at
+random than a record per window from ArrayRecord read singly and ~2x faster than read 64
+at a time (`benchmarks/data_throughput.py`, `format` case, and benchmarks/RESULTS.md), and
+it needs no decoding.
 
 The preparation is written to a hidden sibling folder and renamed into place only when
 complete, so a killed preparation is never mistaken for a finished one. The manifest
