@@ -29,6 +29,10 @@ def _one_line(capsys) -> str:
                                             r"matches no parameter \(closest: backbone/conv"),
     ("optimizer.groups={head: {learning_rate: 0.1}}", "'optimizer.groups': pattern 'head' "
                                                       "matches no parameter"),
+    ("model.channels=0", r"model 'cnn': channels must be a positive integer \(a size\), got 0"),
+    ("model.features=-1", "model 'cnn': features must be a positive integer"),
+    ("data.classes=[3]", r"digit classes must be two or more distinct digits of 0-9 \(one "),
+    ("data.classes=[3, 3]", r"digit classes must be two or more distinct digits .* got \[3, 3\]"),
     ("optimizer.learning_rate=1e39", r"config key 'optimizer': adam: learning_rate=1e\+39 is "
                                      r"not finite in float32, the params' dtype"),
     ("optimizer.learning_rate={schedule: constant, value: 1e39}",
@@ -87,6 +91,25 @@ def test_images_too_small_for_the_cnn_are_one_line_naming_both_sizes(tmp_path, c
     for shape, seen in [((1, 7, 7), (7, 7, 1)), ((1, 8, 8, 3), (8, 8, 3))]:
         with pytest.raises(JaxtrainError, match=re.escape(f"got images of shape {seen}")):
             model(jnp.zeros(shape))
+
+
+def test_classification_on_one_class_is_refused(tmp_path, capsys):
+    """Records of one class folder: a run would report accuracy 1.0 having learnt nothing
+    (before: exit 0)."""
+    from PIL import Image
+
+    from jaxtrain.data.prepare import prepare_images
+
+    (tmp_path / "pngs" / "a").mkdir(parents=True)
+    for i in range(8):
+        Image.new("L", (8, 8), 30 * i).save(tmp_path / "pngs" / "a" / f"{i}.png")
+    prepare_images(tmp_path / "pngs", tmp_path / "records", valid_fraction=0.25,
+                   progress=False)
+    config = str(Path(CONFIG).parent / "image_folder_cnn.yaml")
+    assert main(["train", config, f"data.path={tmp_path / 'records'}", f"out={tmp_path / 'run'}",
+                 "train.steps=1", *QUIET]) == 2
+    assert ("config key 'data': classification needs two or more classes, the data has 1"
+            in _one_line(capsys))
 
 
 def test_an_unforeseen_fault_is_one_line_with_exit_code_1(monkeypatch, capsys):

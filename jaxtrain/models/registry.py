@@ -18,6 +18,11 @@ def build(name: str, seed: int = 0, **kwargs) -> nnx.Module:
     (eager sharding is off), so the sharding module decides where they go."""
     if name not in MODELS:
         raise JaxtrainError(f"unknown model {name!r} (valid: {', '.join(sorted(MODELS))})")
+    for key, value in kwargs.items():  # every integer argument of these models is a size
+        sizes = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in sizes):
+            raise JaxtrainError(f"model {name!r}: {key} must be a positive integer (a size), "
+                                f"got {value!r}")
     try:
         with nnx.use_eager_sharding(False):
             return MODELS[name](**kwargs, rngs=nnx.Rngs(seed))

@@ -43,6 +43,11 @@ def data_and_model(cfg: RunConfig) -> tuple[dict, str, dict]:
     data_cfg = dict(cfg.data)
     augment = data_cfg.pop("augment", None)
     data = data_registry.load(data_cfg.pop("name"), **data_cfg)
+    classes = data.get("info", {}).get("num_classes")
+    if cfg.task == "classification" and classes is not None and classes < 2:
+        raise JaxtrainError(f"config key 'data': classification needs two or more classes, "
+                            f"the data has {classes} (a one-class run reaches accuracy 1.0 "
+                            f"learning nothing)")
     check_augment(augment, data.get("info", {}))
     model_cfg = dict(cfg.model)
     name = model_cfg.pop("name")
