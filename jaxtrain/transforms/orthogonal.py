@@ -19,7 +19,8 @@ Each leaf is either a Muon leaf or an AdamW leaf, decided from its path and shap
   (None sends the leaf to AdamW).
 
 The Muon update: momentum (Nesterov by default), orthogonalized by `ns_steps` quintic
-Newton-Schulz iterations (Optax's `orthogonalize_via_newton_schulz`), scaled by
+Newton-Schulz iterations (as Optax's `contrib.muon`, written here: Optax keeps its
+helpers private), scaled by
 sqrt(max(1, fan_out/fan_in)) (or `consistent_rms * sqrt(max(fan_in, fan_out))`, Moonshot's
 rule for reusing AdamW's learning rate), plus decoupled decay; times the learning rate.
 `bias_correction=True` (default) bias-corrects the momentum as `optax.contrib.muon` does;
@@ -35,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
-from optax.contrib._muon import orthogonalize_via_newton_schulz, scale_by_shape
 
 from ..errors import JaxtrainError
 from ._frontier import f32, finish, in_f32, inject, zeros_f32
@@ -108,15 +108,48 @@ def _momentum(beta, nesterov, bias_correction, mu_dtype):
     return optax.GradientTransformation(init, update)
 
 
-def _orthogonalize(rule, ns_steps, eps):
-    coeffs = jnp.asarray(NS_COEFFS, jnp.float32)
+def newton_schulz(x, dims: MuonDimensionNumbers, ns_steps: int, eps):
+    """`x` orthogonalized as a batch of (fan-in, fan-out) matrices (`dims`; the other axes
+    are the batch): each matrix, wide side last, divided by its Frobenius norm (+ eps),
+    then `ns_steps` quintic iterations X <- aX + (bA + cA^2)X with A = XX^T."""
+    reduction, output = tuple(dims.reduction_axis), tuple(dims.output_axis)
+    batch = tuple(a for a in range(x.ndim) if a not in reduction + output)
+    order = batch + reduction + output
+    sizes = [math.prod(x.shape[a] for a in axes) for axes in (batch, reduction, output)]
+    m = jnp.transpose(x, order).reshape(sizes)
+    wide = sizes[1] <= sizes[2]
+    if not wide:
+        m = jnp.swapaxes(m, 1, 2)
+    m = m / (jnp.linalg.norm(m, axis=(1, 2), keepdims=True) + eps)
+    a, b, c = NS_COEFFS
+    for _ in range(ns_steps):
+        gram = m @ jnp.swapaxes(m, 1, 2)
+        m = a * m + (b * gram + c * gram @ gram) @ m
+    if not wide:
+        m = jnp.swapaxes(m, 1, 2)
+    shape = [x.shape[i] for i in order]
+    return jnp.transpose(m.reshape(shape), [order.index(i) for i in range(x.ndim)])
+
+
+def shape_scale(shape, dims: MuonDimensionNumbers, consistent_rms) -> float:
+    """sqrt(max(1, fan_out/fan_in)) (Keller Jordan's width rule), or with `consistent_rms`
+    consistent_rms * sqrt(max(fan_in, fan_out)) (Moonshot's)."""
+    fan_in = math.prod(shape[a] for a in dims.reduction_axis)
+    fan_out = math.prod(shape[a] for a in dims.output_axis)
+    if consistent_rms is None:
+        return math.sqrt(max(1.0, fan_out / fan_in))
+    return consistent_rms * math.sqrt(max(fan_in, fan_out))
+
+
+def _orthogonalize(rule, ns_steps, eps, consistent_rms):
+    def one(path, x):
+        dims = rule(path, x.shape)
+        return shape_scale(x.shape, dims, consistent_rms) * newton_schulz(
+            f32(x), dims, ns_steps, eps)
 
     def apply(updates, params=None):
         del params
-        return jax.tree_util.tree_map_with_path(
-            lambda kp, x: orthogonalize_via_newton_schulz(
-                x, coeffs, ns_steps, "frobenius", eps, rule(path_str(kp), x.shape)),
-            updates)
+        return jax.tree_util.tree_map_with_path(lambda kp, x: one(path_str(kp), x), updates)
 
     return optax.stateless(apply)
 
@@ -126,12 +159,9 @@ def _muon(learning_rate, beta, ns_steps, eps, weight_decay, nesterov, bias_corre
           dimension_numbers, consistent_rms, mu_dtype):
     rule = lambda path, shape: dimension_rule(path, shape, adam_paths, stacked_paths,
                                               dimension_numbers)
-    dims_tree = lambda tree: jax.tree_util.tree_map_with_path(
-        lambda kp, x: rule(path_str(kp), x.shape), tree)
     muon_part = finish(
         optax.chain(_momentum(beta, nesterov, bias_correction, mu_dtype),
-                    _orthogonalize(rule, ns_steps, eps),
-                    scale_by_shape(dims_tree, consistent_rms)),
+                    _orthogonalize(rule, ns_steps, eps, consistent_rms)),
         learning_rate, weight_decay)
     adam_part = finish(
         in_f32(optax.scale_by_adam(adam_b1, adam_b2, eps, nesterov=nesterov,
