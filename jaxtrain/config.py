@@ -107,12 +107,18 @@ def _check_type(key: str, value, tp):
                         f"{type(value).__name__} {value!r}")
 
 
+INT32_MAX = 2**31 - 1
+
+
 def _check_value(key: str, value, meta, tp):
     if value is None:
         return
     if meta.get("positive") and value < 1:
         null = " or null" if type(None) in _options(tp) else ""
         raise JaxtrainError(f"config key {key!r} must be a positive integer{null}, got {value}")
+    if meta.get("positive") and value > INT32_MAX:  # steps, positions: int32 on the device
+        raise JaxtrainError(f"config key {key!r} must be at most {INT32_MAX} (counts are "
+                            f"int32 on the device), got {value}")
     minimum = meta.get("minimum")
     if minimum is not None and value < minimum:
         raise JaxtrainError(f"config key {key!r} must be an integer >= {minimum}, got {value}")

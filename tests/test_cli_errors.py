@@ -29,6 +29,8 @@ def _one_line(capsys) -> str:
                                             r"matches no parameter \(closest: backbone/conv"),
     ("optimizer.groups={head: {learning_rate: 0.1}}", "'optimizer.groups': pattern 'head' "
                                                       "matches no parameter"),
+    ("train.steps=99999999999", "'train.steps' must be at most 2147483647 \\(counts are int32"),
+    ("data.augment={crop: 20}", "augment.crop: padding 20 must be smaller than the images' 8x8"),
     ("model.channels=0", r"model 'cnn': channels must be a positive integer \(a size\), got 0"),
     ("model.features=-1", "model 'cnn': features must be a positive integer"),
     ("data.classes=[3]", r"digit classes must be two or more distinct digits of 0-9 \(one "),
@@ -43,7 +45,7 @@ def test_bad_settings_are_one_line_naming_the_key(override, message, tmp_path, c
     out = tmp_path / "run"
     assert main(["train", CONFIG, f"out={out}", override, *QUIET]) == 2
     assert re.search(message, _one_line(capsys))
-    assert not (out / "checkpoints").exists()
+    assert not list((out / "checkpoints").glob("*"))  # no step saved
 
 
 def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
@@ -51,6 +53,9 @@ def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
     out.write_text("keep me")
     assert main(["train", CONFIG, f"out={out}", *QUIET]) == 2
     assert "'out': " in _one_line(capsys) and out.read_text() == "keep me"
+    assert main(["train", CONFIG, f"out={out / 'run'}", *QUIET]) == 2  # was exit 1
+    assert f"config key 'out': cannot create the folder {out / 'run'}: Not a directory" in (
+        _one_line(capsys))
 
 
 def test_a_task_that_does_not_fit_the_data_is_one_line(tmp_path, capsys):

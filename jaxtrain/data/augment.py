@@ -50,6 +50,9 @@ def random_crop(key, images, padding: int):
     if padding == 0:
         return images
     n, h, w = images.shape[:3]
+    if padding >= min(h, w):  # most windows would be padding alone
+        raise JaxtrainError(f"augment.crop: padding {padding} must be smaller than the "
+                            f"images' {h}x{w} size")
     extra = images.shape[3:]
     padded = jnp.pad(images, [(0, 0), (padding, padding), (padding, padding)]
                      + [(0, 0)] * len(extra))
