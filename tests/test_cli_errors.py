@@ -33,8 +33,9 @@ def _one_line(capsys) -> str:
     ("data.augment={crop: 20}", "augment.crop: padding 20 must be smaller than the images' 8x8"),
     ("model.channels=0", r"model 'cnn': channels must be a positive integer \(a size\), got 0"),
     ("model.features=-1", "model 'cnn': features must be a positive integer"),
-    ("data.classes=[3]", r"digit classes must be two or more distinct digits of 0-9 \(one "),
-    ("data.classes=[3, 3]", r"digit classes must be two or more distinct digits .* got \[3, 3\]"),
+    ("data.classes=[3]", r"digit classes must be a subset of 0-9 of two or more distinct "
+                         r"digits \(one class leaves nothing to tell apart\), got \[3\]"),
+    ("data.classes=[3, 3]", r"two or more distinct digits .* got \[3, 3\]"),
     ("optimizer.learning_rate=1e39", r"config key 'optimizer': adam: learning_rate=1e\+39 is "
                                      r"not finite in float32, the params' dtype"),
     ("optimizer.learning_rate={schedule: constant, value: 1e39}",
@@ -54,7 +55,7 @@ def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
     assert main(["train", CONFIG, f"out={out}", *QUIET]) == 2
     assert "'out': " in _one_line(capsys) and out.read_text() == "keep me"
     assert main(["train", CONFIG, f"out={out / 'run'}", *QUIET]) == 2  # was exit 1
-    assert f"config key 'out': cannot create the folder {out / 'run'}: Not a directory" in (
+    assert f"config key 'out': cannot create the folder {out / 'run'}: {out} is not a folder" in (
         _one_line(capsys))
 
 

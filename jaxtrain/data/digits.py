@@ -28,8 +28,9 @@ def digits_split(
     """`(train, test)` dicts of `image` and `label` for `classes`, labels remapped to 0..k-1."""
     bad = [c for c in classes if c not in range(10)]
     if bad or len(set(classes)) < 2 or len(set(classes)) != len(classes):
-        raise JaxtrainError(f"digit classes must be two or more distinct digits of 0-9 (one "
-                            f"class leaves nothing to tell apart), got {list(classes)}")
+        raise JaxtrainError(f"digit classes must be a subset of 0-9 of two or more distinct "
+                            f"digits (one class leaves nothing to tell apart), got "
+                            f"{list(classes)}")
     if not 0.0 < test_fraction < 1.0:
         raise JaxtrainError(f"test_fraction must be in (0, 1), got {test_fraction}")
     images, labels = load_digits()

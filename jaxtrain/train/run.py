@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -118,16 +119,17 @@ def rerun_config(cfg: RunConfig, resume: bool = False, flag: str = "--resume") -
     No checkpoint: `cfg`. A checkpoint of the same config (up to `RERUN_FREE` keys such
     as `train.steps`): `cfg`, resumed. Of another config: refused in one line naming the
     keys that differ, unless `resume`, which continues with the saved config (and the
-    rerun-free keys of `cfg`). Nothing is read but the records; nothing is written but
-    the `out` folder, made if missing (refused in one line where it cannot be)."""
+    rerun-free keys of `cfg`). Nothing is read but the records; nothing is written (an
+    `out` that cannot be made is refused in one line)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise JaxtrainError(f"config key 'out': {out} is a file, not a folder")
-    try:  # the first write would fail later, with a traceback
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise JaxtrainError(f"config key 'out': cannot create the folder {out}: "
-                            f"{err.strerror}") from None
+    existing = out  # the first write would fail later, with a traceback
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise JaxtrainError(f"config key 'out': cannot create the folder {out}: {existing} "
+                            f"is {'not writable' if existing.is_dir() else 'not a folder'}")
     folder = checkpoint_folder(cfg)
     saved = saved_config(folder)
     if saved is None:
