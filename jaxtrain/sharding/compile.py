@@ -36,8 +36,14 @@ def compile_eval(eval_fn, mesh, state_shardings):
 
 
 def _jit(step_fn, mesh, shardings, donate):
+    def traced(state, batch):
+        # The mesh's axes are visible while tracing, so a model can pin its activations
+        # to the batch split (`models.gpt.batch_sharded`).
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step_fn(state, batch)
+
     return jax.jit(
-        step_fn,
+        traced,
         in_shardings=(shardings, batch_sharding(mesh)),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,) if donate else (),
