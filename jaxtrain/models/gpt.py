@@ -175,7 +175,9 @@ def batch_sharded(x):
     55 MiB against 23 at 2-way). Pinning each block's input to the batch split makes it
     gather the (small) layer weights instead, as ZeRO-3 does (15.6 MiB at 8-way)."""
     mesh = jax.sharding.get_abstract_mesh()
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    kinds = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    # Only axes the partitioner places (inside shard_map/pmap they are Manual).
+    axes = tuple(a for a in BATCH_AXES if kinds.get(a) == jax.sharding.AxisType.Auto)
     if mesh.empty or not axes:
         return x
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
