@@ -1,15 +1,15 @@
-"""Test setup: 8 simulated CPU devices and one compilation cache for the session (the
-processes the tests start share it: many tests compile the same small programs), set
-before JAX is imported anywhere."""
+"""Test setup: 8 simulated CPU devices, compiled for speed (`_multiprocess.xla_flags`), and
+one compilation cache for the session (the processes the tests start share it: many tests
+compile the same small programs), set before JAX is imported anywhere."""
 
 import atexit
 import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from _multiprocess import xla_flags  # imports no JAX
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="jaxtrain-tests-xla-cache-")

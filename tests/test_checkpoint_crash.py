@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+from _multiprocess import xla_flags
 
 CHILD = textwrap.dedent("""
     import sys
@@ -60,7 +61,7 @@ def _complete_steps(directory):
 
 
 def _start(script, directory, target, every):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
     return subprocess.Popen([sys.executable, str(script), str(directory), str(target),
                              str(every)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env=env)

@@ -9,6 +9,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from _multiprocess import xla_flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtrain import sharding
@@ -46,8 +47,7 @@ CHILD = textwrap.dedent("""
 
 
 def _child(script, source, target, devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
     done = subprocess.run([sys.executable, str(script), str(source), str(target)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

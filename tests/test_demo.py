@@ -77,18 +77,20 @@ def _cli(*args, cwd=None):
                           text=True, env=env, cwd=cwd, timeout=300)
 
 
-@pytest.mark.slow
-def test_cli_demo_runs(tmp_path):
-    args = ("demo", "--out", str(tmp_path / "o"), "--steps", "40", "--finetune-steps", "10",
-            "--seeds", "2", "--shots", "5", "--quiet")
-    result = _cli(*args)
-    assert result.returncode == 0, result.stderr
-    assert "5 examples per class" in result.stdout and "mean ± std over 2 seeds" in result.stdout
-    assert "scratch" in result.stdout
-    assert any(line.startswith("pretraining") for line in result.stdout.splitlines())
-    again = _cli(*args)  # the same --out again: one line naming --overwrite
-    assert again.returncode == 2 and "--overwrite" in again.stderr
-    assert len(again.stderr.strip().splitlines()) == 1
+def test_cli_demo_runs(tmp_path, capsys):
+    """`jaxtrain demo` in this process (a subprocess would add its own JAX start-up)."""
+    from jaxtrain.cli import main
+
+    args = ["demo", "--out", str(tmp_path / "o"), "--steps", "40", "--finetune-steps", "10",
+            "--seeds", "2", "--shots", "5", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "5 examples per class" in out and "mean ± std over 2 seeds" in out
+    assert "scratch" in out
+    assert any(line.startswith("pretraining") for line in out.splitlines())
+    assert main(args) == 2  # the same --out again: one line naming --overwrite
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_refuses_negative_steps(tmp_path):

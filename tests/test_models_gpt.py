@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _multiprocess import xla_flags
 from flax import nnx
 
 from jaxtrain.errors import JaxtrainError
@@ -186,7 +187,7 @@ def test_jaxtrain_train_char_gpt_gets_below_2_nats_per_byte_and_prints_a_sample(
     from pathlib import Path
 
     root = Path(__file__).parent.parent
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1, fast_compile=False))  # runs long
     code = "import sys; from jaxtrain.cli import main; sys.exit(main())"
     proc = subprocess.run(
         [sys.executable, "-c", code, "train", str(root / "configs" / "char_gpt.yaml"),

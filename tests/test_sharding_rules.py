@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _multiprocess import xla_flags
 from _sharding_models import build, train_step
 from jax.sharding import PartitionSpec as P
 
@@ -225,7 +226,7 @@ def test_unreachable_coordinator_times_out_with_its_address():
             f"    sharding.initialize('127.0.0.1:{port}', 2, 1, timeout=2)\n"
             "except JaxtrainError as e:\n"
             "    print('ERROR', e)\n")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     start = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, env=env)

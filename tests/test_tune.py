@@ -151,6 +151,33 @@ def test_find_batch_size_says_when_no_limit_was_found(problem):
     assert limited.summary().startswith(f"largest batch that fits: {limited.batch_size} (")
 
 
+@pytest.mark.parametrize("peak", [
+    lambda b: 10_000 + 300 * b,                      # linear: the usual case
+    lambda b: 10_000 + 300 * b + (b // 64) * 5_000,  # steps (buffers padded to tiles)
+    lambda b: 10_000 + 3 * b * b,                    # convex
+    lambda b: 10_000 + 9_000 * b ** 0.5,             # concave
+])
+@pytest.mark.parametrize("limit, multiple_of", [(40_000, 1), (40_000, 8), (12_000, 4),
+                                                (10**9, 8)])
+def test_find_batch_size_equals_a_scan_of_every_size_in_few_compiles(monkeypatch, peak, limit,
+                                                                     multiple_of):
+    """The search (compiles stood in for by `peak`) finds what trying every size finds."""
+    from jaxtrain.tune import batch_size
+
+    monkeypatch.setattr(batch_size, "compiled_peak_bytes", lambda f, s, bf, b, **k: peak(b))
+    cap = 4096
+    sizes = [b for b in range(multiple_of, cap + 1, multiple_of) if peak(b) <= limit]
+    search = lambda: find_batch_size(None, None, None, limit_bytes=limit, headroom=1.0,
+                                     max_batch=cap, multiple_of=multiple_of)
+    if not sizes:
+        with pytest.raises(JaxtrainError, match=f"even batch size {multiple_of} needs"):
+            search()
+        return
+    result = search()
+    assert result.batch_size == sizes[-1] and result.limited == (sizes[-1] != cap)
+    assert len(result.tried) <= 10, sorted(result.tried)  # doubling + bisecting: up to 22
+
+
 def _held_out(spec, params, valid, seed):
     """The held-out metrics of `params`, evaluated the ordinary way (not by the sweep)."""
     state = initial_state(spec, seed).replace(params=params)
