@@ -179,7 +179,7 @@ def test_char_gpt_config_builds_a_1_to_5m_model_and_runs(tmp_path):
 
 @pytest.mark.slow
 def test_jaxtrain_train_char_gpt_gets_below_2_nats_per_byte_and_prints_a_sample(tmp_path):
-    """The real run, shortened to 250 steps, through the command line on one CPU device
+    """The real run, shortened to 200 steps, through the command line on one CPU device
     (8 simulated devices on 2 cores can time out in XLA's all-reduce rendezvous)."""
     import os
     import subprocess
@@ -191,8 +191,8 @@ def test_jaxtrain_train_char_gpt_gets_below_2_nats_per_byte_and_prints_a_sample(
     code = "import sys; from jaxtrain.cli import main; sys.exit(main())"
     proc = subprocess.run(
         [sys.executable, "-c", code, "train", str(root / "configs" / "char_gpt.yaml"),
-         f"out={tmp_path}", "train.steps=250", "train.eval_every=250",
-         "optimizer.learning_rate.total_steps=250", "checkpoint.every=null",
+         f"out={tmp_path}", "train.steps=200", "train.eval_every=200",
+         "optimizer.learning_rate.total_steps=200", "checkpoint.every=null",
          "checkpoint.at_end=false", "logging.tensorboard=false", "logging.plots=false"],
         env=env, cwd=root, capture_output=True, text=True, timeout=1200,
     )
