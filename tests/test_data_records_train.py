@@ -107,10 +107,15 @@ def test_every_command_takes_records(prepared, tmp_path, capsys):
                  f"out={tmp_path / 'ft'}", "train.steps=4", "train.eval_every=4",
                  *common]) == 0
     capsys.readouterr()
+    # the tuning commands vmap their runs: an MLP (a vmapped conv is slow on XLA:CPU)
+    mlp = tmp_path / "mlp.yaml"
+    mlp.write_text((CONFIGS / "image_folder_cnn.yaml").read_text().replace(
+        "model: {name: cnn, channels: 16, features: 64}", "model: {name: mlp, hidden: [32]}"))
+    assert "name: mlp" in mlp.read_text()
     for command, extra in (("sweep", ["--grid", "learning_rate=1e-3,3e-3"]),
                            ("compare", ["--strategies", "sgd,adam", "--seeds", "0"]),
                            ("lr-find", []), ("batch-size", ["--limit-mb", "64"])):
-        code = main([command, config, *common, "train.eval_every=2", "train.steps=4",
+        code = main([command, str(mlp), *common, "train.eval_every=2", "train.steps=4",
                      "--out", str(tmp_path / command), "--quiet", *extra])
         assert code == 0, command
     assert (tmp_path / "sweep" / "sweep.json").exists()
