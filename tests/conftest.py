@@ -11,6 +11,9 @@ from _multiprocess import xla_flags  # imports no JAX
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# LAPACK calls (eigh, solve, svd) go to scipy's OpenBLAS, whose threads spin while they
+# wait: 8 simulated devices each running one on 2 cores took an eigh from 0.2 s to 15 s.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="jaxtrain-tests-xla-cache-")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)

@@ -194,7 +194,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 @pytest.mark.parametrize("method", [
     "newton_cg",
-    pytest.param("newton", marks=pytest.mark.slow),  # a 1210x1210 Hessian per step
+    "newton",
     "lbfgs",
 ])
 def test_config_trains_the_digits_mlp_full_batch(method, tmp_path):

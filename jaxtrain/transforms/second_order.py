@@ -11,8 +11,9 @@ via Hessian-free optimization"; Nocedal & Wright ch. 4 and 7):
 
 - Levenberg-Marquardt damping: the direction solves (H + lambda*I) d = g. With
   `adaptive=True` lambda follows the reduction ratio rho = (actual decrease) /
-  (decrease predicted by the quadratic model g.s + s.H.s/2): x3/2 when rho < 1/4 (the
-  model was too optimistic), x2/3 when rho > 3/4.
+  (decrease predicted by the quadratic model g.s + s.H.s/2) of the full step, before
+  the line search shortens it: x3/2 when rho < 1/4 (the model was too optimistic), x2/3
+  when rho > 3/4.
 - A negative-curvature guard: CG stops at the first direction p with p.(H + lambda*I).p
   <= 0 (Steihaug), keeping what it had (the gradient if nothing); the exact method uses
   |eigenvalues| of H (saddle-free Newton, Dauphin et al. 2014). A direction that is not a
@@ -148,15 +149,17 @@ def _damped_newton(solve, name, learning_rate, damping, adaptive):
             return k + 1, t / 2, f(x - (t / 2) * learning_rate * d)
 
         one = jnp.ones([], x.dtype)
-        _, t, fx = jax.lax.while_loop(cond, body, (jnp.zeros([], jnp.int32), one,
-                                                   f(x - learning_rate * d)))
+        f_full = f(x - learning_rate * d)
+        _, t, fx = jax.lax.while_loop(cond, body, (jnp.zeros([], jnp.int32), one, f_full))
         taken = jnp.isfinite(fx) & (fx <= f0 - ARMIJO * t * learning_rate * slope)
-        s = t * learning_rate
-        predicted = -s * slope + 0.5 * s * s * curvature
-        ratio = jnp.where(taken & (predicted < 0), (fx - f0) / predicted, -jnp.inf)
+        # rho of the full step, before any backtracking (Martens 2010): a step the line
+        # search had to shorten says the quadratic model is trusted too far
+        predicted = -learning_rate * slope + 0.5 * learning_rate**2 * curvature
+        ratio = jnp.where(jnp.isfinite(f_full) & (predicted < 0), (f_full - f0) / predicted,
+                          -jnp.inf)
         lam = jnp.where(ratio < LOW_RATIO, jnp.maximum(lam, MIN_DAMPING) * BOOST,
                         jnp.where(ratio > HIGH_RATIO, lam * DROP, lam))
-        step = jnp.where(taken, s, 0.0)
+        step = jnp.where(taken, t * learning_rate, 0.0)
         new = NewtonState(count, lam.astype(jnp.float32), ratio.astype(jnp.float32),
                           jnp.where(taken, t, 0.0).astype(jnp.float32))
         return unravel(-step * d), new
