@@ -145,3 +145,32 @@ def test_bad_tuning_flags_are_refused_before_any_work(args, message, tmp_path, c
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_on_a_file_system_that_refuses_files_is_refused_before_training(capsys):
+    """/proc takes no new files, even from root (for whom `os.access` said writable: the
+    run then failed at its first write with a traceback)."""
+    out = Path("/proc") / "jaxtrain-test-run"
+    assert main(["train", CONFIG, f"out={out}", *QUIET]) == 2
+    assert f"config key 'out': cannot create the folder {out}: /proc is not writable" in (
+        _one_line(capsys))
+
+
+def test_ckpt_ls_of_a_file_says_it_is_a_file_and_what_is_wanted(tmp_path, capsys):
+    step_file = tmp_path / "log.jsonl"
+    step_file.write_text("{}\n")
+    assert main(["ckpt", "ls", str(step_file)]) == 2
+    assert f"checkpoint folder {step_file} is a file, not a folder: give the folder that " \
+           "holds the numbered step folders" in _one_line(capsys)
+
+
+def test_an_override_of_data_name_that_keeps_a_key_the_new_data_lacks_says_so(tmp_path,
+                                                                             capsys):
+    """configs/digits_cnn.yaml's data section has test_fraction; `data.name=records` keeps
+    it (overrides set one key): the line names the key, what records takes, and the fix."""
+    assert main(["train", CONFIG, f"out={tmp_path / 'run'}", "data.name=records",
+                 f"data.path={tmp_path}", *QUIET]) == 2
+    err = _one_line(capsys)
+    assert "config key 'data.test_fraction': data set 'records' takes no 'test_fraction' " \
+           "(it takes path, seq_len" in err
+    assert "give the whole section instead, e.g. data='{name: records, ...}'" in err

@@ -77,10 +77,8 @@ class Manager:
         if best_mode not in BEST_MODES:
             raise JaxtrainError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         self.directory = Path(directory).absolute()
-        if read_only and not self.directory.is_dir():
-            raise JaxtrainError(f"checkpoint folder {directory} does not exist")
-        if self.directory.exists() and not self.directory.is_dir():
-            raise JaxtrainError(f"checkpoint folder {directory} is a file, not a folder")
+        if read_only or self.directory.exists():
+            check_folder(directory)
         self.best_metric, self.best_mode = best_metric, best_mode
         self.read_only = read_only
         self.last_save_seconds: float | None = None  # how long the last save() held the caller
@@ -361,13 +359,24 @@ def _on_default_device(tree):
                         tree)
 
 
+def check_folder(directory: str | Path, what: str = "checkpoint") -> None:
+    """Refuse in one line a `directory` that is not a folder: one that does not exist, or
+    a file (a step's file given instead of the folder that holds the step folders)."""
+    path = Path(directory)
+    if path.is_dir():
+        return
+    if not path.exists():
+        raise JaxtrainError(f"{what} folder {directory} does not exist")
+    raise JaxtrainError(f"{what} folder {directory} is a file, not a folder: give the folder "
+                        f"that holds the numbered step folders (e.g. OUT/checkpoints)")
+
+
 def saved_params(directory: str | Path, step: int | None = None,
                  what: str = "checkpoint") -> dict:
     """The params saved in the checkpoint folder `directory` (its latest readable step, or
     `step`), flat by `/`-joined path, on the default device. `what` names the folder in
     the error when it does not exist ("pretrained checkpoint", "teacher checkpoint")."""
-    if not Path(directory).is_dir():
-        raise JaxtrainError(f"{what} folder {directory} does not exist")
+    check_folder(directory, what)
     mngr = Manager(directory, read_only=True)
     try:
         return flat_by_path(mngr.restore_arrays(step, items=["params"])["params"])

@@ -8,6 +8,8 @@ Each loader returns `{'train': dict of arrays, 'valid': dict of arrays, 'info': 
 
 from __future__ import annotations
 
+import inspect
+
 from ..errors import JaxtrainError
 from .digits import digits_split
 from .records import load_records
@@ -31,10 +33,21 @@ DATASETS = {
 }
 
 
-def load(name: str, **kwargs) -> dict:
-    """The named data set, loaded with `kwargs`."""
+def load(name: str, key: str = "data", /, **kwargs) -> dict:
+    """The named data set, loaded with `kwargs` (the config section `key` gives them). A
+    keyword the data set does not take is refused in one line naming it and those it
+    takes: an override `data.name=...` keeps the section's other keys (a `test_fraction`
+    meant for the digits), so the line says how to replace the whole section."""
     if name not in DATASETS:
         raise JaxtrainError(f"unknown data set {name!r} (valid: {', '.join(sorted(DATASETS))})")
+    accepted = inspect.signature(DATASETS[name]).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        raise JaxtrainError(
+            f"config key '{key}.{unknown[0]}': data set {name!r} takes no {unknown[0]!r} "
+            f"(it takes {', '.join(accepted)}); an override of {key}.name keeps the "
+            f"section's other keys: give the whole section instead, e.g. "
+            f"{key}='{{name: {name}, ...}}'")
     try:
         return DATASETS[name](**kwargs)
     except TypeError as err:

@@ -8,6 +8,7 @@ import inspect
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -113,21 +114,33 @@ def saved_config(folder: Path) -> dict | None:
     return None
 
 
+def _writable(folder: Path) -> bool:
+    """Whether a file can be made in `folder`: tried with a probe file, removed at once
+    (`os.access` says yes to root on a read-only or pseudo file system)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jaxtrain-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
 def rerun_config(cfg: RunConfig, resume: bool = False, flag: str = "--resume") -> RunConfig:
     """The config to run when `cfg`'s output folder may already hold checkpoints.
 
     No checkpoint: `cfg`. A checkpoint of the same config (up to `RERUN_FREE` keys such
     as `train.steps`): `cfg`, resumed. Of another config: refused in one line naming the
     keys that differ, unless `resume`, which continues with the saved config (and the
-    rerun-free keys of `cfg`). Nothing is read but the records; nothing is written (an
-    `out` that cannot be made is refused in one line)."""
+    rerun-free keys of `cfg`). Nothing is read but the records; nothing is kept (an
+    `out` that cannot be made, tried with a probe file, is refused in one line)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise JaxtrainError(f"config key 'out': {out} is a file, not a folder")
     existing = out  # the first write would fail later, with a traceback
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir() or not _writable(existing):
         raise JaxtrainError(f"config key 'out': cannot create the folder {out}: {existing} "
                             f"is {'not writable' if existing.is_dir() else 'not a folder'}")
     folder = checkpoint_folder(cfg)
@@ -216,7 +229,7 @@ def distill_setup(cfg: RunConfig, task, data: dict):
     transfer = None
     if section.transfer is not None:
         spec = dict(section.transfer)
-        transfer = data_registry.load(spec.pop("name"), **spec)["train"]
+        transfer = data_registry.load(spec.pop("name"), "distill.transfer", **spec)["train"]
     train = with_transfer_set(data["train"], transfer, section.labelled, cfg.seed)
     loss = make_distill_loss(teacher, section.temperature, section.alpha)
     return dataclasses.replace(task, loss_fn=loss), {**data, "train": train}
