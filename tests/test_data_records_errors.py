@@ -157,3 +157,34 @@ logging: {{tensorboard: false, plots: false, progress: false}}
     _one_line_error(capsys, ["train", str(config), "train.steps=4"], "examples {'train': 58")
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()
                   if p.name.isdigit()) == ["2", "3"]
+
+
+def test_a_local_sgd_resume_on_data_prepared_again_from_other_input_is_refused(tmp_path,
+                                                                              capsys):
+    """Local SGD records the prepared data's identity with its checkpoints and checks it
+    on resume, as the Trainer does (before: records were refused by local SGD, and its
+    checkpoints recorded no data)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=x[:, :1] * 2)
+    prepare = ["data", "prepare", "arrays", str(tmp_path / "d.npz"), "--out",
+               str(tmp_path / "records"), "--quiet"]
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""out: {tmp_path / 'run'}
+model: {{name: mlp, in_features: 4, out_features: 1, hidden: [8]}}
+data: {{name: records, path: {tmp_path / 'records'}}}
+task: regression
+optimizer: {{optimizer: sgd, learning_rate: 0.1}}
+local_sgd: {{sync_every: 2}}
+train: {{steps: 2, batch_size: 16}}
+checkpoint: {{async: false}}
+logging: {{tensorboard: false, plots: false, progress: false}}
+""")
+    assert main(prepare) == 0 and main(["train", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 2
+    np.savez(tmp_path / "d.npz", x=x[:48], y=x[:48, :1] * 3)  # other input, same path
+    assert main(prepare) == 0
+    _one_line_error(capsys, ["train", str(config), "train.steps=4"],
+                    f"the prepared data at {tmp_path / 'records'} is not the data the run")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()
+                  if p.name.isdigit()) == ["2"]

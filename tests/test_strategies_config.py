@@ -361,6 +361,56 @@ def test_diloco_saves_and_ends_on_sigterm(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_diloco_evaluates_every_eval_every_and_reports_as_the_trainer_does(tmp_path,
+                                                                          capsys):
+    """Local SGD evaluates at the end of the round in which the step reaches a multiple of
+    train.eval_every (6 with rounds of 4: steps 8 and 12), and writes TensorBoard, the
+    progress lines, curves.png and confusion.png through the Trainer's `RunLogs`
+    (before: one evaluation at the end, log.jsonl only)."""
+    summary = run_config(_config(
+        "digits_mlp_diloco.yaml", tmp_path, "local_sgd.sync_every=4", "train.steps=12",
+        "train.batch_size=64", "train.log_every=4", "train.eval_every=6",
+        "checkpoint.async=false", "logging.tensorboard=true", "logging.plots=true",
+        "logging.progress=true"))
+    assert [r["step"] for r in _log(tmp_path, "train/eval")] == [8, 12]
+    assert [r["step"] for r in _log(tmp_path)] == [4, 8, 12]
+    assert summary["eval"] == {k: v for k, v in _log(tmp_path, "train/eval")[-1].items()
+                               if k not in ("run", "step")}
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
+    assert "train: step 12/12 loss=" in capsys.readouterr().err
+
+
+def test_diloco_early_stopping_stops_at_a_round_and_a_rerun_stays_stopped(tmp_path):
+    """early_stopping with local SGD: patience 1 and a min_delta no evaluation can beat
+    stop the run at its second evaluation (step 8 of 16), with a checkpoint there; a rerun
+    reads early stopping's progress from it and stays stopped (before: ignored, 16 steps)."""
+    from jaxtrain.checkpoint import Manager
+
+    cfg = _config("digits_mlp_diloco.yaml", tmp_path, "local_sgd.sync_every=4",
+                  "train.steps=16", "train.batch_size=64", "train.eval_every=4",
+                  "early_stopping={patience: 1, min_delta: 100.0}", "checkpoint.async=false")
+    first = run_config(cfg)
+    assert first["step"] == 8 and first["stopped"].startswith(
+        "early stopping: no improvement of accuracy for 1 evaluations (best ")
+    assert Manager(tmp_path / "checkpoints", read_only=True).steps() == [8]
+    again = run_config(cfg)
+    assert (again["step"], again["stopped"], again["eval"]) == (8, first["stopped"],
+                                                                first["eval"])
+    assert [r["step"] for r in _log(tmp_path, "train/eval")] == [4, 8]
+
+
+@pytest.mark.parametrize("override, key", [("checkpoint.best=true", "checkpoint.best"),
+                                           ("train.nan_policy=skip", "train.nan_policy"),
+                                           ("data.augment={crop: 1}", "data.augment")])
+def test_diloco_refuses_what_a_round_cannot_do_in_one_line(override, key, tmp_path):
+    from jaxtrain.errors import JaxtrainError
+
+    with pytest.raises(JaxtrainError, match=f"^config key '{key}' .*local_sgd"):
+        run_config(_config("digits_mlp_diloco.yaml", tmp_path, override))
+
+
 @pytest.mark.parametrize("override", ["logging.mlflow={}", "logging.wandb={mode: offline}"])
 def test_diloco_refuses_a_tracker_in_one_line(override, tmp_path):
     from jaxtrain.errors import JaxtrainError

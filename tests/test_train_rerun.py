@@ -31,8 +31,8 @@ from jaxtrain.train import (
     TrainState,
     classification_loss,
     classification_metrics,
+    run_logs,
 )
-from jaxtrain.train import trainer as trainer_module
 from jaxtrain.train.config import load_config
 from jaxtrain.train.logs import keep_until, read_log
 from jaxtrain.train.metrics import classification_report
@@ -156,7 +156,7 @@ def test_the_final_checkpoint_is_saved_before_a_failing_plot(tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(trainer_module, "plot_history", broken)
+    monkeypatch.setattr(run_logs, "plot_history", broken)
     trainer = _trainer(tmp_path, plots=True)
     with pytest.warns(UserWarning, match="could not draw .*curves.png: RuntimeError"):
         trainer.fit(_data(), 7)

@@ -356,6 +356,18 @@ def identity_changes(saved: dict, current: dict) -> list[str]:
                       f"{current.get('prepared')}"]
 
 
+def check_same_data(saved: dict | None, current: dict | None, folder) -> None:
+    """Refuse in one line to resume the run of checkpoint folder `folder`, trained on the
+    prepared data `saved` (a checkpoint's `data` record), on other data behind the same
+    path (`current`); see `identity_changes`."""
+    changes = identity_changes(saved or {}, current or {})
+    if changes:
+        raise JaxtrainError(
+            f"the prepared data at {current['path']} is not the data the run in {folder} "
+            f"was trained on ({'; '.join(changes)}): resume with the original data, or "
+            "start a fresh run in another folder (out=)")
+
+
 def _int(name: str, value, low: int = 0) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise JaxtrainError(f"data key {name!r} must be an integer >= {low}, got {value!r}")

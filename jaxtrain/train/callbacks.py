@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 
 from ..checkpoint import Manager
-from ..data.records import identity_changes
+from ..data.records import check_same_data
 from ..errors import JaxtrainError
 from ..transforms.plateau import observe_plateau
 from .config import config_changes
@@ -183,13 +183,11 @@ class Checkpointer(Callback):
                 f"checkpoint folder {self.directory} holds a run with other settings "
                 f"({', '.join(changes)}); resume it with its saved config or use another "
                 "folder")
-        changes = identity_changes(meta.get("data") or {}, trainer.data_identity or {})
-        if changes:
+        try:
+            check_same_data(meta.get("data"), trainer.data_identity, self.directory)
+        except JaxtrainError:
             self.close()
-            raise JaxtrainError(
-                f"the prepared data at {trainer.data_identity['path']} is not the data the "
-                f"run in {self.directory} was trained on ({'; '.join(changes)}): resume with "
-                "the original data, or start a fresh run in another folder (out=)")
+            raise
         record = meta.get("record") or {}
         extra = None
         if record.get("early_stopping") is not None and trainer.early_stopping is not None:

@@ -29,10 +29,9 @@ from .adapters import NnxAdapter
 from .callbacks import Checkpointer, EarlyStopping, better, check_mode, crossed
 from .config import TrainerConfig
 from .feeds import Batches, DeviceFeed, HostFeed, fits_on_devices
-from .logs import JsonlLogger, TensorBoardLogger, keep_until, plot_history, read_log
-from .metrics import plot_confusion, summarize_eval
+from .metrics import summarize_eval
 from .precision import LossScale, get_policy
-from .progress import Progress
+from .run_logs import RunLogs
 from .signals import StopSignals
 from .state import param_logical_axes
 from .step import make_eval_step, make_train_step
@@ -342,7 +341,7 @@ class Trainer:
             self.history.append((step, values))
             self.last_train = values
             self._write(self.run, step, values)
-            self.bar.update(step - self.start_step, _shown(values, self._shown_batch))
+            self.logs.progress(step, _shown(values, self._shown_batch))
             for cb in self.callbacks:
                 cb.on_log(self, step, values)
 
@@ -418,17 +417,9 @@ class Trainer:
         self._pending, self._last_step, self._last_stamp = [], self.step, time.perf_counter()
         self._params_like = self.state_shardings.params
         main = sharding.is_main_process()  # logs are written once, by process 0
-        self.bar = Progress(steps - self.step, self.run, enabled=self.progress and main)
-        self.loggers = []
-        if self.log_dir is not None and main:
-            if self.log_dir.exists() and not self.log_dir.is_dir():
-                raise JaxtrainError(f"log folder {self.log_dir} is a file, not a folder")
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            # records after the step this run starts from are logged again
-            keep_until(self.log_dir / "log.jsonl", {self.run, f"{self.run}/eval"}, self.step)
-            self.loggers.append(JsonlLogger(self.log_dir / "log.jsonl"))
-            if self.tensorboard:
-                self.loggers.append(TensorBoardLogger(self.log_dir / "tensorboard", self.step))
+        self.logs = RunLogs(self.log_dir, self.run, self.step, steps,
+                            tensorboard=self.tensorboard, plots=self.plots,
+                            progress=self.progress, main=main)
         self._tracking = []
         if main:
             self._start_trackers()
@@ -462,40 +453,13 @@ class Trainer:
                               f"{type(err).__name__}: {err}", stacklevel=2)
 
     def _write(self, run: str, step: int, values: dict) -> None:
-        for logger in self.loggers + self._tracking:
-            logger.log(run, step, values)
+        self.logs.write(run, step, values)
+        for tracker in self._tracking:
+            tracker.log(run, step, values)
 
     def _close_logs(self) -> None:
-        self.bar.close()
-        for logger in self.loggers:
-            logger.close()
-        if self.loggers and self.plots and (self.history or self.eval_history):
-            try:
-                plot_history(_logged(self.log_dir / "log.jsonl", self.run), self.log_dir /
-                             "curves.png", title=self.run)
-            except Exception as err:  # a plot is not worth failing a finished run for
-                warnings.warn(f"could not draw {self.log_dir / 'curves.png'}: "
-                              f"{type(err).__name__}: {err}", stacklevel=2)
-        if self.plots and self.log_dir is not None and "confusion" in self.last_eval_arrays:
-            try:
-                plot_confusion(self.last_eval_arrays["confusion"],
-                               self.log_dir / "confusion.png",
-                               title=f"{self.run}: step {self.last_eval_step}")
-            except Exception as err:  # as above
-                warnings.warn(f"could not draw {self.log_dir / 'confusion.png'}: "
-                              f"{type(err).__name__}: {err}", stacklevel=2)
-
-
-def _logged(path: Path, run: str) -> dict:
-    """The train and eval records of `run` in a JSONL log, all resumed parts together
-    (a step logged twice, before a crash and after the resume, counts once: the later)."""
-    series: dict = {"train": {}, "eval": {}}
-    kinds = {run: "train", f"{run}/eval": "eval"}
-    for record in read_log(path):
-        kind = kinds.get(record.pop("run", None))
-        if kind is not None:
-            series[kind][record.pop("step")] = record
-    return {k: sorted(v.items()) for k, v in series.items()}
+        self.logs.close(self.last_eval_arrays.get("confusion"),
+                        f"{self.run}: step {self.last_eval_step}")
 
 
 def _describe(batch) -> str:
