@@ -298,3 +298,31 @@ def test_raise_policy_checks_the_updated_params_and_writes_no_checkpoint(tmp_pat
                                              "l1/bias"):
         trainer.fit(_data(), 5)
     assert Manager(tmp_path, read_only=True).steps() == []
+
+
+def test_compilation_cache_lets_a_second_start_load_the_step(tmp_path, caplog):
+    """`train.compilation_cache`: the first start compiles the train step and writes it; a
+    second start (nothing compiled in memory) loads it from the folder."""
+    import logging
+
+    from jax.experimental.compilation_cache import compilation_cache
+
+    caplog.set_level(logging.DEBUG, logger="jax._src.compiler")
+    try:
+        starts = []
+        for _ in range(2):
+            jax.clear_caches()  # a new start: only the folder remembers
+            trainer = _trainer(compilation_cache=str(tmp_path / "cache"))
+            caplog.clear()  # what fit compiles: the train step, the eval step, ...
+            trainer.fit(_data(), 2)
+            starts.append({kind: sorted(r.args[0] for r in caplog.records
+                                        if r.getMessage().startswith(prefix))
+                           for kind, prefix in (("hit", "Persistent compilation cache hit"),
+                                                ("miss", "PERSISTENT COMPILATION CACHE MISS"))})
+        assert starts[0]["hit"] == [] and "jit_call" in starts[0]["miss"]  # the train step
+        assert starts[1] == {"hit": starts[0]["miss"], "miss": []}
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        compilation_cache.reset_cache()

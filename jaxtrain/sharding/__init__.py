@@ -1,6 +1,6 @@
 """Where a step runs: meshes, partition rules, placement, compilation, many hosts."""
 
-from .compile import InFlight, compile_eval, compile_step
+from .compile import InFlight, compile_eval, compile_step, use_compilation_cache
 from .config import ShardingConfig
 from .distributed import (
     Launch,
@@ -65,4 +65,5 @@ __all__ = [
     "start_from_env",
     "state_shardings",
     "tree_shardings",
+    "use_compilation_cache",
 ]

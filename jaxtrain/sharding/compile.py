@@ -1,8 +1,10 @@
-"""Compile a pure `(state, batch) -> (state, metrics)` step for a mesh."""
+"""Compile a pure `(state, batch) -> (state, metrics)` step for a mesh, and keep compiled
+programs across starts (JAX's persistent compilation cache)."""
 
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 
 import jax
 from jax.sharding import Sharding
@@ -24,6 +26,24 @@ def compile_step(step_fn, mesh, state_shardings, donate: bool = True, *, logical
     if _is_shardings(state_shardings):
         return _jit(step_fn, mesh, state_shardings, donate)
     return _LazyStep(step_fn, mesh, state_shardings, logical_axes, donate)
+
+
+def use_compilation_cache(folder) -> None:
+    """Keep every compiled program in `folder` (JAX's persistent compilation cache), so that
+    the next start that compiles the same step on the same devices and versions loads it
+    from disk instead of compiling again. Every program is kept, however quickly it
+    compiled (JAX keeps only those over 1 s by default: on a CPU most steps compile
+    faster, and the step with its many small programs is what a start waits for). A
+    later call with another folder moves the cache there. The folder is trusted: whoever
+    can write to it can make this process run their code (JAX's warning)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    folder = str(Path(folder).expanduser().resolve())
+    if jax.config.jax_compilation_cache_dir != folder:
+        compilation_cache.reset_cache()  # a cache already opened elsewhere is let go
+        jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def compile_eval(eval_fn, mesh, state_shardings):

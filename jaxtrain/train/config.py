@@ -51,6 +51,10 @@ class TrainConfig:
     device_data: bool | str = option("auto", "keep the whole data set on the devices: "
                                              "auto (when it fits), true or false",
                                      choices=("auto", True, False))
+    compilation_cache: str | None = option(
+        None, "folder of JAX's persistent compilation cache: a later start with the same "
+              "step, devices and versions loads the compiled programs instead of compiling "
+              "(null: none; the folder is trusted code)")
 
 
 @dataclass(frozen=True)
@@ -198,7 +202,8 @@ SHORTHAND = shorthands(RunConfig)
 # Keys a rerun into the same folder may change and still be the same run: where it writes,
 # how long it trains (a total, so more steps continue it), how it reports, how prepared
 # records are read (the batches do not depend on it).
-RERUN_FREE = ("out", "checkpoint.dir", "checkpoint.async", "train.steps", "logging",
+RERUN_FREE = ("out", "checkpoint.dir", "checkpoint.async", "train.steps",
+              "train.compilation_cache", "logging",
               "data.workers", "data.threads", "data.prefetch", "data.verify")
 
 

@@ -85,6 +85,8 @@ class Trainer:
         config = checked(config if config is not None else TrainerConfig())
         sharding.check_started()
         self.config, train, ckpt = config, config.train, config.checkpoint
+        if train.compilation_cache is not None:
+            sharding.use_compilation_cache(train.compilation_cache)
         self.policy = get_policy(train.precision)
         self.mesh = mesh if mesh is not None else sharding.make_mesh(
             **to_dict(config.sharding.mesh))
