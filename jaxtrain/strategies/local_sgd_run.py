@@ -104,6 +104,8 @@ def run_local_sgd(cfg, state, task, data: dict, model_config: dict, folder: Path
     held-out metrics, what stopped it)."""
     _refuse(cfg)
     section, train, ckpt = cfg.local_sgd, cfg.train, cfg.checkpoint
+    if train.compilation_cache is not None:  # as the Trainer does
+        sharding.use_compilation_cache(train.compilation_cache)
     _check(section, train, mesh.shape["data"])
     h = section.sync_every
     local = LocalSGDState.create(state, _outer(section.outer), mesh.shape["data"])
