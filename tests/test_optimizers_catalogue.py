@@ -41,6 +41,8 @@ VARIANTS = {
     "radam": [{"eps_of": "raw"}],
     "adafactor": [{"momentum": 0.9}],
     "muon": [{"adam_learning_rate": 0.003}],
+    "adam": [{"mu_dtype": "bfloat16", "nu_dtype": "bfloat16"}],
+    "adamw_8bit": [{"min_8bit_size": 0, "block_size": 8}],  # quantized leaves here
 }
 LR = 0.01
 TWINS = {
@@ -52,6 +54,8 @@ TWINS = {
     "rmsprop": lambda: optax.rmsprop(LR, 0.9, 1e-8),
     "adam": lambda: optax.adam(LR),
     "adamw": lambda: optax.adamw(LR, weight_decay=1e-2),
+    "adam_8bit": lambda: optax.adam(LR),  # leaves under min_8bit_size: float32 moments
+    "adamw_8bit": lambda: optax.adamw(LR, weight_decay=1e-2),
     "adamax": lambda: optax.adamax(LR),
     "amsgrad": lambda: optax.amsgrad(LR),
     "nadam": lambda: optax.nadam(LR),

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from ..errors import JaxtrainError
+from .compact_state import check_format, scale_by_adam_compact
 from .find import find_states
 from .inject import hyperparam_dtype, injected
 from .validate import (
@@ -30,6 +31,9 @@ from .validate import (
 _STATIC = {
     "dtype_momentum",
     "mu_dtype",
+    "nu_dtype",
+    "block_size",
+    "min_8bit_size",
     "mask",
     "weight_decay_mask",
     "trust_ratio_mask",
@@ -225,17 +229,65 @@ def rmsprop(learning_rate, decay: float = 0.9, eps: float = 1e-8, eps_in_sqrt: b
                     nesterov=nesterov)
 
 
-def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
-    """Adam (Kingma & Ba, 2015); the same update as torch.optim.Adam."""
+def _adam_compact(learning_rate, b1, b2, eps, weight_decay, mask, mu_dtype, nu_dtype,
+                  block_size, min_8bit_size):
+    """Adam's step with its moments stored as `mu_dtype` / `nu_dtype` (compact_state.py),
+    then decoupled decay where `weight_decay` is not None (AdamW), then -learning_rate."""
+    return optax.chain(
+        scale_by_adam_compact(b1, b2, eps, mu=mu_dtype, nu=nu_dtype, block_size=block_size,
+                              min_8bit_size=min_8bit_size),
+        *(() if weight_decay is None else (optax.add_decayed_weights(weight_decay, mask),)),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def _adam_family(name, learning_rate, b1, b2, eps, weight_decay, mask, mu_dtype, nu_dtype,
+                 block_size=256, min_8bit_size=4096):
+    """Adam (`weight_decay=None`) or AdamW with its arguments checked and injected, and
+    `mask` checked at init: Optax's own adam/adamw when both moments are float32, else
+    `_adam_compact`."""
     check_learning_rate(learning_rate)
-    _betas("adam", b1=b1, b2=b2)
-    check_positive("adam", eps=eps)
-    return injected(optax.adam, _STATIC, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
+    _betas(name, b1=b1, b2=b2)
+    check_positive(name, eps=eps)
+    check_nonnegative(name, weight_decay=weight_decay)
+    if mu_dtype == nu_dtype == "8bit":
+        check_positive(name, block_size=block_size)
+        check_nonnegative(name, min_8bit_size=min_8bit_size)
+    else:
+        mu_dtype = check_format(name, "mu_dtype", mu_dtype)
+        nu_dtype = check_format(name, "nu_dtype", nu_dtype)
+    hyper = dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
+    decayed = {} if weight_decay is None else dict(weight_decay=weight_decay, mask=mask)
+    if mu_dtype == nu_dtype == "float32":
+        tx = injected(optax.adam if weight_decay is None else optax.adamw, _STATIC, **hyper,
+                      **decayed)
+    else:
+        tx = injected(_adam_compact, _STATIC, **hyper, weight_decay=weight_decay, mask=mask,
+                      mu_dtype=mu_dtype, nu_dtype=nu_dtype, block_size=block_size,
+                      min_8bit_size=min_8bit_size)
+    return tx if weight_decay is None else with_mask_check(tx, mask, f"{name}: mask")
+
+
+def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+         mu_dtype=None, nu_dtype=None):
+    """Adam (Kingma & Ba, 2015); the same update as torch.optim.Adam. `mu_dtype` /
+    `nu_dtype` (float32, the default, or bfloat16) store the first / second moment in that
+    dtype, written with stochastic rounding, computed in float32 (compact_state.py)."""
+    return _adam_family("adam", learning_rate, b1, b2, eps, None, None, mu_dtype, nu_dtype)
+
+
+def adam_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+              block_size: int = 256, min_8bit_size: int = 4096):
+    """Adam with both moments blockwise quantized to 8 bits (bitsandbytes' `Adam8bit`):
+    blocks of `block_size` values scaled by their absmax, dynamic maps (signed for the
+    first moment, unsigned for the second); leaves under `min_8bit_size` values float32."""
+    return _adam_family("adam_8bit", learning_rate, b1, b2, eps, None, None, "8bit", "8bit",
+                        block_size, min_8bit_size)
 
 
 def _adam_decoupled(name, factory, learning_rate, b1, b2, eps, weight_decay, mask):
-    """`factory` (optax.adamw or optax.lamb: Adam moments and decoupled weight decay where
-    `mask` says) with its arguments checked, injected, and `mask` checked at init."""
+    """`factory` (optax.lamb: Adam moments and decoupled weight decay where `mask` says)
+    with its arguments checked, injected, and `mask` checked at init."""
     check_learning_rate(learning_rate)
     _betas(name, b1=b1, b2=b2)
     check_positive(name, eps=eps)
@@ -246,10 +298,21 @@ def _adam_decoupled(name, factory, learning_rate, b1, b2, eps, weight_decay, mas
 
 
 def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          weight_decay: float = 1e-2, mask=None):
+          weight_decay: float = 1e-2, mask=None, mu_dtype=None, nu_dtype=None):
     """AdamW (Loshchilov & Hutter): decay decoupled from the gradient and scaled by the
-    learning rate, as torch.optim.AdamW (whose default weight_decay, 1e-2, we share)."""
-    return _adam_decoupled("adamw", optax.adamw, learning_rate, b1, b2, eps, weight_decay, mask)
+    learning rate, as torch.optim.AdamW (whose default weight_decay, 1e-2, we share).
+    `mu_dtype` / `nu_dtype` as in `adam`."""
+    return _adam_family("adamw", learning_rate, b1, b2, eps, weight_decay, mask, mu_dtype,
+                        nu_dtype)
+
+
+def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+               weight_decay: float = 1e-2, mask=None, block_size: int = 256,
+               min_8bit_size: int = 4096):
+    """AdamW with both moments blockwise quantized to 8 bits (bitsandbytes' `AdamW8bit`;
+    see `adam_8bit`)."""
+    return _adam_family("adamw_8bit", learning_rate, b1, b2, eps, weight_decay, mask,
+                        "8bit", "8bit", block_size, min_8bit_size)
 
 
 def adamax(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):

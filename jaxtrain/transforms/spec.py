@@ -76,7 +76,8 @@ from . import (
 # every exported factory taking a learning rate is in it).
 OPTIMIZERS = {f.__name__: f for f in (
     optimizers.sgd, optimizers.ema_momentum, optimizers.adagrad, optimizers.adadelta,
-    optimizers.rmsprop, optimizers.adam, optimizers.adamw, optimizers.adamax,
+    optimizers.rmsprop, optimizers.adam, optimizers.adam_8bit, optimizers.adamw,
+    optimizers.adamw_8bit, optimizers.adamax,
     optimizers.amsgrad, optimizers.nadam, optimizers.nadamw, optimizers.radam,
     optimizers.normalized_sgd, optimizers.lion, optimizers.lamb, optimizers.lars,
     optimizers.adafactor, optimizers.schedule_free_adamw, second_order.newton,
