@@ -2,8 +2,8 @@
 char GPT (no compute: shapes from `jax.eval_shape(tx.init, params)`).
 
 Counts every array in the state (moments, preconditioner statistics and bases, step
-counters, injected hyperparameters) and divides by the number of params; params are
-float32 (4 bytes/param not included).
+counters, injected hyperparameters, 8-bit codes and their per-block scales) and divides
+by the number of params; params are float32 (4 bytes/param not included).
 
     python benchmarks/optimizer_state_bytes.py [--d-model 256 --layers 4 --heads 8]
 """
@@ -28,6 +28,12 @@ def cases():
     return {
         "adamw (optax)": optax.adamw(1e-3),
         "adamw (optax, mu bf16)": optax.adamw(1e-3, mu_dtype=bf16),
+        "adamw": T.adamw(1e-3),
+        "adamw mu_dtype=bf16": T.adamw(1e-3, mu_dtype=bf16),
+        "adamw mu_dtype=nu_dtype=bf16": T.adamw(1e-3, mu_dtype=bf16, nu_dtype=bf16),
+        "adamw state_dtype=bf16 (low_precision_state)": T.low_precision_state(T.adamw(1e-3)),
+        "adamw_8bit (blocks of 256)": T.adamw_8bit(1e-3),
+        "adamw_8bit (blocks of 2048)": T.adamw_8bit(1e-3, block_size=2048),
         "ademamix": T.ademamix(1e-3),
         "ademamix mu_dtype=bf16": T.ademamix(1e-3, mu_dtype=bf16),
         "mars": T.mars(1e-3),
