@@ -144,7 +144,7 @@ def test_compact_moments_follow_float32_adam_and_take_less_memory():
 def test_bfloat16_second_moment_stalls_to_nearest_not_with_stochastic_rounding():
     """A constant gradient of 1 for 1000 steps at b2 = 0.999: the exact nu is 1 - 0.999^t
     (0.632). Rounded to nearest in bfloat16, nu stops moving once 0.1% of it is under half
-    a unit in the last place (at ~g^2/3); stochastic rounding keeps it unbiased."""
+    a unit in the last place (at 0.25 here); stochastic rounding keeps it unbiased."""
     params = {"w": jnp.zeros((4096,), jnp.float32)}
     grads = {"w": jnp.ones((4096,), jnp.float32)}
     exact = 1 - 0.999 ** 1000
