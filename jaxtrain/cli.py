@@ -77,7 +77,8 @@ def start_processes(args, cfg) -> bool:
     from .config import to_dict
 
     launch = sharding.start_from_env(args.coordinator, args.num_processes, args.process_id,
-                                     timeout=args.coordinator_timeout)
+                                     timeout=args.coordinator_timeout,
+                                     heartbeat_timeout=args.heartbeat_timeout)
     args.multiprocess = launch is not None
     mesh = sharding.make_mesh(**to_dict(cfg.sharding.mesh))
     sharding.local_batch_rows(mesh, cfg.train.batch_size)
@@ -99,6 +100,9 @@ def add_launch_flags(parser) -> None:
     group.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
     group.add_argument("--coordinator-timeout", type=positive_int, default=300, metavar="S",
                        help="seconds to wait for the coordinator (default: 300)")
+    group.add_argument("--heartbeat-timeout", type=positive_int, default=100, metavar="S",
+                       help="a process silent this long is declared dead and the others "
+                            "are ended (default: 100, JAX's)")
 
 
 def cmd_ckpt_ls(args) -> int:

@@ -5,7 +5,10 @@
 
 `train` runs `jaxtrain.cli.main(["train", ...])` unchanged, with the launcher's variables
 as the test set them, and records in ROWS_DIR/rows-<process>.jsonl which rows of which
-global batch every `Batches.share` call read and how many it got. `restore` joins the
+global batch every `Batches.share` call read and how many it got. With
+SCALEOUT_SIGNALS=PROCESS:POSITION:SIGNAL[,...] (e.g. `1:6:SIGKILL,0:2:SIGTERM`) that process
+sends itself that signal when it reads that position's batch (a process lost, or a
+scheduler's stop, at a known point of the run). `restore` joins the
 processes (explicit flags from the environment: SCALEOUT_COORDINATOR, ..._NUM, ..._ID),
 restores the latest checkpoint's arrays sharded over all devices and, on process 0, writes
 them gathered to OUT_NPZ. The device count per process comes from XLA_FLAGS.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -26,8 +30,14 @@ def train(rows_dir: str, argv: list[str]) -> int:
     from jaxtrain.train import feeds
 
     share = feeds.Batches.share
+    plan = {}
+    for item in filter(None, os.environ.get("SCALEOUT_SIGNALS", "").split(",")):
+        process, position, name = item.split(":")
+        plan[int(process), int(position)] = signal.Signals[name]
 
     def recorded(self, position, rows=slice(None)):
+        if (jax.process_index(), position) in plan:
+            os.kill(os.getpid(), plan[jax.process_index(), position])
         out = share(self, position, rows)
         size = len(next(iter(out.values())))
         with open(os.path.join(rows_dir, f"rows-{jax.process_index()}.jsonl"), "a") as f:

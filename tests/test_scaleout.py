@@ -21,9 +21,12 @@ from jaxtrain import cli, sharding
 from jaxtrain.checkpoint import Manager
 from jaxtrain.errors import JaxtrainError
 from jaxtrain.sharding import Launch, detect_launch
+from jaxtrain.train.config import load_config
 
 WORKER = str(HERE / "scaleout_worker.py")
 TIMEOUT = 600  # per launch; a run that hangs is killed then, and fails its test
+HEARTBEAT = 10  # s, --heartbeat-timeout of the failure test
+KILL_BOUND = HEARTBEAT + 20  # s from a kill to the survivor's end (heartbeat, abort, load)
 STEPS = 8
 CONFIG = {
     "seed": 0,
@@ -88,14 +91,20 @@ def _torchrun(rank: int, port: int) -> dict:
             "RANK": str(rank)}
 
 
-def _train(launcher, config: Path, rows: Path):
+def _train(launcher, config: Path, rows: Path, args=(), env=None, end_others=True):
     rows.mkdir(exist_ok=True)
     port = free_port()
     commands = []
     for rank in range(2):
-        env = {**base_env(4), **launcher(rank, port)}
-        commands.append(([sys.executable, WORKER, "train", str(rows), str(config)], env))
-    return launch(commands, TIMEOUT)
+        child = {**base_env(4), **launcher(rank, port), **(env or {})}
+        commands.append(([sys.executable, WORKER, "train", str(rows), str(config), *args],
+                         child))
+    return launch(commands, TIMEOUT, end_others=end_others)
+
+
+def _first_position(rows: Path) -> int:
+    """The first batch position process 0 read: where the run started or resumed."""
+    return json.loads((rows / "rows-0.jsonl").read_text().splitlines()[0])["position"]
 
 
 def _ok(results) -> None:
@@ -151,6 +160,24 @@ def test_trainer_refuses_a_launch_that_never_joined(monkeypatch):
         monkeypatch.setenv(key, value)
     with pytest.raises(JaxtrainError, match="process 1 of 2 .*start_from_env"):
         sharding.check_started()
+
+
+def test_heartbeat_timeout_reaches_jax(monkeypatch, tmp_path):
+    # the bound on how long the others live after a process dies is JAX's heartbeat
+    # timeout: the CLI's --heartbeat-timeout must arrive in jax.distributed.initialize
+    from jaxtrain.sharding import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "_backend_started", lambda: False)
+    monkeypatch.setattr(distributed, "wait_for_coordinator", lambda *a: None)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    config = _config(tmp_path, "heartbeat", DP)
+    args = cli.build_parser().parse_args(["train", str(config), "--coordinator", "h:1",
+                                          "--num-processes", "2", "--process-id", "1",
+                                          "--heartbeat-timeout", "7"])
+    cli.start_processes(args, load_config(config))
+    assert calls[0]["heartbeat_timeout_seconds"] == 7 and calls[0]["process_id"] == 1
 
 
 def test_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path):
@@ -265,3 +292,41 @@ def test_torchrun_and_mpirun_dp_match_one_process(runs):
     assert code == 0, text[-3000:]
     assert "ompi launch: 2 process(es), 8 cpu device(s) (4 local)" in text
     _assert_same_run(runs / "mpirun_dp", runs / "one_dp")
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_the_other_the_rerun_resumes_and_signals_agree(
+        runs, slurm_fsdp):
+    _ok(slurm_fsdp[1])
+    config = _config(runs, "failing", {**FSDP, "train": {"device_data": False,
+                                                         "log_every": 3}})
+    same = ("--heartbeat-timeout", str(HEARTBEAT))  # every launch: the same command
+    # process 1 is SIGKILLed when it reads batch 5 (checkpoint 3 was begun at step 3):
+    # the survivor must end by itself, soon, never hang
+    (code0, end0, text0), (code1, end1, text1) = _train(
+        _torchrun, config, runs / "rows_kill", same, {"SCALEOUT_SIGNALS": "1:5:SIGKILL"},
+        end_others=False)
+    assert code1 == -9, f"process 1 exited {code1}:\n{text1[-3000:]}"
+    assert code0 not in (0, -9), f"process 0 did not end by itself:\n{text0[-3000:]}"
+    assert end0 - end1 < KILL_BOUND, (end0 - end1, text0[-3000:])
+    print(f"survivor: code {code0}, {end0 - end1:.1f} s after the kill; last line: "
+          f"{text0.strip().splitlines()[-1][:300]}")
+    ckpt = runs / "failing" / "checkpoints"
+    saved = Manager(ckpt, read_only=True).steps()
+    assert saved in ([], [3])  # 3 unless the kill came before its commit
+    # the same command resumes from the last complete checkpoint; SIGTERM reaches its
+    # processes at different steps (4 and 5): both stop at the step where they agree (the
+    # log step 6), save it and end as a signal would
+    results = _train(_torchrun, config, runs / "rows_term", same,
+                     {"SCALEOUT_SIGNALS": "1:4:SIGTERM,0:5:SIGTERM"})
+    for i, (code, _, text) in enumerate(results):
+        assert code == 128 + 15, f"process {i} exited {code}:\n{text[-3000:]}"
+    assert "stopped by SIGTERM at step 6" in results[0][2]
+    assert _first_position(runs / "rows_term") == (saved or [0])[-1]
+    assert Manager(ckpt, read_only=True).steps()[-1] == 6
+    # step 6 equals step 6 of the run that was never interrupted, bitwise
+    with Manager(ckpt, read_only=True) as got, \
+            Manager(runs / "slurm_fsdp" / "checkpoints", read_only=True) as want:
+        jax.tree.map(np.testing.assert_array_equal,
+                     got.restore_arrays(6, items=["params", "opt_state"]),
+                     want.restore_arrays(6, items=["params", "opt_state"]))

@@ -19,6 +19,9 @@ these: nothing is started. Call it before anything touches a JAX backend.
 
 `initialize` wraps `jax.distributed.initialize` for explicit values: a coordinator that
 does not answer within `timeout` seconds is a one-line `JaxtrainError` naming the address.
+`heartbeat_timeout` bounds how long the others live on after one process dies: JAX's
+coordination service declares a process dead once it has sent no heartbeat for that long
+and then aborts every process of the job (JAX's default is 100 s).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import jax
 from ..errors import JaxtrainError
 
 SKYPILOT_PORT = 8476  # JAX's customary coordinator port
+HEARTBEAT_TIMEOUT = 100  # s, JAX's default: a process silent this long is declared dead
 
 
 @dataclass(frozen=True)
@@ -80,17 +84,18 @@ def detect_launch(coordinator: str | None = None, num_processes: int | None = No
 
 
 def start_from_env(coordinator: str | None = None, num_processes: int | None = None,
-                   process_id: int | None = None, *, timeout: float = 300.0) -> Launch | None:
+                   process_id: int | None = None, *, timeout: float = 300.0,
+                   heartbeat_timeout: int = HEARTBEAT_TIMEOUT) -> Launch | None:
     """Join `jax.distributed` as `detect_launch` finds this process was launched (nothing
     for one process, or when the runtime is already up); returns the launch or None."""
     launch = detect_launch(coordinator, num_processes, process_id)
     if launch is None or jax.distributed.is_initialized():
         return launch
     if launch.coordinator is None:  # a cluster JAX knows: it picks address and devices
-        initialize(timeout=timeout)
+        initialize(timeout=timeout, heartbeat_timeout=heartbeat_timeout)
     else:
         initialize(launch.coordinator, launch.num_processes, launch.process_id,
-                   timeout=timeout)
+                   timeout=timeout, heartbeat_timeout=heartbeat_timeout)
     return launch
 
 
@@ -123,9 +128,11 @@ def is_main_process() -> bool:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, local_device_ids=None,
-               timeout: float = 300.0) -> None:
+               timeout: float = 300.0, heartbeat_timeout: int = HEARTBEAT_TIMEOUT) -> None:
     """Join (or, as process 0, start) the distributed runtime; then `jax.devices()` lists
-    the devices of all processes and `jax.process_index()` is this one's id."""
+    the devices of all processes and `jax.process_index()` is this one's id. A process
+    that sends no heartbeat for `heartbeat_timeout` seconds (killed, its host lost) is
+    declared dead and the coordination service then aborts all the others."""
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
         raise JaxtrainError(
@@ -146,6 +153,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         coordinator_address=coordinator_address, num_processes=num_processes,
         process_id=process_id, local_device_ids=local_device_ids,
         initialization_timeout=max(1, int(timeout)),
+        heartbeat_timeout_seconds=max(1, int(heartbeat_timeout)),
     )
 
 

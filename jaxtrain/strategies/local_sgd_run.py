@@ -122,7 +122,7 @@ def run_local_sgd(cfg, state, task, data: dict, model_config: dict, folder: Path
     if cfg.early_stopping is not None:  # the summary, not a state, is returned: no restore
         stopping = EarlyStopping(**to_dict(cfg.early_stopping), restore_best=False)
         stopping.on_fit_start(loop, None)
-    record, signals, logs, arrays = {}, StopSignals(), None, {}
+    record, signals, logs, arrays, stop = {}, StopSignals(), None, {}, None
     with Manager(folder, max_to_keep=ckpt.max_to_keep, async_save=ckpt.async_) as mngr:
         if mngr.steps():
             local = mngr.restore(local, signature)
@@ -158,23 +158,23 @@ def run_local_sgd(cfg, state, task, data: dict, model_config: dict, folder: Path
                     logs.write("train/eval", step, last_eval)
                     if stopping is not None:
                         stopping.on_eval(loop, step, last_eval, None)
-                end = end or signals.received is not None or loop.stop_reason is not None
-                if crossed(before, step, ckpt.every) or (end and (ckpt.at_end or
-                                                                  signals.received)):
+                stop = signals.agreed(True)  # each round already waits for its losses
+                end = end or stop is not None or loop.stop_reason is not None
+                if crossed(before, step, ckpt.every) or (end and (ckpt.at_end or stop)):
                     record = {"last_train": last, "last_eval": last_eval,
                               "early_stopping": None if stopping is None
                               else stopping.record()[0]}
                     mngr.save(step, local, signature, config=to_dict(cfg), data=identity,
                               record=record)
-                if signals.received is not None:
+                if stop is not None:
                     break
         finally:
             signals.restore()
             logs.close(arrays.get("confusion"), f"train: step {step}")
         mngr.wait()
     summary = {"step": step, "train": last, "eval": last_eval or {}, "out": str(cfg.out),
-               "interrupted": signals.received, "stopped": loop.stop_reason}
-    if task.after_fit is not None and signals.received is None:
+               "interrupted": stop, "stopped": loop.stop_reason}
+    if task.after_fit is not None and stop is None:
         summary["after_fit"] = task.after_fit(local.model(), data)
     return summary
 

@@ -250,8 +250,10 @@ class Trainer:
                 state = self._evaluate(state, eval_data, step)
             for cb in self.callbacks:
                 cb.on_step_end(self, before, step, state)
-            if self._signals.received is not None:
-                self.interrupted = self._signals.received
+            # several processes agree at log steps (all reach them) to stop at the same one
+            stop = self._signals.agreed(log)
+            if stop is not None:
+                self.interrupted = stop
                 break
             if self.stop_reason is not None:
                 break
