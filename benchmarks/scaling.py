@@ -103,7 +103,7 @@ def main():
     parser.add_argument("--per-device", type=int, default=2, help="sequences per device")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    state, axes, step = build(args)
+    state, axes, step = build(args, scan_layers=False, remat="none", shapes_only=False)
     rows = []
     for preset in ("dp", "fsdp"):
         for n in (1, 2, 4, 8):
