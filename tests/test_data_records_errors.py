@@ -128,7 +128,9 @@ def test_a_rerun_may_read_records_another_way_but_not_other_records():
         "data.path: 'a' -> 'b'"]
 
 
-def test_a_resume_on_data_prepared_again_from_other_input_is_refused(tmp_path, capsys):
+def _records_run(tmp_path, extra: str = ""):
+    """Arrays prepared into records and a tiny regression config reading them (`extra`:
+    more config lines); returns the prepare command, the config path and the input x."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 4)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=x[:, :1] * 2)
@@ -143,7 +145,12 @@ optimizer: {{optimizer: sgd, learning_rate: 0.1}}
 train: {{steps: 2, batch_size: 16}}
 checkpoint: {{async: false}}
 logging: {{tensorboard: false, plots: false, progress: false}}
-""")
+{extra}""")
+    return prepare, config, x
+
+
+def test_a_resume_on_data_prepared_again_from_other_input_is_refused(tmp_path, capsys):
+    prepare, config, x = _records_run(tmp_path)
     assert main(prepare) == 0 and main(["train", str(config)]) == 0
     # prepared again from the same content (the input touched): the same data, resumed
     (tmp_path / "d.npz").touch()
@@ -164,22 +171,7 @@ def test_a_local_sgd_resume_on_data_prepared_again_from_other_input_is_refused(t
     """Local SGD records the prepared data's identity with its checkpoints and checks it
     on resume, as the Trainer does (before: records were refused by local SGD, and its
     checkpoints recorded no data)."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 4)).astype(np.float32)
-    np.savez(tmp_path / "d.npz", x=x, y=x[:, :1] * 2)
-    prepare = ["data", "prepare", "arrays", str(tmp_path / "d.npz"), "--out",
-               str(tmp_path / "records"), "--quiet"]
-    config = tmp_path / "run.yaml"
-    config.write_text(f"""out: {tmp_path / 'run'}
-model: {{name: mlp, in_features: 4, out_features: 1, hidden: [8]}}
-data: {{name: records, path: {tmp_path / 'records'}}}
-task: regression
-optimizer: {{optimizer: sgd, learning_rate: 0.1}}
-local_sgd: {{sync_every: 2}}
-train: {{steps: 2, batch_size: 16}}
-checkpoint: {{async: false}}
-logging: {{tensorboard: false, plots: false, progress: false}}
-""")
+    prepare, config, x = _records_run(tmp_path, "local_sgd: {sync_every: 2}\n")
     assert main(prepare) == 0 and main(["train", str(config)]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 2
     np.savez(tmp_path / "d.npz", x=x[:48], y=x[:48, :1] * 3)  # other input, same path
