@@ -11,6 +11,7 @@ one optimizer and layout run alternately, one step each per round, and the media
 and max per side are reported, with jaxtrain's speed relative to the fastest torch side.
 
     nice -n 0 python benchmarks/vs_torch.py [--runs 15] [--only adamw,muon] [--leaves 1,200]
+    python benchmarks/vs_torch.py --passes   # loops and bytes per param of jaxtrain's steps
 
 Prints versions and thread counts, one JSON line per measurement, then a table.
 """
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import time
 
@@ -166,6 +168,43 @@ def optimizer_step(name, leaves, runs, warmup=3):
     return rows
 
 
+def memory_passes(name: str, leaves: int) -> dict:
+    """What XLA:CPU compiled jaxtrain's step into, read off the optimized HLO: the loops
+    that touch param-sized arrays, the bytes they read and write per param (each loop's
+    array operands and outputs), and how many parts each loop is split into for the
+    thread pool (`outer_dimension_partitions`). torch's fused kernels make one pass over
+    the memory: AdamW 28 bytes per param (read p, g, m, v; write p, m, v)."""
+    tx, _, width, _ = CASES[name]
+    params, grads = _problem(leaves, width)
+    tree = {f"p{i:03d}": jnp.asarray(p) for i, p in enumerate(params)}
+    text = make_step(tx).lower((tree, tx.init(tree)), tree).compile().as_text()
+    entry = text[text.index("\nENTRY"):].split("\n}\n")[0]
+    size = {}  # name -> bytes of an array value of the entry computation
+    shape_re = r"(f32|s32|bf16)\[([\d,]*)\]"
+    for line in entry.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = " + shape_re, line)
+        if m:
+            dims = [int(d) for d in m.group(3).split(",") if d]
+            size[m.group(1)] = 4 * int(np.prod(dims)) if m.group(2) != "bf16" else 2 * int(
+                np.prod(dims))
+    big = min(p.size for p in params) * 4
+    loops, moved, parts = 0, 0, set()
+    for line in entry.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = \S+ (fusion|dot|custom-call|copy)\((.*?)\)", line)
+        if not m or size.get(m.group(1), 0) < big:
+            continue
+        loops += 1
+        operands = re.findall(r"%([\w.\-]+)", m.group(3))
+        moved += size[m.group(1)] + sum(size.get(o, 0) for o in operands
+                                        if size.get(o, 0) >= big)
+        parts.update(re.findall(r'"outer_dimension_partitions":\["(\d+)"\]', line))
+    n = sum(p.size for p in params)
+    return {"bench": "vs_torch_passes", "optimizer": name, "leaves": leaves,
+            "param_sized_loops": loops, "loops_per_leaf": round(loops / leaves, 2),
+            "bytes_per_param": round(moved / n, 1),
+            "outer_dimension_partitions": sorted(parts)}
+
+
 def environment() -> dict:
     return {"python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "jax": jax.__version__, "optax": optax.__version__,
@@ -181,6 +220,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help=f"comma-separated: {', '.join(CASES)}")
     parser.add_argument("--leaves", default="1,200")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--passes", action="store_true",
+                        help="only read the loops and bytes per param off jaxtrain's "
+                             "compiled steps (no timing)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = [n for n in args.only.split(",") if n] or list(CASES)
@@ -188,6 +230,11 @@ def main() -> None:
     if unknown:
         parser.error(f"--only: unknown optimizer {unknown[0]!r} (valid: {', '.join(CASES)})")
     print(json.dumps({"bench": "vs_torch", **environment()}), flush=True)
+    if args.passes:
+        for leaves in (int(x) for x in args.leaves.split(",")):
+            for name in names:
+                print(json.dumps(memory_passes(name, leaves)), flush=True)
+        return
     rows = []
     for leaves in (int(x) for x in args.leaves.split(",")):
         for name in names:

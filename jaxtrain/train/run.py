@@ -257,6 +257,8 @@ def run_config(cfg: RunConfig, resume: bool = False) -> dict:
     end-of-run text, whether a signal interrupted the run)."""
     cfg = rerun_config(cfg, resume)
     seed, train = cfg.seed, cfg.train
+    if train.compilation_cache is not None:  # from the start: the model's init compiles too
+        sharding.use_compilation_cache(train.compilation_cache)
     task = get_task(cfg.task)
     data, name, kwargs = data_and_model(cfg)
     if cfg.distill is not None:
