@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/RESULTS.md, in one run on one GPU, with the image's own
 # JAX, Optax, Flax and torch (jaxtrain from this checkout, no install needed).
-#     bash benchmarks/gpu.sh OUT_DIR [adamw mfu breakdown optimizers]   (default: all)
+#     bash benchmarks/gpu.sh OUT_DIR [adamw mfu breakdown optimizers compile]   (default: all)
 # Each benchmark writes OUT_DIR/<name>.log; one failing does not stop the others.
 set -u
-out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [adamw mfu breakdown optimizers]}
+out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [adamw mfu breakdown optimizers compile]}
 shift
-wanted=" ${*:-adamw mfu breakdown optimizers} "
+wanted=" ${*:-adamw mfu breakdown optimizers compile} "
 out=$(mkdir -p "$out" && cd "$out" && pwd)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=python3
@@ -33,3 +33,4 @@ want breakdown && (cd benchmarks && run breakdown 200 $py gpt_breakdown.py)
 want optimizers && run optimizer_step 170 $py benchmarks/optimizer_step.py --runs 10 --inner 20
 want rest && run optimizer_step_rest 100 $py benchmarks/optimizer_step.py --runs 10 --inner 20 \
   --only control_optax_adam,muon,schedule_free_adamw
+want compile && run compile_time 400 $py benchmarks/compile_time.py
