@@ -228,4 +228,4 @@ def test_the_learning_rate_reaches_optax_through_few_functions(tmp_path):
         node = before[node]
     path = [p.rpartition(".<locals>")[0] or p for p in reversed(path)]
     assert path[0] == "jaxtrain.config.read_yaml" and "inject_hyperparams" in path[-1]
-    assert len(path) <= 10, path
+    assert len(path) <= 10, " -> ".join(path)

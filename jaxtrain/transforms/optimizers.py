@@ -243,9 +243,10 @@ def _adam_compact(learning_rate, b1, b2, eps, weight_decay, mask, mu_dtype, nu_d
 
 def _adam_family(name, learning_rate, b1, b2, eps, weight_decay, mask, mu_dtype, nu_dtype,
                  block_size=256, min_8bit_size=4096):
-    """Adam (`weight_decay=None`) or AdamW with its arguments checked and injected, and
-    `mask` checked at init: Optax's own adam/adamw when both moments are float32, else
-    `_adam_compact`."""
+    """The factory to inject and its arguments, checked, for Adam (`weight_decay=None`) or
+    AdamW: Optax's own adam/adamw when both moments are float32, else `_adam_compact`.
+    The callers inject it themselves (one call fewer between a config's learning rate and
+    Optax)."""
     check_learning_rate(learning_rate)
     _betas(name, b1=b1, b2=b2)
     check_positive(name, eps=eps)
@@ -259,13 +260,10 @@ def _adam_family(name, learning_rate, b1, b2, eps, weight_decay, mask, mu_dtype,
     hyper = dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
     decayed = {} if weight_decay is None else dict(weight_decay=weight_decay, mask=mask)
     if mu_dtype == nu_dtype == "float32":
-        tx = injected(optax.adam if weight_decay is None else optax.adamw, _STATIC, **hyper,
-                      **decayed)
-    else:
-        tx = injected(_adam_compact, _STATIC, **hyper, weight_decay=weight_decay, mask=mask,
-                      mu_dtype=mu_dtype, nu_dtype=nu_dtype, block_size=block_size,
-                      min_8bit_size=min_8bit_size)
-    return tx if weight_decay is None else with_mask_check(tx, mask, f"{name}: mask")
+        return (optax.adam if weight_decay is None else optax.adamw), {**hyper, **decayed}
+    return _adam_compact, dict(**hyper, weight_decay=weight_decay, mask=mask,
+                               mu_dtype=mu_dtype, nu_dtype=nu_dtype, block_size=block_size,
+                               min_8bit_size=min_8bit_size)
 
 
 def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -273,7 +271,9 @@ def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     """Adam (Kingma & Ba, 2015); the same update as torch.optim.Adam. `mu_dtype` /
     `nu_dtype` (float32, the default, or bfloat16) store the first / second moment in that
     dtype, written with stochastic rounding, computed in float32 (compact_state.py)."""
-    return _adam_family("adam", learning_rate, b1, b2, eps, None, None, mu_dtype, nu_dtype)
+    factory, args = _adam_family("adam", learning_rate, b1, b2, eps, None, None, mu_dtype,
+                                 nu_dtype)
+    return injected(factory, _STATIC, **args)
 
 
 def adam_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -281,8 +281,9 @@ def adam_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e
     """Adam with both moments blockwise quantized to 8 bits (bitsandbytes' `Adam8bit`):
     blocks of `block_size` values scaled by their absmax, dynamic maps (signed for the
     first moment, unsigned for the second); leaves under `min_8bit_size` values float32."""
-    return _adam_family("adam_8bit", learning_rate, b1, b2, eps, None, None, "8bit", "8bit",
-                        block_size, min_8bit_size)
+    factory, args = _adam_family("adam_8bit", learning_rate, b1, b2, eps, None, None, "8bit",
+                                 "8bit", block_size, min_8bit_size)
+    return injected(factory, _STATIC, **args)
 
 
 def _adam_decoupled(name, factory, learning_rate, b1, b2, eps, weight_decay, mask):
@@ -302,8 +303,9 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     """AdamW (Loshchilov & Hutter): decay decoupled from the gradient and scaled by the
     learning rate, as torch.optim.AdamW (whose default weight_decay, 1e-2, we share).
     `mu_dtype` / `nu_dtype` as in `adam`."""
-    return _adam_family("adamw", learning_rate, b1, b2, eps, weight_decay, mask, mu_dtype,
-                        nu_dtype)
+    factory, args = _adam_family("adamw", learning_rate, b1, b2, eps, weight_decay, mask,
+                                 mu_dtype, nu_dtype)
+    return with_mask_check(injected(factory, _STATIC, **args), mask, "adamw: mask")
 
 
 def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -311,8 +313,9 @@ def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1
                min_8bit_size: int = 4096):
     """AdamW with both moments blockwise quantized to 8 bits (bitsandbytes' `AdamW8bit`;
     see `adam_8bit`)."""
-    return _adam_family("adamw_8bit", learning_rate, b1, b2, eps, weight_decay, mask,
-                        "8bit", "8bit", block_size, min_8bit_size)
+    factory, args = _adam_family("adamw_8bit", learning_rate, b1, b2, eps, weight_decay,
+                                 mask, "8bit", "8bit", block_size, min_8bit_size)
+    return with_mask_check(injected(factory, _STATIC, **args), mask, "adamw_8bit: mask")
 
 
 def adamax(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
