@@ -50,6 +50,8 @@ def cmd_train(args) -> int:
     from .train.config import load_config
     from .train.run import run_config
 
+    if args.ray_workers is not None:
+        return train_on_ray(args)
     cfg = load_config(args.config, args.overrides)
     report = start_processes(args, cfg)
     summary = run_config(cfg, resume=args.resume)
@@ -64,6 +66,28 @@ def cmd_train(args) -> int:
                   f"{summary['step']}; checkpoint saved, run the same command to resume",
                   file=sys.stderr)
         return 128 + signal.Signals[summary["interrupted"]].value
+    return 0
+
+
+def train_on_ray(args) -> int:
+    """`jaxtrain train --ray-workers N`: the run on N Ray Train workers
+    (`jaxtrain.train.ray_train`); prints the last metrics reported to Ray and the last
+    checkpoint registered with it."""
+    import json
+
+    from .train.ray_train import train_on_ray as run
+
+    given = [f for f in ("coordinator", "num_processes", "process_id")
+             if getattr(args, f) is not None]
+    if given:
+        raise JaxtrainError(f"--ray-workers starts its own processes: leave out "
+                            f"--{given[0].replace('_', '-')}")
+    result = run(args.config, args.overrides, num_workers=args.ray_workers,
+                 use_gpu=args.ray_gpu, max_failures=args.ray_max_failures,
+                 resume=args.resume, coordinator_timeout=args.coordinator_timeout,
+                 heartbeat_timeout=args.heartbeat_timeout)
+    checkpoint = None if result.checkpoint is None else result.checkpoint.path
+    print(json.dumps({"metrics": result.metrics, "checkpoint": checkpoint}))
     return 0
 
 
@@ -103,6 +127,14 @@ def add_launch_flags(parser) -> None:
     group.add_argument("--heartbeat-timeout", type=positive_int, default=100, metavar="S",
                        help="a process silent this long is declared dead and the others "
                             "are ended (default: 100, JAX's)")
+    ray = parser.add_argument_group("on a Ray cluster (RAY_ADDRESS, else a local one; needs "
+                                    "pip install 'jaxtrain[ray]')")
+    ray.add_argument("--ray-workers", type=positive_int, metavar="N",
+                     help="run as N Ray Train workers (a JaxTrainer), one process each")
+    ray.add_argument("--ray-gpu", action="store_true", help="one GPU per Ray worker")
+    ray.add_argument("--ray-max-failures", type=int, default=0, metavar="K",
+                     help="restarts of the worker group after a failure, each resuming "
+                          "from the last checkpoint (default: 0)")
 
 
 def cmd_ckpt_ls(args) -> int:

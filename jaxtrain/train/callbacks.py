@@ -4,7 +4,8 @@ A callback's hooks run on the host between compiled calls. `on_step_end` runs af
 call, so it must not read device values (that would sync the hot path); `on_log` and
 `on_eval` receive metrics already on the host; `on_eval` may return a new state (one
 that carries the held-out value into the optimizer state, say), which the loop continues
-from.
+from. `on_checkpoint` runs after each checkpoint the `Checkpointer` begins (every
+process of a multi-process run reaches it at the same steps).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class Callback:
     def on_log(self, trainer, step: int, metrics: dict) -> None: ...
 
     def on_eval(self, trainer, step: int, metrics: dict, state) -> None: ...
+
+    def on_checkpoint(self, trainer, step: int, path: Path) -> None: ...
 
     def on_fit_end(self, trainer, state) -> None: ...
 
@@ -211,6 +214,14 @@ class Checkpointer(Callback):
         record, extra = trainer.resume_record()
         mngr.save(step, state, trainer.signature, metrics=metrics, config=trainer.run_config,
                   data=trainer.data_identity, record=record, extra=extra)
+        for cb in trainer.callbacks:  # the save may still be written (async): see wait()
+            if cb is not self:
+                cb.on_checkpoint(trainer, step, self.latest)
+
+    def wait(self) -> None:
+        """Block until the checkpoints begun so far are written and committed."""
+        if self.manager is not None:
+            self.manager.wait()
 
     def on_step_end(self, trainer, before, step, state) -> None:
         if crossed(before, step, self.every):

@@ -197,10 +197,10 @@ def check_patterns(patterns: dict[str, list[str]], paths: list[str]) -> None:
 
 
 def config_trainer(cfg: RunConfig, state, model, task, model_config: dict,
-                   run: str = "train") -> Trainer:
+                   run: str = "train", callbacks=()) -> Trainer:
     """A `Trainer` for `state` set up as the config's train, sharding, checkpoint, early
     stopping and logging sections say (and the task's loss on augmented images where
-    `data.augment` asks for it)."""
+    `data.augment` asks for it), with `callbacks` besides the config's."""
     train, out, ckpt = cfg.train, Path(cfg.out), cfg.checkpoint
     loss_fn = with_augmentation(task.loss_fn, cfg.data.get("augment"))
     plateau = cfg.optimizer.get("reduce_on_plateau")
@@ -213,7 +213,8 @@ def config_trainer(cfg: RunConfig, state, model, task, model_config: dict,
     config = TrainerConfig(**sections, log_dir=str(out), monitor=task.monitor, mode=task.mode,
                            run=run, model_config=model_config, run_config=to_dict(cfg))
     return Trainer(state, loss_fn, config, metric_fn=task.metric_fn,
-                   callbacks=[] if monitor is None else [PlateauOnEval(monitor)],
+                   callbacks=[*([] if monitor is None else [PlateauOnEval(monitor)]),
+                              *callbacks],
                    train_step=None if cfg.privacy is None
                    else make_dp_train_step(loss_fn, train.nan_policy))
 
@@ -251,10 +252,12 @@ def fit_summary(trainer: Trainer, state, out) -> dict:
     }
 
 
-def run_config(cfg: RunConfig, resume: bool = False) -> dict:
+def run_config(cfg: RunConfig, resume: bool = False, callbacks=()) -> dict:
     """Train as `cfg` says (see `rerun_config` for a folder that holds a run already, and
     `resume`); returns a summary (final step, last train and eval metrics, the task's
-    end-of-run text, whether a signal interrupted the run)."""
+    end-of-run text, whether a signal interrupted the run). `callbacks` are the
+    `Trainer`'s besides the config's (a `local_sgd` run, which has its own loop, takes
+    none)."""
     cfg = rerun_config(cfg, resume)
     seed, train = cfg.seed, cfg.train
     if train.compilation_cache is not None:  # from the start: the model's init compiles too
@@ -274,10 +277,14 @@ def run_config(cfg: RunConfig, resume: bool = False) -> dict:
                                                                             nnx.Param))))
     state = TrainState.create(model, tx, jax.random.PRNGKey(seed), ema_decay=train.ema_decay)
     if cfg.local_sgd is not None:  # its own loop: replicas with their own params
+        if callbacks:
+            raise JaxtrainError("config key 'local_sgd': its rounds run their own loop, "
+                                "which takes no Trainer callbacks (nor Ray's reports)")
         return run_local_sgd(cfg, state, task, data, {"name": name, **kwargs},
                              checkpoint_folder(cfg),
                              sharding.make_mesh(**to_dict(cfg.sharding.mesh)))
-    trainer = config_trainer(cfg, state, model, task, {"name": name, **kwargs})
+    trainer = config_trainer(cfg, state, model, task, {"name": name, **kwargs},
+                             callbacks=callbacks)
     state = trainer.fit(train_data, train.steps, eval_data=data.get("valid"),
                         eval_every=train.eval_every)
     summary = fit_summary(trainer, state, cfg.out)
