@@ -5,8 +5,12 @@ resumes from the last checkpoint and ends bitwise equal to the uninterrupted run
 
 Ray is heavy on 2 cores: both runs share one Ray session (one module fixture), and the
 workers share a compilation cache of their own (the restarted group loads the programs the
-first run compiled, both workers alike)."""
+first run compiled, both workers alike). The first run goes through the CLI
+(`jaxtrain train CONFIG --ray-workers 2`), the second through `train_on_ray`, which
+also takes the test's callback."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -20,6 +24,7 @@ from _multiprocess import base_env
 
 from jaxtrain import cli
 from jaxtrain.checkpoint import Manager
+from jaxtrain.errors import JaxtrainError
 from jaxtrain.train.callbacks import Callback
 
 STEPS = 8
@@ -83,28 +88,56 @@ def _arrays(out: Path, step: int) -> dict:
         return mngr.restore_arrays(step, items=["params", "opt_state"])
 
 
+def test_ray_flags_are_checked_before_ray_starts(tmp_path, capsys):
+    config = str(_config(tmp_path, "flags"))
+    assert cli.main(["train", config, "--ray-workers", "2", "--coordinator", "h:1"]) == 2
+    assert capsys.readouterr().err.strip() == ("jaxtrain train: error: --ray-workers starts "
+                                               "its own processes: leave out --coordinator")
+    assert cli.main(["train", config, "--ray-workers", "2", "--ray-max-failures", "-2"]) == 2
+    assert "--ray-max-failures must be an integer >= 0 (or -1: no limit), got -2" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "flags").exists()
+
+
+def test_a_workers_bad_input_is_one_line_naming_the_worker():
+    from ray.train import WorkerGroupError
+
+    from jaxtrain.train.ray_train import _worker_error
+
+    # what Ray raises when worker 1's training function raised (rank -> its exception)
+    err = WorkerGroupError("worker 1 failed", {0: RuntimeError("gloo: peer gone"),
+                                                1: JaxtrainError("mesh sizes data=3 ...")})
+    got = _worker_error(err)
+    assert isinstance(got, JaxtrainError) and str(got) == "Ray worker 1: mesh sizes data=3 ..."
+    other = WorkerGroupError("worker 0 failed", {0: RuntimeError("gloo: peer gone")})
+    assert _worker_error(other) is other  # not bad input: the CLI's internal-error line
+
+
 @pytest.fixture(scope="module")
 def ray_runs(tmp_path_factory, devices):
     """The 1-process reference (in this process, 8 devices), then in one Ray session the
-    2-worker run and the 2-worker run with worker 1 killed."""
+    2-worker run (through the CLI; returns what it printed last) and the 2-worker run
+    with worker 1 killed (Ray's `Result`)."""
     import ray
 
     from jaxtrain.train.ray_train import train_on_ray
 
     tmp = tmp_path_factory.mktemp("ray")
     assert cli.main(["train", str(_config(tmp, "one"))]) == 0
-    child = base_env(4)
-    env = {k: child[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS")}  # the workers' 4 devices
+    child = base_env(4)  # 4 devices a worker; KillOnce unpickled from this file
+    env = {k: child[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS", "PYTHONPATH")}
     env.update(OPENBLAS_NUM_THREADS="1", JAX_COMPILATION_CACHE_DIR=str(tmp / "xla-cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    # every Ray process (Ray Train's controller too) unpickles KillOnce from this file
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning",
-             runtime_env={"env_vars": {"PYTHONPATH": child["PYTHONPATH"]}})
+             runtime_env={"env_vars": env})
     try:
-        whole = train_on_ray(str(_config(tmp, "whole")), num_workers=2, env_vars=env)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert cli.main(["train", str(_config(tmp, "whole")), "--ray-workers", "2"]) == 0
+        whole = json.loads([line for line in printed.getvalue().splitlines()
+                            if line.startswith('{"metrics"')][-1])
         killed = train_on_ray(str(_config(tmp, "killed")), num_workers=2, max_failures=1,
-                              env_vars=env,
                               callbacks=[KillOnce(*KILL, str(tmp / "starts.jsonl"))])
     finally:
         ray.shutdown()
@@ -122,14 +155,12 @@ def test_two_ray_workers_match_one_process(ray_runs):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  _arrays(tmp / "whole", STEPS), _arrays(tmp / "one", STEPS))
-    # Ray got the metrics of each checkpoint and registers the Orbax step folders in place
-    assert whole.metrics["step"] == STEPS
-    np.testing.assert_allclose(whole.metrics["loss"], got[STEPS - 1]["loss"], rtol=1e-6)
-    np.testing.assert_allclose(whole.metrics["eval/accuracy"], got[-1]["accuracy"],
-                               rtol=1e-6)
-    assert Path(whole.checkpoint.path) == tmp / "whole" / "checkpoints" / str(STEPS)
-    assert [(Path(c.path).name, m["step"]) for c, m in whole.best_checkpoints] == [
-        ("3", 3), ("6", 6), ("8", 8)]
+    # Ray got the last checkpoint's metrics and registered the Orbax step folder in place
+    metrics = whole["metrics"]
+    assert metrics["step"] == STEPS
+    np.testing.assert_allclose(metrics["loss"], got[STEPS - 1]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["eval/accuracy"], got[-1]["accuracy"], rtol=1e-6)
+    assert Path(whole["checkpoint"]) == tmp / "whole" / "checkpoints" / str(STEPS)
 
 
 @pytest.mark.slow
@@ -142,7 +173,8 @@ def test_a_killed_ray_worker_is_replaced_and_the_run_resumes_bitwise(ray_runs):
     assert sorted(starts) == [(0, 0, None), (0, 3, "3"), (1, 0, None), (1, 3, "3")], starts
     assert killed.error is None and killed.metrics["step"] == STEPS
     assert Path(killed.checkpoint.path) == tmp / "killed" / "checkpoints" / str(STEPS)
-    assert [Path(c.path).name for c, _ in killed.best_checkpoints] == ["3", "6", "8"]
+    assert [(Path(c.path).name, m["step"]) for c, m in killed.best_checkpoints] == [
+        ("3", 3), ("6", 6), ("8", 8)]  # every checkpoint registered, with its metrics
     for step in (6, STEPS):  # params and optimizer state equal the uninterrupted run's
         jax.tree.map(np.testing.assert_array_equal, _arrays(tmp / "killed", step),
                      _arrays(tmp / "whole", step))

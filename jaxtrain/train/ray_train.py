@@ -44,17 +44,23 @@ from .config import RunConfig, load_config
 
 
 def train_on_ray(config, overrides=(), *, num_workers: int, use_gpu: bool = False,
-                 max_failures: int = 0, resume: bool = False, env_vars: dict | None = None,
-                 callbacks=(), coordinator_timeout: float = 300.0,
+                 max_failures: int = 0, resume: bool = False, callbacks=(),
+                 coordinator_timeout: float = 300.0,
                  heartbeat_timeout: int = HEARTBEAT_TIMEOUT):
     """Run the config (a YAML path, with `key=value` `overrides`) on `num_workers` Ray
     Train workers of the Ray cluster `ray.init()` finds (`RAY_ADDRESS`, else a local one,
     unless this process already joined one). `use_gpu`: one GPU per worker (Ray then starts
     `jax.distributed`). `max_failures`: how often Ray restarts the worker group after a
-    failure (-1: without limit). `env_vars`: set in every worker (e.g. `XLA_FLAGS`).
-    `callbacks`: more `Trainer` callbacks, run in every worker (picklable). Returns Ray's
-    `Result` (`metrics`: the last report; `checkpoint`: the last registered step
-    folder)."""
+    failure (-1: without limit). `callbacks`: more `Trainer` callbacks, run in every
+    worker (picklable). The workers' environment (`XLA_FLAGS`, say) is Ray's: a local
+    cluster inherits this process's, else give `ray.init(runtime_env={"env_vars": ...})`.
+    Returns Ray's `Result` (`metrics`: the last report; `checkpoint`: the last registered
+    step folder)."""
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
+        raise JaxtrainError(f"--ray-workers must be a positive integer, got {num_workers!r}")
+    if not isinstance(max_failures, int) or max_failures < -1:
+        raise JaxtrainError(f"--ray-max-failures must be an integer >= 0 (or -1: no limit), "
+                            f"got {max_failures!r}")
     try:
         import ray
         from ray.train import FailureConfig, ScalingConfig
@@ -65,11 +71,6 @@ def train_on_ray(config, overrides=(), *, num_workers: int, use_gpu: bool = Fals
                             "pip install 'jaxtrain[ray]'") from None
     from .run import checkpoint_folder
 
-    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
-        raise JaxtrainError(f"--ray-workers must be a positive integer, got {num_workers!r}")
-    if not isinstance(max_failures, int) or max_failures < -1:
-        raise JaxtrainError(f"--ray-max-failures must be an integer >= 0 (or -1: no limit), "
-                            f"got {max_failures!r}")
     cfg = _absolute_paths(load_config(config, list(overrides)))
     checkpoints = checkpoint_folder(cfg)
     loop = {"config": to_dict(cfg), "resume": resume, "callbacks": list(callbacks),
@@ -81,8 +82,7 @@ def train_on_ray(config, overrides=(), *, num_workers: int, use_gpu: bool = Fals
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RayRunConfig(
             name=checkpoints.parent.name, storage_path=str(checkpoints.parent.parent),
-            failure_config=FailureConfig(max_failures=max_failures),
-            worker_runtime_env={"env_vars": dict(env_vars)} if env_vars else None))
+            failure_config=FailureConfig(max_failures=max_failures)))
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as err:
@@ -169,9 +169,8 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
 def _worker_error(err) -> Exception:
     """A worker's `JaxtrainError` (bad input found there) as a one-line `JaxtrainError`
     naming the worker; any other failure as Ray raised it."""
-    failures = getattr(err, "worker_failures", None) or {}
+    failures = getattr(err, "worker_failures", None) or {}  # rank -> the worker's exception
     for rank, failure in sorted(failures.items()):
-        cause = getattr(failure, "_base_exc", failure)  # Ray keeps the worker's exception
-        if isinstance(cause, JaxtrainError):
-            return JaxtrainError(f"Ray worker {rank}: {cause}")
+        if isinstance(failure, JaxtrainError):
+            return JaxtrainError(f"Ray worker {rank}: {failure}")
     return err
