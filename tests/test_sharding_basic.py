@@ -12,7 +12,7 @@ from jaxtrain.errors import JaxtrainError
 
 def test_make_mesh_fills_the_rest(devices):
     mesh = sharding.make_mesh(data=-1, fsdp=2)
-    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert dict(mesh.shape) == {"pipe": 1, "data": 4, "fsdp": 2, "tensor": 1}
     assert sharding.batch_parallelism(mesh) == 8
 
 

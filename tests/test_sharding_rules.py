@@ -171,7 +171,7 @@ def test_batch_not_divisible_names_sizes(devices):
 
 def test_rule_naming_a_missing_mesh_axis(devices):
     mesh = sharding.make_mesh()
-    with pytest.raises(JaxtrainError, match="'mlp' -> 'model'.*valid: data, fsdp, tensor"):
+    with pytest.raises(JaxtrainError, match="'mlp' -> 'model'.*valid: pipe, data, fsdp, tensor"):
         sharding.param_specs({"w": jnp.zeros((4, 4))}, mesh, {"mlp": "model"},
                              {"w": ("embed", "mlp")})
 

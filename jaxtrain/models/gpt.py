@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from ..errors import JaxtrainError
+from ..sharding import pipeline
 from ..sharding.mesh import BATCH_AXES
 from .annotate import kernel_init, ones_init, zeros_init
 from .init import INITIALIZERS, gpt2_stds, initializer
@@ -274,6 +275,9 @@ class GPT(nnx.Module):
         body merges that layer's slice of the variables into a `Block` and applies it."""
         policy = REMAT_POLICIES[self.remat]
         if not self.scan_layers:
+            if pipeline.stages() > 1:
+                raise JaxtrainError("pipeline parallelism (mesh pipe > 1) needs the GPT's "
+                                    "layers stacked: scan_layers=True")
             call = _block_call if self.remat == "none" else nnx.remat(_block_call,
                                                                       policy=policy)
             for block in self.blocks:
@@ -298,10 +302,24 @@ class GPT(nnx.Module):
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        if pipeline.stages() > 1:
+            return self._pipelined(body, streams, layers, x)
         (x, streams), _ = jax.lax.scan(body, (x, streams), layers)
         if drew:
             nnx.update(self.blocks, streams)
         return x
+
+    def _pipelined(self, body, streams, layers, x):
+        """The scanned blocks as pipeline stages over the mesh's `pipe` axis
+        (`jaxtrain.sharding.pipeline.gpipe`): each stage scans its slice of the layers."""
+        if jax.tree.leaves(streams):
+            raise JaxtrainError("pipeline parallelism (mesh pipe > 1) does not run blocks "
+                                "that draw random numbers (a LoRA adapter's dropout)")
+
+        def stage(stage_layers, x):
+            return jax.lax.scan(body, (x, streams), stage_layers)[0][0]
+
+        return pipeline.gpipe(stage, layers, x)
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         """Matmul FLOPs per token at sequence length `seq_len` (2 per multiply-add): every

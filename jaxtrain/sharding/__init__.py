@@ -1,7 +1,8 @@
 """Where a step runs: meshes, partition rules, placement, compilation, many hosts."""
 
-from .compile import InFlight, compile_eval, compile_step, use_compilation_cache
-from .config import ShardingConfig
+from . import pipeline
+from .compile import InFlight, compile_eval, compile_step, under_mesh, use_compilation_cache
+from .config import PipelineConfig, ShardingConfig
 from .distributed import (
     Launch,
     check_started,
@@ -34,6 +35,7 @@ from .rules import (
 )
 
 __all__ = [
+    "PipelineConfig",
     "ShardingConfig",
     "AXES",
     "BATCH_AXES",
@@ -57,6 +59,7 @@ __all__ = [
     "logical_to_spec",
     "make_mesh",
     "param_specs",
+    "pipeline",
     "place",
     "pmap_step",
     "replicated",
@@ -65,5 +68,6 @@ __all__ = [
     "start_from_env",
     "state_shardings",
     "tree_shardings",
+    "under_mesh",
     "use_compilation_cache",
 ]

@@ -49,21 +49,27 @@ def use_compilation_cache(folder) -> None:
 def compile_eval(eval_fn, mesh, state_shardings):
     """`jax.jit` of a `(state, batch) -> metrics` function with the same placement."""
     return jax.jit(
-        eval_fn,
+        under_mesh(eval_fn, mesh),
         in_shardings=(state_shardings, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )
 
 
-def _jit(step_fn, mesh, shardings, donate):
-    def traced(state, batch):
-        # The mesh's axes are visible while tracing, so a model can pin its activations
-        # to the batch split (`models.gpt.batch_sharded`).
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step_fn(state, batch)
+def under_mesh(fn, mesh):
+    """`fn` traced with `mesh`'s axes visible (`jax.sharding.use_abstract_mesh`), so that a
+    model can pin its activations to the batch split (`models.gpt.batch_sharded`) and
+    pipeline its layers over `pipe` (`sharding.pipeline`)."""
 
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
+
+
+def _jit(step_fn, mesh, shardings, donate):
     return jax.jit(
-        traced,
+        under_mesh(step_fn, mesh),
         in_shardings=(shardings, batch_sharding(mesh)),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,) if donate else (),

@@ -14,6 +14,18 @@ class MeshConfig:
     data: int = option(-1, "data-parallel axis size (-1: the devices left over)")
     fsdp: int = option(1, "fully sharded data-parallel axis size (params split over it)")
     tensor: int = option(1, "tensor-parallel axis size")
+    pipe: int = option(1, "pipeline-parallel axis size: stages, each holding a slice of the "
+                          "model's stacked layers (docs/sharding.md)")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How a step runs through the `pipe` stages (`jaxtrain.sharding.pipeline`)."""
+
+    microbatches: int | None = option(None, "microbatches each batch is cut into on its way "
+                                            "through the stages (GPipe; the bubble is "
+                                            "(S-1)/(M+S-1)); null: the number of stages",
+                                      positive=True)
 
 
 @dataclass(frozen=True)
@@ -23,3 +35,4 @@ class ShardingConfig:
     preset: str | dict = option("dp", "partition rules: a preset (dp, fsdp, tp, fsdp+tp) or "
                                       "a table {logical axis: mesh axis}")
     mesh: MeshConfig = section(MeshConfig, "device mesh axis sizes")
+    pipeline: PipelineConfig = section(PipelineConfig, "pipeline parallelism over mesh.pipe")

@@ -1,4 +1,8 @@
-"""Device meshes with the fixed axis names `data`, `fsdp`, `tensor`.
+"""Device meshes with the fixed axis names `pipe`, `data`, `fsdp`, `tensor`.
+
+`pipe`: pipeline stages, each holding a slice of a model's stacked layers
+(`jaxtrain.sharding.pipeline`); outermost, as its traffic (one activation per microbatch
+between neighbours) is the lightest.
 
 `data`: replicas that see different batch slices (data parallel).
 `fsdp`: params, gradients and optimizer state sharded ZeRO-3 style; also splits the batch.
@@ -16,18 +20,19 @@ from jax.sharding import AxisType, Mesh
 
 from ..errors import JaxtrainError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("pipe", "data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, pipe: int = 1,
+              devices=None) -> Mesh:
     """A mesh over `devices` (default: all visible devices); one size may be -1 (the rest).
 
     Built with `jax.make_mesh`, which orders devices by the physical topology so that
     neighbours on a TPU/GPU interconnect stay neighbours on the mesh.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    sizes = {"pipe": pipe, "data": data, "fsdp": fsdp, "tensor": tensor}
     for name, size in sizes.items():
         if not isinstance(size, int) or size == 0 or size < -1:
             raise JaxtrainError(f"mesh axis {name}={size!r} must be a positive integer or -1")

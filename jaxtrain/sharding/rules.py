@@ -19,20 +19,23 @@ from ..errors import JaxtrainError
 from ..transforms.paths import path_str
 from .mesh import AXES
 
+# Every preset puts a model's stacked `layers` on the pipeline stages (a no-op while the
+# mesh's `pipe` has size 1); a rules table of one's own should map `layers` to `pipe` too.
 PRESETS: dict[str, dict] = {
     # Replicate every annotated param; only the batch is split.
-    "dp": {},
+    "dp": {"layers": "pipe"},
     # ZeRO-3: params (and so gradients and optimizer state) split over `fsdp`, gathered
     # per layer when used. `embed` (or the channel/mlp dim where there is no `embed`).
-    "fsdp": {"embed": "fsdp", "mlp": "fsdp", "norm": "fsdp", "conv_out": "fsdp"},
+    "fsdp": {"layers": "pipe", "embed": "fsdp", "mlp": "fsdp", "norm": "fsdp",
+             "conv_out": "fsdp"},
     # Megatron: attention split by heads, MLP by hidden units. Column-parallel first
     # matmul (`embed, mlp` / `embed, heads, kv` split on the output), row-parallel second
     # (`mlp, embed` / `heads, kv, embed` split on the input): one all-reduce per block.
     # The embedding table is vocab-parallel (so the vocabulary size must divide).
-    "tp": {"mlp": "tensor", "heads": "tensor", "vocab": "tensor"},
+    "tp": {"layers": "pipe", "mlp": "tensor", "heads": "tensor", "vocab": "tensor"},
     # Both: Megatron inside a layer over `tensor`, ZeRO-3 over `fsdp` on `embed`.
-    "fsdp+tp": {"embed": "fsdp", "norm": "fsdp", "mlp": "tensor", "heads": "tensor",
-                "vocab": "tensor", "conv_out": "fsdp"},
+    "fsdp+tp": {"layers": "pipe", "embed": "fsdp", "norm": "fsdp", "mlp": "tensor",
+                "heads": "tensor", "vocab": "tensor", "conv_out": "fsdp"},
 }
 
 

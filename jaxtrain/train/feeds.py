@@ -181,7 +181,8 @@ class DeviceFeed:
             return call
 
         def compile_(fn):
-            return jax.jit(fn, in_shardings=(state_shardings, rep, rep, rep),
+            return jax.jit(sharding.under_mesh(fn, mesh),
+                           in_shardings=(state_shardings, rep, rep, rep),
                            out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
         self.calls = {(1, True): compile_(single(step_fn)),

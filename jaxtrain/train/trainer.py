@@ -115,9 +115,12 @@ class Trainer:
         self.rules, self.logical_axes = config.sharding.preset, _logical_axes(state)
         self._nan_raise = train.nan_policy == "raise"
         self._nan_skip = train.nan_policy == "skip"
+        self.pipeline_microbatches = _pipeline_microbatches(config, self.mesh, state,
+                                                            self.logical_axes)
         step_fn = train_step or make_train_step(loss_fn, precision=self.policy,
                                                 microbatches=train.microbatches,
                                                 nan_policy=train.nan_policy)
+        step_fn = sharding.pipeline.with_microbatches(step_fn, self.pipeline_microbatches)
         self.state = self._prepare(state)
         self.step_fn = step_fn
         self._compile(step_fn, metric_fn, config.eval_ema)
@@ -160,7 +163,9 @@ class Trainer:
         self.eval_fn = None
         if metric_fn is not None:
             self.eval_fn = sharding.compile_eval(
-                make_eval_step(metric_fn, precision=self.policy, use_ema=eval_ema),
+                sharding.pipeline.with_microbatches(
+                    make_eval_step(metric_fn, precision=self.policy, use_ema=eval_ema),
+                    self.pipeline_microbatches),
                 self.mesh, self.state_shardings)
 
     # -- the loop ------------------------------------------------------------------------
@@ -399,6 +404,8 @@ class Trainer:
         continue from (a callback may return a new one)."""
         totals: dict = {}
         multiple = sharding.batch_parallelism(self.mesh)
+        if sharding.pipeline.stages(self.mesh) > 1:  # padded to whole microbatches too
+            multiple *= self.pipeline_microbatches
         for batch in eval_batches(data, self.eval_batch_size, multiple_of=multiple):
             sums = self.eval_fn(state, sharding.shard_global_batch(batch, self.mesh))
             for k, v in jax.device_get(sums).items():
@@ -496,6 +503,18 @@ def _early_stopping(config: TrainerConfig, callbacks) -> tuple:
         raise JaxtrainError("one early stopping per Trainer: give config.early_stopping or "
                             "an EarlyStopping callback, not both")
     return (given[0] if given else None), others
+
+
+def _pipeline_microbatches(config: TrainerConfig, mesh, state, logical_axes) -> int:
+    """The pipeline microbatch count (`sharding.pipeline.microbatches`, default the stage
+    count), once the model's layers, the batch and the mesh are checked to fit it."""
+    train = config.train
+    batch, what = train.batch_size, "train.batch_size"
+    if train.microbatches > 1 and batch % train.microbatches == 0:
+        batch, what = batch // train.microbatches, "train.batch_size / train.microbatches"
+    return sharding.pipeline.check_pipeline(
+        mesh, sharding.pipeline.stacked_layers(state.params, logical_axes), batch,
+        config.sharding.pipeline.microbatches, what)
 
 
 def _logical_axes(state):

@@ -1,0 +1,174 @@
+"""Pipeline parallelism over the mesh's `pipe` axis: a GPipe schedule, written for GSPMD.
+
+A model's `L` stacked layers (params with a leading layer dimension, sharded over `pipe`
+by the `layers -> pipe` rule) are cut into `S` stages of `L / S` consecutive layers, one
+stage per position on `pipe`. The batch is cut into `M` microbatches that flow through the
+stages: at tick `t` stage `s` applies its layers to microbatch `t - s` and hands the
+result to stage `s + 1`, so the forward pass takes `M + S - 1` ticks of which each stage
+idles (here: computes on filler) `S - 1`, the bubble `(S - 1) / (M + S - 1)`. `jax.grad`
+of the loop is the backward pipeline: the same ticks in reverse, the hand-over reversed.
+
+How, as MaxText does it: every tick applies one function to all stages at once, a
+`jax.vmap` over a leading stage dimension with `spmd_axis_name='pipe'`, so the compiler
+runs stage `s`'s slice on the devices of `pipe` position `s`; the hand-over is a roll of
+that dimension by one, which XLA lowers to a collective permute between neighbours. The
+other mesh axes stay `Auto` inside (data, fsdp and tensor sharding compose unchanged).
+The params keep their unpipelined layout (`layers` leading, in layer order): only their
+placement differs, so a checkpoint restores under any `pipe` size.
+
+The microbatch count is the caller's (`gpipe(..., microbatches=M)`), else the one set by
+`microbatches(M)` around the trace (the Trainer sets `sharding.pipeline.microbatches`),
+else `S`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec
+
+from ..errors import JaxtrainError
+from ..transforms.paths import path_str
+from .mesh import BATCH_AXES
+from .rules import _logical_by_path
+
+AXIS = "pipe"
+LAYERS = "layers"  # the logical name of a stacked layer dimension (rules: layers -> pipe)
+_MICROBATCHES: contextvars.ContextVar = contextvars.ContextVar("jaxtrain_pipeline_microbatches",
+                                                               default=None)
+
+
+def stages(mesh=None) -> int:
+    """The pipeline's stage count: the size of `pipe` on `mesh`, else on the mesh the trace
+    runs under (`jax.sharding.get_abstract_mesh`); 1 without one, or inside a `shard_map`
+    that made `pipe` manual."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh.empty or AXIS not in mesh.axis_names:
+        return 1
+    kinds = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    return mesh.shape[AXIS] if kinds[AXIS] == AxisType.Auto else 1
+
+
+@contextlib.contextmanager
+def microbatches(count: int | None):
+    """Pipeline microbatch count for the `gpipe` calls traced inside (None: the stages)."""
+    token = _MICROBATCHES.set(count)
+    try:
+        yield
+    finally:
+        _MICROBATCHES.reset(token)
+
+
+def with_microbatches(fn, count: int | None):
+    """`fn` traced with `microbatches(count)` in force (a train or eval step)."""
+    if count is None:
+        return fn
+
+    def traced(*args, **kwargs):
+        with microbatches(count):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
+def stacked_layers(params, logical_axes) -> int | None:
+    """How many layers the params stack on a leading `layers` axis (by their logical axis
+    names, a tree like `params`); None if none do."""
+    names = _logical_by_path(logical_axes)
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        axes = names.get(path_str(kp))
+        if axes and axes[0] == LAYERS:
+            return leaf.shape[0]
+    return None
+
+
+def check_pipeline(mesh, layers: int | None, batch_size: int, count: int | None = None,
+                   what: str = "train.batch_size") -> int:
+    """The microbatch count a pipelined step on `mesh` uses, after checking that `layers`
+    split into its stages and `batch_size` into microbatches x data parallelism; a
+    one-line `JaxtrainError` otherwise (before anything compiles). `layers` None: the
+    model has no stacked layers to pipeline."""
+    s = stages(mesh)
+    count = s if count is None else count
+    if not isinstance(count, int) or count < 1:
+        raise JaxtrainError(f"sharding.pipeline.microbatches={count!r}: must be a positive "
+                            "integer")
+    if s == 1:
+        return count
+    if layers is None:
+        raise JaxtrainError(f"sharding.mesh.pipe={s} needs a model whose layers are stacked "
+                            "on a leading 'layers' axis (GPT: model.scan_layers: true)")
+    if layers % s:
+        raise JaxtrainError(f"sharding.mesh.pipe={s}: the model's {layers} layers do not "
+                            f"split into {s} equal stages")
+    ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if batch_size % (count * ways):
+        raise JaxtrainError(f"{what}={batch_size} is not divisible by sharding.pipeline."
+                            f"microbatches={count} x data parallelism {ways} (data x fsdp) "
+                            f"= {count * ways}")
+    return count
+
+
+def gpipe(stage_fn, layers, x, count: int | None = None):
+    """`x` through every layer of `layers` in order, pipelined over `pipe` (GPipe).
+
+    `layers`: a pytree whose leaves stack `L` layers on their leading dimension.
+    `stage_fn(stage_layers, x)`: applies the `L / S` consecutive layers of one stage (the
+    leaves' leading dimension) to one microbatch `x` (the batch dimension leading) and
+    returns the same shape. Without a `pipe` axis above 1 it is called once on all the
+    layers and the whole batch. Equal to that call to float tolerance, gradients too.
+    """
+    s = stages()
+    if s == 1:
+        return stage_fn(layers, x)
+    count = _MICROBATCHES.get() if count is None else count
+    count = s if count is None else count
+    num_layers = {leaf.shape[0] for leaf in jax.tree.leaves(layers)}
+    if len(num_layers) != 1:
+        raise JaxtrainError(f"pipeline: the stacked layers' leading sizes differ: "
+                            f"{sorted(num_layers)}")
+    num_layers = num_layers.pop()
+    if num_layers % s:
+        raise JaxtrainError(f"pipeline: {num_layers} layers do not split into {s} equal "
+                            "stages (mesh axis pipe)")
+    batch = x.shape[0]
+    if batch % count:
+        raise JaxtrainError(f"pipeline: batch {batch} is not divisible by {count} "
+                            "microbatches")
+    staged = jax.tree.map(lambda p: _on_stages(p.reshape(s, num_layers // s, *p.shape[1:])),
+                          layers)
+    # Strided microbatches (examples i, i + M, ...): each device's block of the batch
+    # holds its share of every microbatch, so cutting them moves no data.
+    xs = x.reshape(batch // count, count, *x.shape[1:]).swapaxes(0, 1)
+    run = jax.vmap(stage_fn, spmd_axis_name=AXIS)
+    first = (jnp.arange(s) == 0).reshape(s, *(1,) * x.ndim)
+
+    def tick(carry, t):
+        # Stage 0 takes microbatch t (the last one again once all have entered: filler);
+        # stage s > 0 takes what stage s - 1 produced at tick t - 1.
+        entering = jax.lax.dynamic_index_in_dim(xs, jnp.minimum(t, count - 1), 0, False)
+        inputs = _on_stages(jnp.where(first, entering[None], carry))
+        outputs = _on_stages(run(staged, inputs))
+        return _shift(outputs), outputs[-1]
+
+    start = _on_stages(jnp.zeros((s, *xs.shape[1:]), x.dtype))
+    _, done = jax.lax.scan(tick, start, jnp.arange(count + s - 1))
+    # The last stage finishes microbatch m at tick m + S - 1.
+    out = done[s - 1:]
+    return out.swapaxes(0, 1).reshape(batch, *out.shape[2:])
+
+
+def _on_stages(a):
+    """`a` with its leading (stage) dimension on `pipe`; the rest left to the compiler."""
+    spec = PartitionSpec(AXIS, *(PartitionSpec.UNCONSTRAINED,) * (a.ndim - 1))
+    return jax.lax.with_sharding_constraint(a, spec)
+
+
+def _shift(a):
+    """Stage s's slice moved to stage s + 1 (the last wraps to 0, where it is not read):
+    a roll of the `pipe`-sharded dimension, one collective permute."""
+    return jnp.roll(a, 1, axis=0)
