@@ -40,7 +40,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-LAYER_AXIS = "layers"  # logical name of the stacked layer dimension (replicated by presets)
+LAYER_AXIS = pipeline.LAYERS  # the stacked layer dimension (presets: on the pipe stages)
 
 
 def remat_policy_name(remat) -> str:

@@ -3,6 +3,7 @@ programs across starts (JAX's persistent compilation cache)."""
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def under_mesh(fn, mesh):
     model can pin its activations to the batch split (`models.gpt.batch_sharded`) and
     pipeline its layers over `pipe` (`sharding.pipeline`)."""
 
+    @functools.wraps(fn)  # the compiled program keeps fn's name (jit_<name>)
     def traced(*args):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args)
