@@ -5,7 +5,11 @@ resumes from the last checkpoint and ends bitwise equal to the uninterrupted run
 
 Ray is heavy on 2 cores: both runs share one Ray session (one module fixture), and the
 workers share a compilation cache of their own (the restarted group loads the programs the
-first run compiled, both workers alike). The first run goes through the CLI
+first run compiled, both workers alike). The file costs about 105 s of CPU, every Ray
+process counted (sampled from /proc; `/usr/bin/time` sees only ~22 s, as the processes
+Ray starts never reach its rusage): each of the 3 worker groups started brings ~4 Ray
+helper processes of ~2 s each, and each of the 6 training workers ~10 s (importing Ray
+Train and jaxtrain ~4 s, compiling and training ~6 s). The first run goes through the CLI
 (`jaxtrain train CONFIG --ray-workers 2`), the second through `train_on_ray`, which
 also takes the test's callback."""
 
@@ -129,18 +133,23 @@ def ray_runs(tmp_path_factory, devices):
     env.update(OPENBLAS_NUM_THREADS="1", JAX_COMPILATION_CACHE_DIR=str(tmp / "xla-cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning",
-             runtime_env={"env_vars": env})
-    try:
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            assert cli.main(["train", str(_config(tmp, "whole")), "--ray-workers", "2"]) == 0
-        whole = json.loads([line for line in printed.getvalue().splitlines()
-                            if line.startswith('{"metrics"')][-1])
-        killed = train_on_ray(str(_config(tmp, "killed")), num_workers=2, max_failures=1,
-                              callbacks=[KillOnce(*KILL, str(tmp / "starts.jsonl"))])
-    finally:
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as patch:
+        # one helper process fewer per worker group (~2 s CPU each); nothing is preempted
+        patch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning",
+                 runtime_env={"env_vars": env})
+        try:
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                assert cli.main(["train", str(_config(tmp, "whole")), "--ray-workers",
+                                 "2"]) == 0
+            whole = json.loads([line for line in printed.getvalue().splitlines()
+                                if line.startswith('{"metrics"')][-1])
+            killed = train_on_ray(str(_config(tmp, "killed")), num_workers=2,
+                                  max_failures=1,
+                                  callbacks=[KillOnce(*KILL, str(tmp / "starts.jsonl"))])
+        finally:
+            ray.shutdown()
     return tmp, whole, killed
 
 
