@@ -5,8 +5,8 @@ resumes from the last checkpoint and ends bitwise equal to the uninterrupted run
 
 Ray is heavy on 2 cores: both runs share one Ray session (one module fixture), and the
 workers share a compilation cache of their own (the later groups' workers can all load
-the programs the first group compiled, none ahead of the other). The file costs about
-105-110 s of CPU, every Ray
+the programs the first group compiled, none ahead of the other; measured, it saves only
+3-6 s). The file costs about 105-110 s of CPU, every Ray
 process counted (sampled from /proc; `/usr/bin/time` sees only ~22 s, as the processes
 Ray starts never reach its rusage): each of the 3 worker groups started brings ~4 Ray
 helper processes of ~2 s each, and each of the 6 training workers ~10 s (importing Ray
