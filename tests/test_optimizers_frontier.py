@@ -97,6 +97,35 @@ def test_soap_matches_pytorch_optimizer(precondition_1d):
     assert np.array_equal(ours[0]["a"], p0["a"])  # the first step only gathers statistics
 
 
+def _cut(x, merged, block):
+    """numpy: `x` reshaped to `merged` and cut into blocks of `block` along each axis."""
+    x = x.reshape(merged)
+    edges = [list(range(0, d, block)) + [d] for d in merged]
+    corners = np.array(np.meshgrid(*[range(len(e) - 1) for e in edges], indexing="ij"))
+    return [x[tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, idx, strict=True))]
+            for idx in corners.reshape(len(merged), -1).T]
+
+
+def test_blocked_soap_is_the_authors_soap_on_each_block():
+    """`block_size=4`: each leaf (dims merged up to 4, as Shampoo's) is cut into 4 x 4
+    blocks, each a SOAP of its own: the reference runs `pytorch_optimizer.SOAP` on the
+    blocks as separate params (square blocks: full-rank statistics from the first step)."""
+    shapes, merged = {"a": (8, 12), "c": (2, 2, 8), "b": (12,)}, {"a": (8, 12),
+                                                                  "c": (4, 8), "b": (12,)}
+    p0, grads = _problem(shapes)
+    ours = _run_jax(T.soap(3e-3, weight_decay=0.0, precondition_frequency=10, block_size=4),
+                    p0, grads)
+    cut = lambda tree: {f"{k}{i:02d}": b for k in shapes  # noqa: E731
+                        for i, b in enumerate(_cut(tree[k], merged[k], 4))}
+    theirs = _run_torch(lambda ps: SOAP(ps, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.0,
+                                        precondition_frequency=10),
+                        cut(p0), [cut(g) for g in grads])
+    ours = [cut(p) for p in ours]
+    _assert_close(ours, theirs, cut(p0))
+    whole = _run_jax(T.soap(3e-3, weight_decay=0.0, precondition_frequency=10), p0, grads)
+    assert _max_error([cut(p) for p in whole], theirs) > 100 * TOL  # blocking is not a no-op
+
+
 @pytest.mark.slow
 def test_soap_weight_decay_differs_only_by_its_placement():
     """Ours decays theta before the step (AdamW); the authors' after: lr^2*wd*|u| apart."""

@@ -16,6 +16,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ..errors import JaxtrainError
+from ..transforms.blocks import Stacks, spread_axes
 from ..transforms.paths import path_str
 from .mesh import AXES
 
@@ -156,7 +157,10 @@ def state_shardings(state, mesh, rules="dp", logical_axes=None, params=None):
     are placed by the rules. Every other leaf whose path ends with a param's path (the optimizer's
     `mu/<path>`, `nu/<path>`, EMA copies, ...) follows that param: same shape, same
     spec; the shape with one dimension removed (factored second moments such as
-    Adafactor's `v_row` / `v_col`), the spec without that dimension. Everything else
+    Adafactor's `v_row` / `v_col`), the spec without that dimension. Per-block state kept
+    stacked (`transforms.blocks.Stacks`: Shampoo's and SOAP's statistics and bases) is
+    split on its leading (block) axis across the mesh axes whose sizes divide the stack
+    (`blocks.spread_axes`, as the optimizer's update spreads it). Everything else
     (step counts, scalars, RNG keys, model statistics) is replicated.
     """
     if params is None:
@@ -169,9 +173,13 @@ def state_shardings(state, mesh, rules="dp", logical_axes=None, params=None):
     }
 
     def leaf_sharding(kp, leaf):
+        if isinstance(leaf, Stacks):
+            return jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(
+                spread_axes(dict(mesh.shape), _shape(x)[0]))), leaf)
         return NamedSharding(mesh, _follow(path_str(kp), tuple(_shape(leaf)), specs))
 
-    return jax.tree_util.tree_map_with_path(leaf_sharding, state)
+    return jax.tree_util.tree_map_with_path(leaf_sharding, state,
+                                            is_leaf=lambda x: isinstance(x, Stacks))
 
 
 def _follow(path: str, shape: tuple, specs: dict) -> PartitionSpec:

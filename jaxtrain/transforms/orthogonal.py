@@ -38,7 +38,9 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 from ..errors import JaxtrainError
+from . import blocks
 from ._frontier import f32, finish, in_f32, inject, zeros_f32
+from .blocks import Plan
 from .paths import matches, path_str
 from .validate import check_learning_rate, check_nonnegative, check_positive, check_unit_interval
 
@@ -108,27 +110,59 @@ def _momentum(beta, nesterov, bias_correction, mu_dtype):
     return optax.GradientTransformation(init, update)
 
 
-def newton_schulz(x, dims: MuonDimensionNumbers, ns_steps: int, eps):
-    """`x` orthogonalized as a batch of (fan-in, fan-out) matrices (`dims`; the other axes
-    are the batch): each matrix, wide side last, divided by its Frobenius norm (+ eps),
-    then `ns_steps` quintic iterations X <- aX + (bA + cA^2)X with A = XX^T."""
-    reduction, output = tuple(dims.reduction_axis), tuple(dims.output_axis)
-    batch = tuple(a for a in range(x.ndim) if a not in reduction + output)
-    order = batch + reduction + output
-    sizes = [math.prod(x.shape[a] for a in axes) for axes in (batch, reduction, output)]
-    m = jnp.transpose(x, order).reshape(sizes)
-    wide = sizes[1] <= sizes[2]
-    if not wide:
-        m = jnp.swapaxes(m, 1, 2)
+class _Matrices(NamedTuple):
+    """A leaf of `shape` seen as a batch of (fan-in, fan-out) matrices (`dims`; the other
+    axes are the batch), wide side last: the one block shape `blocks.Plan` stacks."""
+
+    shape: tuple
+    dims: MuonDimensionNumbers
+
+    def _order(self):
+        reduction, output = tuple(self.dims.reduction_axis), tuple(self.dims.output_axis)
+        batch = tuple(a for a in range(len(self.shape)) if a not in reduction + output)
+        return batch, reduction, output
+
+    def _sizes(self):
+        return [math.prod(self.shape[a] for a in axes) for axes in self._order()]
+
+    def block_shapes(self):
+        _, m, n = self._sizes()
+        return [(min(m, n), max(m, n))]
+
+    def counts(self):
+        return [self._sizes()[0]]
+
+    def pieces(self, x):
+        b, m, n = self._sizes()
+        x = jnp.transpose(x, sum(self._order(), ())).reshape(b, m, n)
+        return [x if m <= n else jnp.swapaxes(x, 1, 2)]
+
+    def join(self, pieces):
+        (x,) = pieces
+        b, m, n = self._sizes()
+        if m > n:
+            x = jnp.swapaxes(x, 1, 2)
+        order = sum(self._order(), ())
+        x = x.reshape([self.shape[i] for i in order])
+        return jnp.transpose(x, [order.index(i) for i in range(len(self.shape))])
+
+
+def _newton_schulz_wide(m, ns_steps: int, eps):
+    """A batch (b, m, n) of matrices with m <= n, each divided by its Frobenius norm
+    (+ eps), then `ns_steps` quintic iterations X <- aX + (bA + cA^2)X with A = XX^T."""
     m = m / (jnp.linalg.norm(m, axis=(1, 2), keepdims=True) + eps)
     a, b, c = NS_COEFFS
     for _ in range(ns_steps):
         gram = m @ jnp.swapaxes(m, 1, 2)
         m = a * m + (b * gram + c * gram @ gram) @ m
-    if not wide:
-        m = jnp.swapaxes(m, 1, 2)
-    shape = [x.shape[i] for i in order]
-    return jnp.transpose(m.reshape(shape), [order.index(i) for i in range(x.ndim)])
+    return m
+
+
+def newton_schulz(x, dims: MuonDimensionNumbers, ns_steps: int, eps):
+    """`x` orthogonalized as a batch of (fan-in, fan-out) matrices (`dims`; the other axes
+    are the batch), each with its wide side last (`_newton_schulz_wide`)."""
+    view = _Matrices(tuple(x.shape), dims)
+    return view.join([_newton_schulz_wide(view.pieces(x)[0], ns_steps, eps)])
 
 
 def shape_scale(shape, dims: MuonDimensionNumbers, consistent_rms) -> float:
@@ -142,14 +176,20 @@ def shape_scale(shape, dims: MuonDimensionNumbers, consistent_rms) -> float:
 
 
 def _orthogonalize(rule, ns_steps, eps, consistent_rms):
-    def one(path, x):
-        dims = rule(path, x.shape)
-        return shape_scale(x.shape, dims, consistent_rms) * newton_schulz(
-            f32(x), dims, ns_steps, eps)
+    """Newton-Schulz of every matrix of every leaf. Matrices of one shape are stacked and
+    the stack split across the devices of the mesh in use (`blocks`): each device
+    orthogonalizes whole matrices, its share of them, and none gathers them all."""
 
     def apply(updates, params=None):
         del params
-        return jax.tree_util.tree_map_with_path(lambda kp, x: one(path_str(kp), x), updates)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        views = [_Matrices(tuple(x.shape), rule(path_str(kp), x.shape)) for kp, x in flat]
+        plan = Plan(views, blocks.device_count() or 1)
+        stacks = plan.stack([f32(x) for _, x in flat])
+        done = plan.unstack({k: _newton_schulz_wide(m, ns_steps, eps)
+                             for k, m in stacks.items()})
+        return treedef.unflatten([shape_scale(v.shape, v.dims, consistent_rms) * x
+                                  for v, x in zip(views, done, strict=True)])
 
     return optax.stateless(apply)
 

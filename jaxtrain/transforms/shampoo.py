@@ -23,7 +23,6 @@ compare them step by step.
 
 from __future__ import annotations
 
-import itertools
 from typing import NamedTuple
 
 import jax
@@ -32,6 +31,7 @@ import optax
 
 from ..errors import JaxtrainError
 from ._frontier import f32, finish, inject, zeros_f32
+from .blocks import Grid, Plan, Stacks, per_block, spread
 from .validate import check_learning_rate, check_nonnegative, check_unit_interval, with_mask_check
 
 GRAFTS = ("sgd", "adagrad", "rmsprop", "sqrt_n", "none")
@@ -54,43 +54,15 @@ def merge_small_dims(shape, max_dim: int) -> list[int]:
     return merged
 
 
-class _Layout(NamedTuple):
-    """How a leaf is cut: its merged shape and, per axis, the sizes of the blocks."""
-
-    shape: tuple
-    sizes: tuple  # per axis: a tuple of block sizes
-
-    @property
-    def blocks(self):
-        return list(itertools.product(*self.sizes))
-
-    def split(self, x):
-        """The blocks of `x` (already reshaped to `shape`), in `blocks` order."""
-        parts = [x]
-        for axis, sizes in enumerate(self.sizes):
-            cuts = list(itertools.accumulate(sizes))[:-1]
-            parts = [b for p in parts for b in jnp.split(p, cuts, axis=axis)]
-        return parts
-
-    def merge(self, parts):
-        for axis in reversed(range(len(self.sizes))):
-            n = len(self.sizes[axis])
-            parts = [jnp.concatenate(parts[i:i + n], axis=axis) for i in range(0, len(parts), n)]
-        return parts[0]
-
-
 def _layout(shape, block_size, merge_dims, max_dim):
-    """The leaf's `_Layout`, or None when it gets the graft alone."""
-    if len(shape) < 1 or any(d > max_dim for d in shape):
+    """How a leaf is cut into blocks (a `blocks.Grid`), or None when it gets the graft
+    alone."""
+    if len(shape) < 1 or any(d > max_dim for d in shape) or 0 in shape:
         return None
     merged = tuple(merge_small_dims(shape, block_size) if merge_dims else shape)
     if len(merged) < 2:
         return None
-    sizes = tuple((d,) if d <= block_size else
-                  (block_size,) * ((d - 1) // block_size) + (d - (d - 1) // block_size
-                                                              * block_size,)
-                  for d in merged)
-    return _Layout(merged, sizes)
+    return Grid(tuple(shape), merged, block_size)
 
 
 class ScaleByShampooState(NamedTuple):
@@ -98,8 +70,8 @@ class ScaleByShampooState(NamedTuple):
     momentum: optax.Updates  # Shampoo's
     graft_momentum: optax.Updates
     graft_stats: optax.Updates  # adagrad / rmsprop second moments (zeros otherwise)
-    stats: list  # per leaf: a list, per block and axis, of (d, d) statistics
-    roots: list  # per leaf: the inverse roots in force
+    stats: Stacks  # per block shape: per axis, (blocks, d, d) statistics
+    roots: Stacks  # per block shape: per axis, the (blocks, d, d) inverse roots in force
 
 
 def _inverse_root(stat, p):
@@ -116,25 +88,53 @@ def _precondition_block(block, roots):
     return block
 
 
+def _statistic(block, axis):
+    rest = [a for a in range(block.ndim) if a != axis]
+    return jnp.tensordot(block, block, (rest, rest))
+
+
 def scale_by_shampoo(b1=0.9, b2=0.999, block_size=128, graft="rmsprop", precondition_every=10,
                      start_preconditioning_step=10, matrix_eps=1e-6, diagonal_eps=1e-10,
                      nesterov=True, moving_average_for_momentum=False, merge_dims=True,
-                     max_preconditioner_dim=8192, exponent_override=0, mu_dtype=None):
-    """The grafted, blocked Shampoo direction (before the learning rate)."""
+                     max_preconditioner_dim=8192, exponent_override=0, mu_dtype=None,
+                     num_devices=1):
+    """The grafted, blocked Shampoo direction (before the learning rate). The blocks of all
+    leaves are stacked by shape and spread over the devices (`blocks`); each stack is
+    padded to a multiple of `num_devices`."""
 
-    def layouts(leaves):
-        return [_layout(p.shape, block_size, merge_dims, max_preconditioner_dim) for p in leaves]
+    def plan(leaves):
+        return Plan([_layout(p.shape, block_size, merge_dims, max_preconditioner_dim)
+                     for p in leaves], num_devices)
 
     def init(params):
-        leaves = jax.tree.leaves(params)
-        stats, roots = [], []
-        for lay in layouts(leaves):
-            dims = [] if lay is None else [d for blk in lay.blocks for d in blk]
-            stats.append([matrix_eps * jnp.eye(d, dtype=jnp.float32) for d in dims])
-            roots.append([jnp.eye(d, dtype=jnp.float32) for d in dims])
+        p = plan(jax.tree.leaves(params))
+
+        def eyes(scale):
+            return Stacks({k: tuple(scale * jnp.broadcast_to(jnp.eye(d, dtype=jnp.float32),
+                                                             (n, d, d)) for d in p.shapes[k])
+                           for k, n in p.sizes.items()})
+
         return ScaleByShampooState(jnp.zeros([], jnp.int32), zeros_f32(params, mu_dtype),
                                    zeros_f32(params, mu_dtype), zeros_f32(params),
-                                   stats, roots)
+                                   eyes(matrix_eps), eyes(1.0))
+
+    def precondition(p, grads, state, beta2, w2, recompute):
+        """The Shampoo direction of every blocked leaf (None for the others), and the new
+        statistics and roots: per stack of same-shaped blocks, on the devices holding them."""
+        stacks = p.stack(grads)
+        stats, roots, out = {}, {}, {}
+        for k, blocks in stacks.items():
+            rank = blocks.ndim - 1
+            power = exponent_override or 2 * rank
+            stats[k] = tuple(spread(beta2 * s + w2 * jax.vmap(_statistic, (0, None))(blocks, a))
+                             for a, s in enumerate(state.stats.arrays[k]))
+            roots[k] = tuple(spread(r) for r in jax.lax.cond(
+                recompute,
+                lambda s, p_=power: tuple(per_block(lambda x_: _inverse_root(x_, p_))(x)
+                                         for x in s),
+                lambda s, old=state.roots.arrays[k]: old, stats[k]))
+            out[k] = jax.vmap(_precondition_block)(blocks, roots[k])
+        return p.unstack(out), Stacks(stats), Stacks(roots)
 
     def update(updates, state, params=None):
         del params
@@ -145,12 +145,12 @@ def scale_by_shampoo(b1=0.9, b2=0.999, block_size=128, graft="rmsprop", precondi
         recompute = count % precondition_every == 0
         preconditioning = count >= start_preconditioning_step
         grads, treedef = jax.tree.flatten(updates)
+        grads = [f32(g) for g in grads]
+        shampoo_gs, stats, roots = precondition(plan(grads), grads, state, beta2, w2, recompute)
         flat = [treedef.flatten_up_to(t) for t in
                 (state.momentum, state.graft_momentum, state.graft_stats)]
-        out, moms, gmoms, gstats, all_stats, all_roots = [], [], [], [], [], []
-        for g, mom, gmom, gstat, stats, roots, lay in zip(
-                grads, *flat, state.stats, state.roots, layouts(grads), strict=True):
-            g = f32(g)
+        out, moms, gmoms, gstats = [], [], [], []
+        for g, mom, gmom, gstat, shampoo_g in zip(grads, *flat, shampoo_gs, strict=True):
             if graft == "adagrad":
                 gstat = gstat + g * g
             elif graft == "rmsprop":
@@ -161,25 +161,8 @@ def scale_by_shampoo(b1=0.9, b2=0.999, block_size=128, graft="rmsprop", precondi
                 graft_g = jnp.sign(g)
             else:
                 graft_g = g
-            if lay is None:
+            if shampoo_g is None:
                 shampoo_g = graft_g
-            else:
-                blocks = lay.split(g.reshape(lay.shape))
-                k = len(lay.shape)
-                power = exponent_override or 2 * k
-                new_stats, new_roots, pre = [], [], []
-                for b, blk in enumerate(blocks):
-                    for axis in range(k):
-                        rest = [a for a in range(k) if a != axis]
-                        s = stats[b * k + axis]
-                        new_stats.append(beta2 * s + w2 * jnp.tensordot(blk, blk, (rest, rest)))
-                for i, s in enumerate(new_stats):
-                    new_roots.append(jax.lax.cond(recompute, _inverse_root,
-                                                  lambda s_, p_, r=roots[i]: r, s, power))
-                for b, blk in enumerate(blocks):
-                    pre.append(_precondition_block(blk, new_roots[b * k:(b + 1) * k]))
-                shampoo_g = lay.merge(pre).reshape(g.shape)
-                stats, roots = new_stats, new_roots
             if graft != "none":
                 shampoo_g = shampoo_g * (jnp.linalg.norm(graft_g)
                                          / (jnp.linalg.norm(shampoo_g) + 1e-16))
@@ -192,13 +175,11 @@ def scale_by_shampoo(b1=0.9, b2=0.999, block_size=128, graft="rmsprop", precondi
             moms.append(mom)
             gmoms.append(gmom)
             gstats.append(gstat)
-            all_stats.append(stats)
-            all_roots.append(roots)
         cast = lambda new, old: treedef.unflatten(
             [a.astype(b.dtype) for a, b in zip(new, treedef.flatten_up_to(old), strict=True)])
         return treedef.unflatten(out), ScaleByShampooState(
             count, cast(moms, state.momentum), cast(gmoms, state.graft_momentum),
-            treedef.unflatten(gstats), all_stats, all_roots)
+            treedef.unflatten(gstats), stats, roots)
 
     return optax.GradientTransformation(init, update)
 
@@ -206,12 +187,12 @@ def scale_by_shampoo(b1=0.9, b2=0.999, block_size=128, graft="rmsprop", precondi
 def _shampoo(learning_rate, b1, b2, weight_decay, mask, block_size, graft, precondition_every,
              start_preconditioning_step, matrix_eps, diagonal_eps, nesterov,
              moving_average_for_momentum, merge_dims, max_preconditioner_dim, exponent_override,
-             mu_dtype):
+             mu_dtype, num_devices):
     return finish(
         scale_by_shampoo(b1, b2, block_size, graft, precondition_every,
                          start_preconditioning_step, matrix_eps, diagonal_eps, nesterov,
                          moving_average_for_momentum, merge_dims, max_preconditioner_dim,
-                         exponent_override, mu_dtype),
+                         exponent_override, mu_dtype, num_devices),
         learning_rate, weight_decay, mask)
 
 
@@ -233,6 +214,7 @@ def shampoo(
     max_preconditioner_dim: int = 8192,
     exponent_override: int = 0,
     mu_dtype=None,
+    num_devices: int = 1,
 ):
     """Blocked, grafted Shampoo (module docstring). `b2` also decays the statistics
     (1.0: plain sums, AdaGrad-style). Defaults: AdaGrad grafting and momentum as a moving
@@ -248,7 +230,8 @@ def shampoo(
     if graft not in GRAFTS:
         raise JaxtrainError(f"shampoo: graft must be one of {', '.join(GRAFTS)}, got {graft!r}")
     for name, value in (("block_size", block_size), ("precondition_every", precondition_every),
-                        ("max_preconditioner_dim", max_preconditioner_dim)):
+                        ("max_preconditioner_dim", max_preconditioner_dim),
+                        ("num_devices", num_devices)):
         if not isinstance(value, int) or value < 1:
             raise JaxtrainError(f"shampoo: {name} must be an integer >= 1, got {value!r}")
     tx = inject(
@@ -256,6 +239,7 @@ def shampoo(
         static=("mask", "block_size", "graft", "precondition_every",
                 "start_preconditioning_step", "nesterov", "moving_average_for_momentum",
                 "merge_dims", "max_preconditioner_dim", "exponent_override", "mu_dtype",
+                "num_devices",
                 "matrix_eps", "diagonal_eps"),
         learning_rate=learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask,
         block_size=block_size, graft=graft, precondition_every=precondition_every,
@@ -263,6 +247,6 @@ def shampoo(
         diagonal_eps=diagonal_eps, nesterov=nesterov,
         moving_average_for_momentum=moving_average_for_momentum, merge_dims=merge_dims,
         max_preconditioner_dim=max_preconditioner_dim, exponent_override=exponent_override,
-        mu_dtype=mu_dtype,
+        mu_dtype=mu_dtype, num_devices=num_devices,
     )
     return with_mask_check(tx, mask, "shampoo: mask")

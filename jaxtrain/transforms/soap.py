@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import optax
 
 from ._frontier import f32, finish, inject, zeros_f32
+from .blocks import Grid, Plan, Stacks, per_block, spread
+from .shampoo import merge_small_dims
 from .validate import (
     check_learning_rate,
     check_nonnegative,
@@ -39,15 +41,25 @@ class ScaleBySoapState(NamedTuple):
     count: jax.Array
     mu: optax.Updates
     nu: optax.Updates
-    stats: list  # per leaf: a tuple, per axis, of a (d, d) statistic or None
-    bases: list  # per leaf: a tuple, per axis, of a (d, d) orthogonal basis or None
+    stats: Stacks  # per block shape: per axis, (blocks, d, d) statistics or None
+    bases: Stacks  # per block shape: per axis, (blocks, d, d) orthogonal bases or None
 
 
 def _axes(shape, max_dim, precondition_1d):
-    """Which axes of a leaf of `shape` are preconditioned."""
+    """Which axes of a block of `shape` are preconditioned."""
     if len(shape) == 1 and not precondition_1d:
         return (False,)
     return tuple(d <= max_dim for d in shape)
+
+
+def _layout(shape, block_size):
+    """How a leaf is cut into blocks: whole (`block_size` None), or its dims merged up to
+    `block_size` and cut into blocks of it, as Shampoo's; None for an empty leaf."""
+    if 0 in shape:
+        return None
+    if block_size is None:
+        return Grid(tuple(shape), tuple(shape), max(shape, default=1))
+    return Grid(tuple(shape), tuple(merge_small_dims(shape, block_size)), block_size)
 
 
 def _rotate(x, bases, back=False):
@@ -61,6 +73,11 @@ def _rotate(x, bases, back=False):
 def _outer(g, axis):
     rest = [a for a in range(g.ndim) if a != axis]
     return jnp.tensordot(g, g, axes=(rest, rest))
+
+
+def _gather(stats, g, sb):
+    return tuple(None if st is None else sb * st + (1 - sb) * _outer(g, i)
+                 for i, st in enumerate(stats))
 
 
 def _eigenbasis(stat):
@@ -82,64 +99,84 @@ def _refresh(stats, bases, nu):
     return tuple(new), nu
 
 
+def _direction(m, v, bases, g, b2, eps):
+    """One block's Adam step in its eigenbasis (before the step size), and the new v."""
+    v = b2 * v + (1 - b2) * jnp.square(_rotate(g, bases))
+    return _rotate(_rotate(m, bases) / (jnp.sqrt(v) + eps), bases, back=True), v
+
+
+def _spread(tree):
+    return jax.tree.map(spread, tree)
+
+
 def scale_by_soap(b1=0.95, b2=0.95, shampoo_beta=None, eps=1e-8, precondition_frequency=10,
-                  max_precondition_dim=10000, precondition_1d=False, mu_dtype=None):
-    """The SOAP direction (before the learning rate); see the module docstring."""
+                  max_precondition_dim=10000, precondition_1d=False, mu_dtype=None,
+                  block_size=None, num_devices=1):
+    """The SOAP direction (before the learning rate); see the module docstring. The blocks
+    of all leaves (whole leaves when `block_size` is None) are stacked by shape and spread
+    over the devices (`blocks`); each stack is padded to a multiple of `num_devices`."""
+
+    def plan(leaves):
+        return Plan([_layout(p.shape, block_size) for p in leaves], num_devices)
 
     def init(params):
-        leaves = jax.tree.leaves(params)
-        stats = [tuple(jnp.zeros((d, d), jnp.float32) if on else None
-                       for d, on in zip(p.shape, _axes(p.shape, max_precondition_dim,
-                                                       precondition_1d), strict=True))
-                 for p in leaves]
-        return ScaleBySoapState(jnp.zeros([], jnp.int32), zeros_f32(params, mu_dtype),
-                                zeros_f32(params, mu_dtype), stats,
-                                [tuple(None if s is None else jnp.eye(s.shape[0], dtype=s.dtype)
-                                       for s in st) for st in stats])
+        p = plan(jax.tree.leaves(params))
+        on = {k: _axes(shape, max_precondition_dim, precondition_1d)
+              for k, shape in p.shapes.items()}
+
+        def per_axis(make):
+            return Stacks({k: tuple(make(n, d) if o else None
+                                    for d, o in zip(p.shapes[k], on[k], strict=True))
+                           for k, n in p.sizes.items()})
+
+        return ScaleBySoapState(
+            jnp.zeros([], jnp.int32), zeros_f32(params, mu_dtype), zeros_f32(params, mu_dtype),
+            per_axis(lambda n, d: jnp.zeros((n, d, d), jnp.float32)),
+            per_axis(lambda n, d: jnp.broadcast_to(jnp.eye(d, dtype=jnp.float32), (n, d, d))))
 
     def update(updates, state, params=None):
         del params
         sb = f32(b2 if shampoo_beta is None else shampoo_beta)
+        beta1, beta2 = f32(b1), f32(b2)
         grads, treedef = jax.tree.flatten(updates)
+        grads = [f32(g) for g in grads]
         mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
         s = state.count.astype(jnp.float32)  # steps taken after the first
-        step_size = jnp.sqrt(1 - f32(b2) ** s) / (1 - f32(b1) ** s)
+        step_size = jnp.sqrt(1 - beta2 ** s) / (1 - beta1 ** s)
+        first = state.count == 0  # it only gathers statistics and takes their eigenbases
         refresh_now = (state.count > 0) & (state.count % precondition_frequency == 0)
-        outs, new_mu, new_nu, new_stats, new_bases = [], [], [], [], []
-        for g, m, v, stats, bases in zip(grads, mus, nus, state.stats, state.bases,
-                                         strict=True):
-            g32 = f32(g)
+        # m in the parameter basis (elementwise, where the leaf lives); the rest per block.
+        mus = [jnp.where(first, f32(m), beta1 * f32(m) + (1 - beta1) * g)
+               for m, g in zip(mus, grads, strict=True)]
+        p = plan(grads)
+        gs, ms, vs = p.stack(grads), p.stack(mus), p.stack([f32(v) for v in nus])
+        us, new_v, stats, bases = {}, {}, {}, {}
+        for k in gs:
+            stats[k] = _spread(jax.vmap(_gather, (0, 0, None))(state.stats.arrays[k],
+                                                               gs[k], sb))
 
-            def gather(stats, g32=g32):
-                return tuple(None if st is None else sb * st + (1 - sb) * _outer(g32, i)
-                             for i, st in enumerate(stats))
+            def starting(m, v, g, stats, bases):
+                return jnp.zeros_like(g), v, tuple(
+                    None if x is None else per_block(_eigenbasis)(x) for x in stats)
 
-            def first(m, v, stats, bases, g32=g32):
-                stats = gather(stats)
-                bases = tuple(None if st is None else _eigenbasis(st) for st in stats)
-                return jnp.zeros_like(g32), m, v, stats, bases
+            def later(m, v, g, stats, bases):
+                u, v = jax.vmap(_direction, (0, 0, 0, 0, None, None))(m, v, bases, g, beta2,
+                                                                      eps)
+                bases, v = jax.lax.cond(refresh_now, per_block(_refresh),
+                                        lambda s_, b_, v_: (b_, v_), stats, bases, v)
+                return step_size * u, v, bases
 
-            def later(m, v, stats, bases, g32=g32):
-                m = f32(b1) * f32(m) + (1 - f32(b1)) * g32
-                v = f32(b2) * f32(v) + (1 - f32(b2)) * jnp.square(_rotate(g32, bases))
-                u = _rotate(_rotate(m, bases) / (jnp.sqrt(v) + eps), bases, back=True)
-                stats = gather(stats)
-                bases, v = jax.lax.cond(refresh_now, _refresh, lambda s_, b_, v_: (b_, v_),
-                                        stats, bases, v)
-                return step_size * u, m, v, stats, bases
-
-            u, m, v, stats, bases = jax.lax.cond(state.count == 0, first, later,
-                                                 m, v, stats, bases)
-            outs.append(u)
-            new_mu.append(m)
-            new_nu.append(v)
-            new_stats.append(stats)
-            new_bases.append(bases)
+            us[k], new_v[k], bases[k] = _spread(jax.lax.cond(
+                first, starting, later, ms[k], vs[k], gs[k], stats[k], state.bases.arrays[k]))
+        outs = [jnp.zeros_like(g) if u is None else u
+                for u, g in zip(p.unstack(us), grads, strict=True)]
+        nus = [f32(v) if new is None else new
+               for new, v in zip(p.unstack(new_v), nus, strict=True)]
         cast = lambda new, old: treedef.unflatten(
-            [a.astype(b.dtype) for a, b in zip(new, old, strict=True)])
+            [a.astype(b.dtype) for a, b in zip(new, treedef.flatten_up_to(old), strict=True)])
         return treedef.unflatten(outs), ScaleBySoapState(
-            optax.safe_increment(state.count), cast(new_mu, mus), cast(new_nu, nus),
-            new_stats, new_bases)
+            optax.safe_increment(state.count), cast(mus, state.mu), cast(nus, state.nu),
+            Stacks(stats), Stacks(bases))
 
     return optax.GradientTransformation(init, update)
 
@@ -160,9 +197,10 @@ def _after_first_step(tx):
 
 
 def _soap(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, mask, precondition_frequency,
-          max_precondition_dim, precondition_1d, mu_dtype):
+          max_precondition_dim, precondition_1d, mu_dtype, block_size, num_devices):
     return _after_first_step(finish(scale_by_soap(b1, b2, shampoo_beta, eps, precondition_frequency,
-                                max_precondition_dim, precondition_1d, mu_dtype),
+                                max_precondition_dim, precondition_1d, mu_dtype,
+                                block_size, num_devices),
                   learning_rate, weight_decay, mask))
 
 
@@ -178,6 +216,8 @@ def soap(
     max_precondition_dim: int = 10000,
     precondition_1d: bool = False,
     mu_dtype=None,
+    block_size: int | None = None,
+    num_devices: int = 1,
 ):
     """SOAP with the authors' defaults (`shampoo_beta=None` uses b2). Decay is AdamW's
     (-lr*wd*theta, theta before the step); the authors' code decays theta after the step,
@@ -188,17 +228,19 @@ def soap(
     check_positive("soap", eps=eps)
     check_nonnegative("soap", weight_decay=weight_decay)
     for name, value in (("precondition_frequency", precondition_frequency),
-                        ("max_precondition_dim", max_precondition_dim)):
+                        ("max_precondition_dim", max_precondition_dim),
+                        ("num_devices", num_devices),
+                        *((("block_size", block_size),) if block_size is not None else ())):
         if not isinstance(value, int) or value < 1:
             from ..errors import JaxtrainError
 
             raise JaxtrainError(f"soap: {name} must be an integer >= 1, got {value!r}")
     tx = inject(
         _soap, static=("mask", "precondition_frequency", "max_precondition_dim",
-                       "precondition_1d", "mu_dtype"),
+                       "precondition_1d", "mu_dtype", "block_size", "num_devices"),
         learning_rate=learning_rate, b1=b1, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
         weight_decay=weight_decay, mask=mask, precondition_frequency=precondition_frequency,
         max_precondition_dim=max_precondition_dim, precondition_1d=precondition_1d,
-        mu_dtype=mu_dtype,
+        mu_dtype=mu_dtype, block_size=block_size, num_devices=num_devices,
     )
     return with_mask_check(tx, mask, "soap: mask")
