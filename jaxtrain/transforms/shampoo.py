@@ -16,6 +16,10 @@ kept for both; before `start_preconditioning_step` the graft's momentum is appli
 it Shampoo's. Leaves of one axis, and those with an axis above `max_preconditioner_dim`,
 use the graft alone. Weight decay is decoupled (-lr*wd*theta).
 
+The blocks of all leaves are stacked by shape and the stacks split across the devices of
+the mesh in use (`blocks`: no device gathers whole matrices); `num_devices` pads the
+stacks to a multiple of it, so that the statistics and roots split evenly.
+
 This is the algorithm of `pytorch_optimizer.ScalableShampoo` (a port of Google's
 `distributed_shampoo`) with `use_svd=True`, `decoupled_weight_decay=True`; the tests
 compare them step by step.

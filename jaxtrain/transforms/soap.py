@@ -15,6 +15,11 @@ param and decays nothing, as in the authors' code; s counts the steps after it).
 `precondition_frequency` steps Q_i is refreshed by one power iteration and a QR
 decomposition (v permuted to follow the new order of the eigenvalues). Statistics,
 bases and decompositions are float32 whatever the params' dtype.
+
+`block_size=b` (default None: whole leaves, as above) is blocked SOAP: each leaf's dims
+merged up to b and cut into b-blocks as Shampoo's, and each block a SOAP of its own.
+Leaves or blocks of one shape are stacked, and the stacks split across the devices of
+the mesh in use (`blocks`); `num_devices` pads the stacks to a multiple of it.
 """
 
 from __future__ import annotations
