@@ -23,6 +23,7 @@ it first reaches `--target` are reported.
 
     nice -n 0 python benchmarks/vs_torch_train.py --part b [--only cnn,gpt] [--rounds 7]
     nice -n 0 python benchmarks/vs_torch_train.py --part c [--target 2.3]
+    nice -n 0 python benchmarks/vs_torch_train.py --part kernels --only gpt   # its parts
 
 Prints versions, thread counts and load averages, one JSON line per measurement, then a
 table. OPENBLAS_NUM_THREADS is 1 unless set (FACTS.md: OpenBLAS's spinning threads).
@@ -44,6 +45,7 @@ from pathlib import Path  # noqa: E402
 
 import flax  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
@@ -338,6 +340,59 @@ def part_c(case: Case, sides: dict, target: float, every: int, examples: int,
     return rows
 
 
+def part_kernels(case: Case, rounds: int, threads: list[int]) -> list[dict]:
+    """The char GPT step's building blocks alone, jax (jitted) against torch, alternating:
+    each matmul shape of a block's forward and the LM head at the config's batch x seq
+    rows, and causal attention forward + backward (XLA's `dot_product_attention` against
+    `F.scaled_dot_product_attention`). What each framework's kernels cost bounds what its
+    whole step can reach."""
+    kw, train = case.model_kwargs, case.cfg.train
+    rows_n = train.batch_size * case.cfg.data["seq_len"]
+    d, heads = kw["d_model"], kw["num_heads"]
+    hidden = kw.get("mlp_ratio", 4) * d
+    rng = np.random.default_rng(0)
+    matmul = jax.jit(lambda a, b: a @ b)
+    shapes = {"qkv": (d, 3 * d), "out": (d, d), "up": (d, hidden), "down": (hidden, d),
+              "lm_head": (d, kw["vocab_size"])}
+    cases = {}
+    for name, (k, n) in shapes.items():
+        a = rng.standard_normal((rows_n, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+        cases[f"matmul {name} {rows_n}x{k}x{n}"] = (
+            lambda ja=ja, jb=jb: matmul(ja, jb).block_until_ready(), lambda ta=ta, tb=tb: ta @ tb)
+    q = rng.standard_normal((train.batch_size, case.cfg.data["seq_len"], heads, d // heads),
+                            dtype=np.float32)
+    jq = jnp.asarray(q)
+    tq = torch.from_numpy(q.transpose(0, 2, 1, 3).copy()).requires_grad_()
+    attention = jax.jit(jax.grad(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="xla").sum(), argnums=(0, 1, 2)))
+
+    def torch_attention():
+        F.scaled_dot_product_attention(tq, tq, tq, is_causal=True).sum().backward()
+
+    cases["attention fwd+bwd"] = (lambda: jax.block_until_ready(attention(jq, jq, jq)),
+                                  torch_attention)
+    out = []
+    for name, (ours, theirs) in cases.items():
+        sides = {"jax": ours, **{f"torch@{t}": theirs for t in threads}}
+        times = {side: [] for side in sides}
+        for r in range(rounds + 1):
+            for side, fn in sides.items():
+                if side.startswith("torch@"):
+                    torch.set_num_threads(int(side[6:]))
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    fn()
+                if r:
+                    times[side].append((time.perf_counter() - t0) / 5)
+        out.append({"bench": "vs_torch_kernels", "model": case.name, "kernel": name,
+                    **{f"{side}_ms": round(1e3 * statistics.median(ts), 3)
+                       for side, ts in times.items()},
+                    "load_average_1min": round(os.getloadavg()[0], 1)})
+    return out
+
+
 def environment() -> dict:
     return {"bench": "vs_torch_train", "python": platform.python_version(),
             "machine": platform.machine(), "cpus": os.cpu_count(), "jax": jax.__version__,
@@ -351,7 +406,7 @@ def environment() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("b", "c"), default="b")
+    parser.add_argument("--part", choices=("b", "c", "kernels"), default="b")
     parser.add_argument("--only", default="cnn,gpt", help="comma-separated: cnn, gpt")
     parser.add_argument("--sides", default="jaxtrain,torch eager,torch compiled")
     parser.add_argument("--rounds", type=int, default=7)
@@ -374,6 +429,12 @@ def main() -> None:
         if args.part == "c" and model != "gpt":
             parser.error("--part c runs the char GPT only (--only gpt)")
         case = load_case(model)
+        if args.part == "kernels":
+            if model != "gpt":
+                parser.error("--part kernels measures the char GPT's kernels (--only gpt)")
+            for row in part_kernels(case, args.rounds, sorted({1, args.threads})):
+                print(json.dumps(row), flush=True)
+            continue
         sides, build_s = make_sides(case, names, args.threads)
         check = check_losses(case, sides, args.check)
         print(json.dumps({"bench": "vs_torch_check", "model": model, **check,
