@@ -305,13 +305,13 @@ def held_out_batches(case: Case, examples: int) -> list[dict]:
 
 
 def part_c(case: Case, sides: dict, target: float, every: int, examples: int,
-           max_steps: int) -> list[dict]:
+           max_steps: int, checked_s: dict) -> list[dict]:
     """Train each side, one chunk of `every` steps in turn, until its held-out loss
     reaches `target`; the chunks alternate between sides while both still train. Steps
-    count from the start (the checked steps included); the clock runs during the chunks
-    only (the checked steps' time, which holds the compilation, is reported apart)."""
+    count from the start (the checked steps included); the clock runs from the first step
+    (`checked_s`: the checked steps' time), compilation included, evaluation excluded."""
     held = held_out_batches(case, examples)
-    clock = {name: 0.0 for name in sides}
+    clock = dict(checked_s)
     reached: dict = {}
     curve = {name: [] for name in sides}
     step = min(side.step for side in sides.values())  # after the checked steps
@@ -443,7 +443,7 @@ def main() -> None:
             new = part_b(case, sides, args.rounds, args.steps or STEPS[model])
         else:
             new = part_c(case, sides, args.target, args.eval_every, args.eval_examples,
-                         args.max_steps)
+                         args.max_steps, check["first_steps_s"])
         for row in new:
             print(json.dumps(row), flush=True)
         rows += new
