@@ -13,6 +13,8 @@ it schedules the gathers of every layer early and keeps them alive, so the step'
 holds about the whole model; in a scan only the current layer's slice is gathered inside
 the loop body (ZeRO-3's per-layer gathering), and the step compiles one block instead of
 `num_layers`. `jaxtrain.checkpoint.layout` converts params between the two layouts.
+Traced under a mesh whose `pipe` axis is larger than 1, the scanned blocks run as pipeline
+stages (`jaxtrain.sharding.pipeline`; the params keep the same layout).
 """
 
 from __future__ import annotations
@@ -272,7 +274,8 @@ class GPT(nnx.Module):
 
     def _run_blocks(self, x):
         """The blocks in order: unrolled, or as one scan over the stacked layer axis whose
-        body merges that layer's slice of the variables into a `Block` and applies it."""
+        body merges that layer's slice of the variables into a `Block` and applies it
+        (under a mesh with `pipe` > 1: one such scan per pipeline stage, `_pipelined`)."""
         policy = REMAT_POLICIES[self.remat]
         if not self.scan_layers:
             if pipeline.stages() > 1:
