@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import jax
 
 from ..errors import JaxtrainError
+from .mesh import describe_sizes
 
 SKYPILOT_PORT = 8476  # JAX's customary coordinator port
 HEARTBEAT_TIMEOUT = 100  # s, JAX's default: a process silent this long is declared dead
@@ -102,7 +103,7 @@ def start_from_env(coordinator: str | None = None, num_processes: int | None = N
 def describe(launch: Launch | None, mesh) -> str:
     """One line: the launcher, the process count and the global mesh."""
     name = "one process" if launch is None else f"{launch.launcher} launch"
-    shape = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    shape = describe_sizes(mesh.shape)
     return (f"{name}: {jax.process_count()} process(es), {jax.device_count()} "
             f"{jax.default_backend()} device(s) ({jax.local_device_count()} local), "
             f"mesh {shape}")

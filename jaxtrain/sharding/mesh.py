@@ -43,13 +43,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, pipe: int = 1,
     if fill:
         if len(devices) % known:
             raise JaxtrainError(
-                f"mesh sizes {_describe(sizes)} cannot fill {len(devices)} devices: "
+                f"mesh sizes {describe_sizes(sizes)} cannot fill {len(devices)} devices: "
                 f"{len(devices)} is not divisible by {known}"
             )
         sizes[fill[0]] = len(devices) // known
     if math.prod(sizes.values()) != len(devices):
         raise JaxtrainError(
-            f"mesh sizes {_describe(sizes)} multiply to {math.prod(sizes.values())}, "
+            f"mesh sizes {describe_sizes(sizes)} multiply to {math.prod(sizes.values())}, "
             f"but there are {len(devices)} devices"
         )
     shape = tuple(sizes[a] for a in AXES)
@@ -61,5 +61,7 @@ def batch_parallelism(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def _describe(sizes: dict) -> str:
-    return " x ".join(f"{k}={v}" for k, v in sizes.items())
+def describe_sizes(sizes) -> str:
+    """`data=4 x fsdp=2 x tensor=1`: the axis sizes, `pipe` only where it pipelines (a
+    mesh without pipeline stages reads as it did before the axis existed)."""
+    return " x ".join(f"{k}={v}" for k, v in dict(sizes).items() if k != "pipe" or v != 1)
