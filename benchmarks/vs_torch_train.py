@@ -343,15 +343,17 @@ def part_c(case: Case, sides: dict, target: float, every: int, examples: int,
 def part_kernels(case: Case, rounds: int, threads: list[int]) -> list[dict]:
     """The char GPT step's building blocks alone, jax (jitted) against torch, alternating:
     each matmul shape of a block's forward and the LM head at the config's batch x seq
-    rows, and causal attention forward + backward (XLA's `dot_product_attention` against
-    `F.scaled_dot_product_attention`). What each framework's kernels cost bounds what its
-    whole step can reach."""
+    rows and its weight gradient (dW = x^T dy), causal attention forward + backward (XLA's
+    `dot_product_attention` against `F.scaled_dot_product_attention`), and the whole
+    model's loss, forward only and forward + backward (no optimizer). What each
+    framework's kernels cost bounds what its whole step can reach."""
     kw, train = case.model_kwargs, case.cfg.train
     rows_n = train.batch_size * case.cfg.data["seq_len"]
     d, heads = kw["d_model"], kw["num_heads"]
     hidden = kw.get("mlp_ratio", 4) * d
     rng = np.random.default_rng(0)
     matmul = jax.jit(lambda a, b: a @ b)
+    weight_grad = jax.jit(lambda a, b: a.T @ b)  # the backward's dW = x^T dy
     shapes = {"qkv": (d, 3 * d), "out": (d, d), "up": (d, hidden), "down": (hidden, d),
               "lm_head": (d, kw["vocab_size"])}
     cases = {}
@@ -361,6 +363,11 @@ def part_kernels(case: Case, rounds: int, threads: list[int]) -> list[dict]:
         ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
         cases[f"matmul {name} {rows_n}x{k}x{n}"] = (
             lambda ja=ja, jb=jb: matmul(ja, jb).block_until_ready(), lambda ta=ta, tb=tb: ta @ tb)
+        dy = rng.standard_normal((rows_n, n), dtype=np.float32)
+        jdy, tdy = jnp.asarray(dy), torch.from_numpy(dy)
+        cases[f"dW {name} {k}x{rows_n}x{n}"] = (
+            lambda ja=ja, jdy=jdy: weight_grad(ja, jdy).block_until_ready(),
+            lambda ta=ta, tdy=tdy: ta.T @ tdy)
     q = rng.standard_normal((train.batch_size, case.cfg.data["seq_len"], heads, d // heads),
                             dtype=np.float32)
     jq = jnp.asarray(q)
@@ -373,6 +380,23 @@ def part_kernels(case: Case, rounds: int, threads: list[int]) -> list[dict]:
 
     cases["attention fwd+bwd"] = (lambda: jax.block_until_ready(attention(jq, jq, jq)),
                                   torch_attention)
+    # the whole model: forward (loss) and forward + backward (loss and gradients)
+    graphdef, params, rest = nnx.split(case.jax_model(), nnx.Param, ...)
+    loss_fn = case.task.loss_fn
+    loss = lambda p, b: loss_fn(nnx.merge(graphdef, p, rest), b, None)[0]  # noqa: E731
+    forward, backward = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
+    batch = case.batches().get(0, 1)
+    jbatch, tbatch, twin = jax.device_put(batch), to_torch(batch), torch_model(case)
+
+    def torch_forward():
+        with torch.no_grad():
+            _gpt_loss(twin, tbatch)
+
+    cases["model forward"] = (lambda: forward(params, jbatch).block_until_ready(),
+                              torch_forward)
+    cases["model forward+backward"] = (
+        lambda: jax.block_until_ready(backward(params, jbatch)),
+        lambda: _gpt_loss(twin, tbatch).backward())
     out = []
     for name, (ours, theirs) in cases.items():
         sides = {"jax": ours, **{f"torch@{t}": theirs for t in threads}}
