@@ -95,13 +95,18 @@ def reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh_kw,preset", [(dict(pipe=2, fsdp=2, tensor=2), "fsdp+tp"),
-                                            (dict(pipe=4, fsdp=2), "fsdp")])
-def test_pipelined_gpt_loss_and_gradients_equal_the_unpipelined(reference, mesh_kw, preset):
-    """4 layers on pipe stages with fsdp (and tensor) axes: loss and every gradient
-    within 1e-5 of the unpipelined model's; the layers (and their gradients) stay split
-    over `pipe`, and the activations move between stages by collective permutes."""
-    graphdef, params, axes, _, (want_loss, want_grads) = reference
+@pytest.mark.parametrize("mesh_kw,preset,remat", [
+    (dict(pipe=2, fsdp=2, tensor=2), "fsdp+tp", "none"),
+    (dict(pipe=4, fsdp=2), "fsdp", "full"),
+])
+def test_pipelined_gpt_loss_and_gradients_equal_the_unpipelined(reference, mesh_kw, preset,
+                                                                  remat):
+    """4 layers on pipe stages with fsdp (and tensor) axes, each block recomputed in the
+    backward pass or not: loss and every gradient within 1e-5 of the unpipelined model's
+    (no remat); the layers (and their gradients) stay split over `pipe`, and the
+    activations move between stages by collective permutes."""
+    _, params, axes, _, (want_loss, want_grads) = reference
+    graphdef = nnx.graphdef(_gpt(remat=remat))
     mesh = sharding.make_mesh(**mesh_kw)
     specs = sharding.param_specs(params, mesh, preset, axes)
     assert specs["blocks"]["mlp"]["up"]["kernel"][0] == "pipe"
