@@ -50,11 +50,11 @@ def _placed(tree, mesh, specs):
                                              is_leaf=lambda x: isinstance(x, PartitionSpec)))
 
 
-def test_gpipe_applies_every_layer_in_order_to_every_microbatch(devices):
-    """A toy stack of 8 layers x -> tanh(x * w_l + b_l) on 4 stages x 2 data replicas,
-    4 and 8 microbatches: equal to the plain numpy loop over the layers (so each example
-    went through every layer once, in order, and came back to its own row); gradients
-    equal the unpipelined scan's."""
+def test_schedules_apply_every_layer_in_order_to_every_microbatch(devices):
+    """A toy stack of 8 layers x -> tanh(x * w_l + b_l) on 4 stages x 2 data replicas:
+    GPipe with 4 microbatches, circular (2 rounds of 1-layer chunks) with 4 and 8: equal to
+    the plain numpy loop over the layers (so each example went through every layer once,
+    in order, and came back to its own row); gradients equal the unpipelined scan's."""
     rng = np.random.default_rng(0)
     layers = {"w": rng.normal(size=(8, 3)).astype(np.float32),
               "b": rng.normal(size=(8, 3)).astype(np.float32)}
@@ -68,15 +68,15 @@ def test_gpipe_applies_every_layer_in_order_to_every_microbatch(devices):
                             stage_layers)[0]
 
     def objective(layers, x):
-        out = pipeline.gpipe(stage, layers, x)
+        out = pipeline.run(stage, layers, x)
         return jnp.sum(out ** 2), out
 
     mesh = sharding.make_mesh(pipe=4, data=2)
     placed = _placed(layers, mesh, {"w": PartitionSpec("pipe"), "b": PartitionSpec("pipe")})
     xs = jax.device_put(x, sharding.batch_sharding(mesh))
     unpiped = jax.grad(objective, has_aux=True)(layers, x)[0]  # no mesh: one call, all layers
-    for count in (4, 8):
-        with pipeline.microbatches(count):
+    for count, repeats in ((4, 1), (4, 2), (8, 2)):
+        with pipeline.schedule(count, repeats):
             run = jax.jit(sharding.under_mesh(jax.grad(objective, has_aux=True), mesh))
             grads, out = run(placed, xs)
         np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-6)
@@ -95,16 +95,17 @@ def reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh_kw,preset,remat", [
-    (dict(pipe=2, fsdp=2, tensor=2), "fsdp+tp", "none"),
-    (dict(pipe=4, fsdp=2), "fsdp", "full"),
+@pytest.mark.parametrize("mesh_kw,preset,remat,repeats", [
+    (dict(pipe=2, fsdp=2, tensor=2), "fsdp+tp", "none", 1),
+    (dict(pipe=4, fsdp=2), "fsdp", "full", 1),
+    (dict(pipe=2, data=4), "dp", "none", 2),
 ])
 def test_pipelined_gpt_loss_and_gradients_equal_the_unpipelined(reference, mesh_kw, preset,
-                                                                  remat):
+                                                                  remat, repeats):
     """4 layers on pipe stages with fsdp (and tensor) axes, each block recomputed in the
-    backward pass or not: loss and every gradient within 1e-5 of the unpipelined model's
-    (no remat); the layers (and their gradients) stay split over `pipe`, and the
-    activations move between stages by collective permutes."""
+    backward pass or not, GPipe or circular (2 rounds): loss and every gradient within
+    1e-5 of the unpipelined model's (no remat); under GPipe the layers' gradients stay
+    split over `pipe`; the activations move between stages by collective permutes."""
     _, params, axes, _, (want_loss, want_grads) = reference
     graphdef = nnx.graphdef(_gpt(remat=remat))
     mesh = sharding.make_mesh(**mesh_kw)
@@ -112,7 +113,7 @@ def test_pipelined_gpt_loss_and_gradients_equal_the_unpipelined(reference, mesh_
     assert specs["blocks"]["mlp"]["up"]["kernel"][0] == "pipe"
     placed = _placed(params, mesh, specs)
     tokens = jax.device_put(_tokens(), sharding.batch_sharding(mesh))
-    with pipeline.microbatches(4):
+    with pipeline.schedule(4, repeats):
         step = jax.jit(sharding.under_mesh(jax.value_and_grad(_loss(graphdef)), mesh))
         compiled = step.lower(placed, tokens).compile()
     loss, grads = compiled(placed, tokens)
@@ -120,7 +121,8 @@ def test_pipelined_gpt_loss_and_gradients_equal_the_unpipelined(reference, mesh_
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         np.testing.assert_allclose(g, _at(want_grads, path), atol=1e-5, rtol=1e-5,
                                    err_msg=jax.tree_util.keystr(path))
-    assert grads["blocks"]["mlp"]["up"]["kernel"].sharding.spec[0] == "pipe"
+    if repeats == 1:  # circular: the layers move to their stages and back each step
+        assert grads["blocks"]["mlp"]["up"]["kernel"].sharding.spec[0] == "pipe"
     assert re.search(r"collective-permute(-start)?\(", compiled.as_text())
 
 
@@ -196,6 +198,11 @@ def _plain(x):
      "train.batch_size / train.microbatches=8 is not divisible by"),
     (dict(pipe=4, data=2), dict(scan_layers=False), {}, {},
      "sharding.mesh.pipe=4 needs a model whose layers are stacked"),
+    (dict(pipe=2, data=4), {}, {}, dict(microbatches=2, repeats=4),
+     "the model's 4 layers do not split into 2 equal stages x sharding.pipeline.repeats=4"),
+    (dict(pipe=4, data=2), dict(num_layers=8), {}, dict(microbatches=2, repeats=2),
+     "sharding.pipeline.repeats=2 (circular) needs sharding.pipeline.microbatches >= the 4 "
+     "stages, got 2"),
 ])
 def test_what_does_not_fit_the_pipeline_is_refused_in_one_line_before_compiling(
         mesh_kw, model_kw, train_kw, pipeline_kw, message):

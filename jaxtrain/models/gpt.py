@@ -314,7 +314,7 @@ class GPT(nnx.Module):
 
     def _pipelined(self, body, streams, layers, x):
         """The scanned blocks as pipeline stages over the mesh's `pipe` axis
-        (`jaxtrain.sharding.pipeline.gpipe`): each stage scans its slice of the layers."""
+        (`jaxtrain.sharding.pipeline.run`): each stage scans its slice of the layers."""
         if jax.tree.leaves(streams):
             raise JaxtrainError("pipeline parallelism (mesh pipe > 1) does not run blocks "
                                 "that draw random numbers (a LoRA adapter's dropout)")
@@ -322,7 +322,7 @@ class GPT(nnx.Module):
         def stage(stage_layers, x):
             return jax.lax.scan(body, (x, streams), stage_layers)[0][0]
 
-        return pipeline.gpipe(stage, layers, x)
+        return pipeline.run(stage, layers, x)
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         """Matmul FLOPs per token at sequence length `seq_len` (2 per multiply-add): every

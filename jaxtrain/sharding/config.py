@@ -26,6 +26,10 @@ class PipelineConfig:
                                             "through the stages (GPipe; the bubble is "
                                             "(S-1)/(M+S-1)); null: the number of stages",
                                       positive=True)
+    repeats: int = option(1, "rounds each microbatch makes through the stages: 1 is GPipe; "
+                             "R > 1 the circular schedule (each stage holds R chunks of "
+                             "layers; bubble (S-1)/(R M+S-1); needs microbatches >= stages "
+                             "and layers divisible by stages x R)", positive=True)
 
 
 @dataclass(frozen=True)

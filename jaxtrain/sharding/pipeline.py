@@ -1,4 +1,4 @@
-"""Pipeline parallelism over the mesh's `pipe` axis: a GPipe schedule, written for GSPMD.
+"""Pipeline parallelism over the mesh's `pipe` axis: GPipe and circular schedules, for GSPMD.
 
 A model's `L` stacked layers (params with a leading layer dimension, sharded over `pipe`
 by the `layers -> pipe` rule) are cut into `S` stages of `L / S` consecutive layers, one
@@ -16,9 +16,11 @@ other mesh axes stay `Auto` inside (data, fsdp and tensor sharding compose uncha
 The params keep their unpipelined layout (`layers` leading, in layer order): only their
 placement differs, so a checkpoint restores under any `pipe` size.
 
-The microbatch count is the caller's (`gpipe(..., microbatches=M)`), else the one set by
-`microbatches(M)` around the trace (the Trainer sets `sharding.pipeline.microbatches`),
-else `S`.
+The microbatch count is the caller's (`run(..., count=M)`), else the one set by
+`schedule(M)` around the trace (the Trainer sets `sharding.pipeline.microbatches`), else
+`S`. `repeats` R > 1 (`sharding.pipeline.repeats`) is the circular schedule: each stage
+holds R chunks of `L / (R S)` layers, a microbatch goes round the stages R times, and the
+bubble shrinks to (S - 1) / (R M + S - 1) (see `run`).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from .rules import _logical_by_path
 
 AXIS = "pipe"
 LAYERS = "layers"  # the logical name of a stacked layer dimension (rules: layers -> pipe)
-_MICROBATCHES: contextvars.ContextVar = contextvars.ContextVar("jaxtrain_pipeline_microbatches",
-                                                               default=None)
+_SCHEDULE: contextvars.ContextVar = contextvars.ContextVar("jaxtrain_pipeline_schedule",
+                                                           default=(None, 1))
 
 
 def stages(mesh=None) -> int:
@@ -54,22 +56,23 @@ def stages(mesh=None) -> int:
 
 
 @contextlib.contextmanager
-def microbatches(count: int | None):
-    """Pipeline microbatch count for the `gpipe` calls traced inside (None: the stages)."""
-    token = _MICROBATCHES.set(count)
+def schedule(microbatches: int | None = None, repeats: int = 1):
+    """The pipeline schedule of the `run` calls traced inside: `microbatches` per batch
+    (None: the stages) and `repeats` rounds through the stages (1: GPipe, more: circular)."""
+    token = _SCHEDULE.set((microbatches, repeats))
     try:
         yield
     finally:
-        _MICROBATCHES.reset(token)
+        _SCHEDULE.reset(token)
 
 
-def with_microbatches(fn, count: int | None):
-    """`fn` traced with `microbatches(count)` in force (a train or eval step)."""
-    if count is None:
+def with_schedule(fn, microbatches: int | None = None, repeats: int = 1):
+    """`fn` traced with `schedule(microbatches, repeats)` in force (a train or eval step)."""
+    if microbatches is None and repeats == 1:
         return fn
 
     def traced(*args, **kwargs):
-        with microbatches(count):
+        with schedule(microbatches, repeats):
             return fn(*args, **kwargs)
 
     return traced
@@ -87,7 +90,7 @@ def stacked_layers(params, logical_axes) -> int | None:
 
 
 def check_pipeline(mesh, layers: int | None, batch_size: int, count: int | None = None,
-                   what: str = "train.batch_size") -> int:
+                   what: str = "train.batch_size", repeats: int = 1) -> int:
     """The microbatch count a pipelined step on `mesh` uses, after checking that `layers`
     split into its stages and `batch_size` into microbatches x data parallelism; a
     one-line `JaxtrainError` otherwise (before anything compiles). `layers` None: the
@@ -102,9 +105,13 @@ def check_pipeline(mesh, layers: int | None, batch_size: int, count: int | None 
     if layers is None:
         raise JaxtrainError(f"sharding.mesh.pipe={s} needs a model whose layers are stacked "
                             "on a leading 'layers' axis (GPT: model.scan_layers: true)")
-    if layers % s:
+    if layers % (s * repeats):
+        rounds = "" if repeats == 1 else f" x sharding.pipeline.repeats={repeats}"
         raise JaxtrainError(f"sharding.mesh.pipe={s}: the model's {layers} layers do not "
-                            f"split into {s} equal stages")
+                            f"split into {s} equal stages{rounds}")
+    if repeats > 1 and count < s:
+        raise JaxtrainError(f"sharding.pipeline.repeats={repeats} (circular) needs "
+                            f"sharding.pipeline.microbatches >= the {s} stages, got {count}")
     ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
     if batch_size % (count * ways):
         raise JaxtrainError(f"{what}={batch_size} is not divisible by sharding.pipeline."
@@ -113,52 +120,92 @@ def check_pipeline(mesh, layers: int | None, batch_size: int, count: int | None 
     return count
 
 
-def gpipe(stage_fn, layers, x, count: int | None = None):
-    """`x` through every layer of `layers` in order, pipelined over `pipe` (GPipe).
+def run(stage_fn, layers, x, count: int | None = None, repeats: int | None = None):
+    """`x` through every layer of `layers` in order, pipelined over `pipe`: GPipe
+    (`repeats` 1) or the circular schedule (`repeats` R > 1).
 
     `layers`: a pytree whose leaves stack `L` layers on their leading dimension.
-    `stage_fn(stage_layers, x)`: applies the `L / S` consecutive layers of one stage (the
-    leaves' leading dimension) to one microbatch `x` (the batch dimension leading) and
-    returns the same shape. Without a `pipe` axis above 1 it is called once on all the
-    layers and the whole batch. Equal to that call to float tolerance, gradients too.
+    `stage_fn(stage_layers, x)`: applies the consecutive layers of one stage's turn (the
+    leaves' leading dimension: `L / S`, or `L / (R S)` when circular) to one microbatch
+    `x` (the batch dimension leading) and returns the same shape. Without a `pipe` axis
+    above 1 it is called once on all the layers and the whole batch. Equal to that call to
+    float tolerance, gradients too. `count` and `repeats` default to the `schedule` in
+    force (else S microbatches, GPipe).
+
+    Circular: stage s holds the layer chunks s, s + S, s + 2S, ... of size `L / (R S)`
+    and each microbatch goes round the stages R times, so the bubble shrinks to
+    (S - 1) / (R M + S - 1); it needs M >= S (a microbatch's next round starts when stage
+    0 is free). The stored layer order is kept, so each step first moves every layer to
+    its stage (an all-to-all of the layer params, and of their gradients back).
     """
     s = stages()
     if s == 1:
         return stage_fn(layers, x)
-    count = _MICROBATCHES.get() if count is None else count
+    fixed = _SCHEDULE.get()
+    count = fixed[0] if count is None else count
     count = s if count is None else count
+    repeats = fixed[1] if repeats is None else repeats
     num_layers = {leaf.shape[0] for leaf in jax.tree.leaves(layers)}
     if len(num_layers) != 1:
         raise JaxtrainError(f"pipeline: the stacked layers' leading sizes differ: "
                             f"{sorted(num_layers)}")
     num_layers = num_layers.pop()
-    if num_layers % s:
-        raise JaxtrainError(f"pipeline: {num_layers} layers do not split into {s} equal "
-                            "stages (mesh axis pipe)")
+    if num_layers % (s * repeats):
+        raise JaxtrainError(f"pipeline: {num_layers} layers do not split into {s} stages x "
+                            f"{repeats} repeats of equal size (mesh axis pipe)")
+    if repeats > 1 and count < s:
+        raise JaxtrainError(f"pipeline: the circular schedule ({repeats} repeats) needs at "
+                            f"least as many microbatches as stages ({s}), got {count}")
     batch = x.shape[0]
     if batch % count:
         raise JaxtrainError(f"pipeline: batch {batch} is not divisible by {count} "
                             "microbatches")
-    staged = jax.tree.map(lambda p: _on_stages(p.reshape(s, num_layers // s, *p.shape[1:])),
-                          layers)
+    chunk = num_layers // (s * repeats)
+    # (S, R, chunk, ...): stage s's turn r is layers (r S + s) chunk ... + chunk; with
+    # R = 1 a contiguous block per stage, as the layers are stored (nothing moves).
+    staged = jax.tree.map(
+        lambda p: _on_stages(p.reshape(repeats, s, chunk, *p.shape[1:]).swapaxes(0, 1)),
+        layers)
     # Strided microbatches (examples i, i + M, ...): each device's block of the batch
     # holds its share of every microbatch, so cutting them moves no data.
     xs = x.reshape(batch // count, count, *x.shape[1:]).swapaxes(0, 1)
-    run = jax.vmap(stage_fn, spmd_axis_name=AXIS)
-    first = (jnp.arange(s) == 0).reshape(s, *(1,) * x.ndim)
+
+    def turn(stage_layers, r, x):
+        this = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, r, 0, False),
+                            stage_layers)
+        return stage_fn(this, x)
+
+    apply = jax.vmap(turn, spmd_axis_name=AXIS)
+    stage_ids = jnp.arange(s)
+    first = (stage_ids == 0).reshape(s, *(1,) * x.ndim)
 
     def tick(carry, t):
-        # Stage 0 takes microbatch t (the last one again once all have entered: filler);
-        # stage s > 0 takes what stage s - 1 produced at tick t - 1.
-        entering = jax.lax.dynamic_index_in_dim(xs, jnp.minimum(t, count - 1), 0, False)
-        inputs = _on_stages(jnp.where(first, entering[None], carry))
-        outputs = _on_stages(run(staged, inputs))
-        return _shift(outputs), outputs[-1]
+        handed, looped = carry
+        # Stage s works on item t - s: microbatch (t - s) mod M in its round (t - s) // M
+        # (clipped on filler ticks). Stage 0 takes a new microbatch in the first round,
+        # later the last stage's output of the previous round (kept in `looped`);
+        # stage s > 0 what stage s - 1 produced at tick t - 1.
+        rounds = jnp.clip((t - stage_ids) // count, 0, repeats - 1)
+        slot = t % count
+        entering = jax.lax.dynamic_index_in_dim(xs, slot if repeats > 1 else
+                                                jnp.minimum(t, count - 1), 0, False)
+        if repeats > 1:
+            entering = jnp.where(t < count, entering,
+                                 jax.lax.dynamic_index_in_dim(looped, slot, 0, False))
+        inputs = _on_stages(jnp.where(first, entering[None], handed))
+        outputs = _on_stages(apply(staged, _on_stages(rounds), inputs))
+        done = t - (s - 1)  # the item the last stage finished
+        if repeats > 1:
+            keep = jax.lax.dynamic_index_in_dim(looped, done % count, 0, False)
+            looped = jax.lax.dynamic_update_index_in_dim(
+                looped, jnp.where(done >= 0, outputs[-1], keep), done % count, 0)
+        return (_shift(outputs), looped), outputs[-1]
 
     start = _on_stages(jnp.zeros((s, *xs.shape[1:]), x.dtype))
-    _, done = jax.lax.scan(tick, start, jnp.arange(count + s - 1))
-    # The last stage finishes microbatch m at tick m + S - 1.
-    out = done[s - 1:]
+    looped = jnp.zeros(xs.shape if repeats > 1 else (0,), x.dtype)
+    _, finished = jax.lax.scan(tick, (start, looped), jnp.arange(repeats * count + s - 1))
+    # The last stage finishes microbatch m's last round at tick (R - 1) M + m + S - 1.
+    out = finished[(repeats - 1) * count + s - 1:]
     return out.swapaxes(0, 1).reshape(batch, *out.shape[2:])
 
 

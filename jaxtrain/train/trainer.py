@@ -120,7 +120,8 @@ class Trainer:
         step_fn = train_step or make_train_step(loss_fn, precision=self.policy,
                                                 microbatches=train.microbatches,
                                                 nan_policy=train.nan_policy)
-        step_fn = sharding.pipeline.with_microbatches(step_fn, self.pipeline_microbatches)
+        step_fn = sharding.pipeline.with_schedule(step_fn, self.pipeline_microbatches,
+                                                  config.sharding.pipeline.repeats)
         self.state = self._prepare(state)
         self.step_fn = step_fn
         self._compile(step_fn, metric_fn, config.eval_ema)
@@ -163,9 +164,9 @@ class Trainer:
         self.eval_fn = None
         if metric_fn is not None:
             self.eval_fn = sharding.compile_eval(
-                sharding.pipeline.with_microbatches(
+                sharding.pipeline.with_schedule(
                     make_eval_step(metric_fn, precision=self.policy, use_ema=eval_ema),
-                    self.pipeline_microbatches),
+                    self.pipeline_microbatches, self.config.sharding.pipeline.repeats),
                 self.mesh, self.state_shardings)
 
     # -- the loop ------------------------------------------------------------------------
@@ -514,7 +515,7 @@ def _pipeline_microbatches(config: TrainerConfig, mesh, state, logical_axes) -> 
         batch, what = batch // train.microbatches, "train.batch_size / train.microbatches"
     return sharding.pipeline.check_pipeline(
         mesh, sharding.pipeline.stacked_layers(state.params, logical_axes), batch,
-        config.sharding.pipeline.microbatches, what)
+        config.sharding.pipeline.microbatches, what, config.sharding.pipeline.repeats)
 
 
 def _logical_axes(state):
