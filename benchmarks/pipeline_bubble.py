@@ -147,7 +147,8 @@ def main():
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| S | M | theory (S-1)/(M+S-1) | measured 1 - unpiped/piped | measured fit a/T(M) "
+    print(f"\nrounds R = {args.rounds}")
+    print("| S | M | theory (S-1)/(R M+S-1) | measured 1 - unpiped/piped | measured fit a/T(M) "
           "| fit a/b (theory S-1) | piped CPU ms | unpiped CPU ms | piped wall ms | unpiped "
           "wall ms | temp MiB/device piped | unpiped |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -170,10 +170,14 @@ def run(stage_fn, layers, x, count: int | None = None, repeats: int | None = Non
     # holds its share of every microbatch, so cutting them moves no data.
     xs = x.reshape(batch // count, count, *x.shape[1:]).swapaxes(0, 1)
 
+    if repeats == 1:  # GPipe: a stage always applies its one chunk (no per-tick slicing)
+        staged = jax.tree.map(lambda p: p[:, 0], staged)
+
     def turn(stage_layers, r, x):
-        this = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, r, 0, False),
-                            stage_layers)
-        return stage_fn(this, x)
+        if repeats > 1:
+            stage_layers = jax.tree.map(
+                lambda p: jax.lax.dynamic_index_in_dim(p, r, 0, False), stage_layers)
+        return stage_fn(stage_layers, x)
 
     apply = jax.vmap(turn, spmd_axis_name=AXIS)
     stage_ids = jnp.arange(s)
