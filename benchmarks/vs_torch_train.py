@@ -24,6 +24,7 @@ it first reaches `--target` are reported.
     nice -n 0 python benchmarks/vs_torch_train.py --part b [--only cnn,gpt] [--rounds 7]
     nice -n 0 python benchmarks/vs_torch_train.py --part c [--target 2.3]
     nice -n 0 python benchmarks/vs_torch_train.py --part kernels --only gpt   # its parts
+    nice -n 0 python benchmarks/vs_torch_train.py --part profile --only gpt   # XLA's thunks
 
 Prints versions, thread counts and load averages, one JSON line per measurement, then a
 table. OPENBLAS_NUM_THREADS is 1 unless set (FACTS.md: OpenBLAS's spinning threads).
@@ -417,6 +418,47 @@ def part_kernels(case: Case, rounds: int, threads: list[int]) -> list[dict]:
     return out
 
 
+def part_profile(case: Case, calls: int = 3, top: int = 12) -> list[dict]:
+    """Where the jitted forward + backward of the model's loss spends its time: XLA:CPU's
+    thunks (fusions, matmuls) by total time per call, read from a `jax.profiler` trace,
+    each with its output shape and the op it came from (from the optimized HLO)."""
+    import collections
+    import glob
+    import gzip
+    import re
+    import tempfile
+
+    graphdef, params, rest = nnx.split(case.jax_model(), nnx.Param, ...)
+    loss_fn = case.task.loss_fn
+    backward = jax.jit(jax.value_and_grad(
+        lambda p, b: loss_fn(nnx.merge(graphdef, p, rest), b, None)[0]))
+    batch = jax.device_put(case.batches().get(0, 1))
+    hlo = backward.lower(params, batch).compile().as_text()
+    for _ in range(2):
+        jax.block_until_ready(backward(params, batch))
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(backward(params, batch))
+        trace = sorted(glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True))[-1]
+        with gzip.open(trace) as f:
+            events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    total = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and re.search(r"(fusion|dot|copy|convolution)",
+                                                           e["name"]):
+            total[e["name"]] += e["dur"]
+    rows = []
+    for name, us in total.most_common(top):
+        line = re.search("%" + re.escape(name) + r' = (\S+) .*?op_name="([^"]*)"', hlo)
+        rows.append({"bench": "vs_torch_profile", "model": case.name, "thunk": name,
+                     "ms_per_call": round(us / calls / 1e3, 2),
+                     "shape": line.group(1) if line else "",
+                     "op": line.group(2) if line else ""})
+    return rows
+
+
 def environment() -> dict:
     return {"bench": "vs_torch_train", "python": platform.python_version(),
             "machine": platform.machine(), "cpus": os.cpu_count(), "jax": jax.__version__,
@@ -430,7 +472,7 @@ def environment() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("b", "c", "kernels"), default="b")
+    parser.add_argument("--part", choices=("b", "c", "kernels", "profile"), default="b")
     parser.add_argument("--only", default="cnn,gpt", help="comma-separated: cnn, gpt")
     parser.add_argument("--sides", default="jaxtrain,torch eager,torch compiled")
     parser.add_argument("--rounds", type=int, default=7)
@@ -457,6 +499,10 @@ def main() -> None:
             if model != "gpt":
                 parser.error("--part kernels measures the char GPT's kernels (--only gpt)")
             for row in part_kernels(case, args.rounds, sorted({1, args.threads})):
+                print(json.dumps(row), flush=True)
+            continue
+        if args.part == "profile":
+            for row in part_profile(case):
                 print(json.dumps(row), flush=True)
             continue
         sides, build_s = make_sides(case, names, args.threads)
