@@ -143,7 +143,11 @@ class FeedForward(nnx.Module):
                                kernel_init=_kernel(init, ("mlp", "embed"), out_std))
 
     def __call__(self, x):
-        return self.down(jax.nn.gelu(self.up(x)))
+        # as 2-D (tokens, embed) matmuls: on (batch, time, embed) XLA:CPU wrote the GELU's
+        # gradient transposed for the up kernel's gradient, a strided copy that took a
+        # quarter of a char GPT step (benchmarks/RESULTS.md)
+        tokens = x.reshape(-1, x.shape[-1])
+        return self.down(jax.nn.gelu(self.up(tokens))).reshape(x.shape)
 
 
 class Block(nnx.Module):
