@@ -204,7 +204,9 @@ def test_nan_skip_stops_after_too_many_in_a_row():
             NonFiniteError, match="the last 10 steps were all skipped; non-finite value at "
                                   "step 2: first non-finite is gradient b"):
         trainer.fit(data, 100)
-    assert trainer.step < 20
+    # the 10th skip in a row is step 12; the host reads it at a log step and may have run
+    # ahead by the calls in flight (16 on simulated devices: 24 was seen under load)
+    assert trainer.step <= 12 + trainer.log_every + 16
 
 
 class _SendSignal(Callback):
