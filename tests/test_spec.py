@@ -156,6 +156,21 @@ def test_every_schedule_is_reachable_and_drives_the_learning_rate():
             float(direct(2)), rel=1e-6), name
 
 
+def test_every_optimizer_takes_a_schedule_as_its_learning_rate():
+    """A schedule mapping goes wherever a number does (soap, psgd_kron, adadelta,
+    normalized_sgd and schedule_free_adamw refused one: their unannotated float default
+    made the spec expect a number)."""
+    schedule = {"schedule": "linear", "init_value": 0.1, "end_value": 0.0, "steps": 10}
+    for name in spec.OPTIMIZERS:
+        try:
+            spec.build({"optimizer": name, "learning_rate": 0.01})
+        except JaxtrainError:  # needs arguments (see test_every_optimizer_is_reachable...)
+            continue
+        spec.build({"optimizer": name, "learning_rate": schedule})
+    _, state = _run(spec.build({"optimizer": "soap", "learning_rate": schedule}), 3, jit=False)
+    assert float(T.current_hyperparams(state)["learning_rate"]) == pytest.approx(0.08)
+
+
 def test_every_exported_optimizer_is_registered_by_name():
     """The registry is an explicit table: an optimizer factory of `jaxtrain.transforms` (a
     function taking a learning rate) left out of it is found here."""

@@ -152,9 +152,12 @@ def _positive(where: str, value, kind: str = "number"):
 
 
 def _param_kind(param: inspect.Parameter):
-    """(kind, optional) of a factory argument, from its annotation or default."""
+    """(kind, optional) of a factory argument, from its annotation or default. A learning
+    rate is a number or a schedule whatever its default says (`_learning_rate` checks it)."""
     ann = param.annotation if isinstance(param.annotation, str) else ""
     optional = "None" in ann or param.default is None
+    if param.name == "learning_rate":
+        return None, optional
     simple = re.fullmatch(r"(bool|int|float|str)( \| None)?", ann)
     if simple:
         return {"float": "number"}.get(simple[1], simple[1]), optional
