@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 os.environ["XLA_FLAGS"] = (
@@ -41,13 +42,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import sharding_memory  # noqa: E402
 from scaling import collectives  # noqa: E402
 
 from jaxtrain import sharding  # noqa: E402
 from jaxtrain import transforms as T  # noqa: E402
-from jaxtrain.models import GPT, logical_axes  # noqa: E402
 from jaxtrain.transforms import blocks  # noqa: E402
 
 SEQ, BATCH, DEVICES = 128, 16, 8
@@ -63,24 +62,10 @@ CONFIGS = [(n, "fsdp") for n in OPTIMIZERS] + [("adamw", "dp"), ("muon", "dp"),
 
 
 def build(tx):
-    with nnx.use_eager_sharding(False):
-        model = GPT(vocab_size=256, d_model=128, num_layers=5, num_heads=4, max_len=SEQ,
-                    rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    axes = logical_axes(params)
-    params = nnx.to_pure_dict(params)
-
-    def step(state, batch):
-        def loss(p):
-            logits = nnx.merge(graphdef, p)(batch[:, :-1])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-
-        value, grads = jax.value_and_grad(loss)(state["params"])
-        updates, opt = tx.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt}, {
-            "loss": value}
-
-    return {"params": params, "opt_state": tx.init(params)}, axes, step
+    """(state, logical axes, step) of the char GPT's shapes trained by `tx`."""
+    shapes = SimpleNamespace(vocab=256, d_model=128, layers=5, heads=4, seq=SEQ)
+    return sharding_memory.build(shapes, scan_layers=False, remat="none", shapes_only=False,
+                                 tx=tx)
 
 
 def prepare(name, placement):

@@ -60,9 +60,10 @@ def placements(ways: list[int]) -> list[tuple[str, dict, int]]:
     return rows
 
 
-def build(args, scan_layers: bool, remat: str, shapes_only: bool = True):
-    """(AdamW state, logical axes, step) of the GPT `args` describes; with `shapes_only`
-    the state is shapes (nothing initialised), else real arrays (seed 0)."""
+def build(args, scan_layers: bool, remat: str, shapes_only: bool = True, tx=None):
+    """(state, logical axes, step) of the GPT `args` describes, trained by `tx` (AdamW
+    by default); with `shapes_only` the state is shapes (nothing initialised), else real
+    arrays (seed 0)."""
     make = lambda: GPT(  # noqa: E731
         vocab_size=args.vocab, d_model=args.d_model, num_layers=args.layers,
         num_heads=args.heads, max_len=args.seq, scan_layers=scan_layers, remat=remat,
@@ -72,7 +73,7 @@ def build(args, scan_layers: bool, remat: str, shapes_only: bool = True):
     graphdef, params = nnx.split(model, nnx.Param)
     axes = logical_axes(params)
     params = nnx.to_pure_dict(params)
-    tx = optax.adamw(1e-3)
+    tx = optax.adamw(1e-3) if tx is None else tx
 
     def step(state, batch):
         def loss(p):
