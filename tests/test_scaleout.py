@@ -25,7 +25,9 @@ from jaxtrain.train.config import load_config
 
 WORKER = str(HERE / "scaleout_worker.py")
 TIMEOUT = 600  # per launch; a run that hangs is killed then, and fails its test
-HEARTBEAT = 10  # s, --heartbeat-timeout of the failure test
+# s, --heartbeat-timeout of the failure test: at 10 s a fresh-clone run saw both processes
+# declared unhealthy before the kill (heartbeats starved while Ray started beside them)
+HEARTBEAT = 25
 KILL_BOUND = HEARTBEAT + 20  # s from a kill to the survivor's end (heartbeat, abort, load)
 STEPS = 8
 CONFIG = {
