@@ -2,7 +2,8 @@
 
 The digits MLP (64-128-128-10, batch 64, Adam), one device, the same batch each call:
 `make_train_step` returning all its metrics, only the loss, all but the gradient norm,
-none (the Trainer's calls between log points), and with a key split carried in the state
+none (what the Trainer's calls between log points returned before one compiled call per
+step count), and with a key split carried in the state
 (what the step did before keys became `fold_in(rng, step)`); the bare value-and-grad +
 Optax update one step per call and 8 per call in a rolled and an unrolled `lax.scan`; and
 all metrics read on the host every 10th call, 10 calls later, blocking or once computed.
@@ -25,7 +26,6 @@ from jax import numpy as jnp
 from jaxtrain.data import batch_at, digits_split
 from jaxtrain.models import registry
 from jaxtrain.train import TrainState, classification_loss, make_train_step
-from jaxtrain.train.feeds import without_metrics
 
 
 def steps_per_second(step, state, batch, steps: int, reps: int, per_call: int = 1,
@@ -49,6 +49,17 @@ def steps_per_second(step, state, batch, steps: int, reps: int, per_call: int = 
         jax.device_get(pending)
         rates.append(steps // per_call * per_call / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+def without_metrics(call):
+    """`call` returning only the step counter (what the Trainer's calls between log points
+    returned until one compiled call per step count replaced them)."""
+
+    def quiet(state, b):
+        state = call(state, b)[0]
+        return state, {"step": state.step}
+
+    return quiet
 
 
 def scanned(step, unroll):

@@ -7,8 +7,11 @@ epoch and gathers each batch inside the compiled call from the state's `data_pos
 nothing is transferred per step. `HostFeed` puts each (prefetched) batch on the devices;
 on many processes each reads and transfers only its own rows of every global batch
 (`sharding.local_batch_rows`).
-Each feed compiles its calls: one step or `steps_per_call` steps, with metrics (for a log
-point) or without (the metric work is then dead code that XLA drops).
+Each feed compiles one call per step count (one step, and `steps_per_call` steps): every
+call returns its (last) step's metrics, which the loop reads only at log points. A second,
+metric-free variant for the calls between log points cost a second compile at start-up
+(about half of the char GPT's 10 s) and saved nothing measurable per step
+(benchmarks/RESULTS.md, "One compiled call per step count").
 """
 
 from __future__ import annotations
@@ -90,18 +93,6 @@ def _stacked(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
 
 
-def without_metrics(call):
-    """A `(state, ...) -> (state, metrics)` call returning no metrics but the step counter,
-    something small to wait on (the state still records non-finite steps). Wrap whole
-    multi-step calls, not the step inside their scan: that loop ran 25% slower (CPU)."""
-
-    def quiet(state, *args):
-        state = call(state, *args)[0]
-        return state, {"step": state.step}
-
-    return quiet
-
-
 class HostFeed:
     """Each call's batch (or `count` stacked batches) put on the mesh by the host. Each
     process reads only its rows of every global batch (all rows on one process); a batch
@@ -116,21 +107,18 @@ class HostFeed:
 
     @staticmethod
     def compile(step_fn, mesh, state_shardings, steps_per_call: int) -> dict:
-        """`{(count, log): compiled call}` for `count` in (1, steps_per_call)."""
-        rep, stacked = sharding.replicated(mesh), _stacked(mesh)
-        calls = {(1, True): sharding.compile_step(step_fn, mesh, state_shardings),
-                 (1, False): sharding.compile_step(without_metrics(step_fn), mesh,
-                                                   state_shardings)}
+        """`{count: compiled call}` for `count` in (1, steps_per_call)."""
+        calls = {1: sharding.compile_step(step_fn, mesh, state_shardings)}
         if steps_per_call > 1:
             multi = make_multi_step(step_fn, steps_per_call, metrics="last")
-            for log, fn in ((True, multi), (False, without_metrics(multi))):
-                calls[steps_per_call, log] = jax.jit(
-                    fn, in_shardings=(state_shardings, stacked),
-                    out_shardings=(state_shardings, rep), donate_argnums=(0,))
+            calls[steps_per_call] = jax.jit(
+                multi, in_shardings=(state_shardings, _stacked(mesh)),
+                out_shardings=(state_shardings, sharding.replicated(mesh)),
+                donate_argnums=(0,))
         return calls
 
-    def fn(self, count: int, log: bool):
-        return self.calls[count, log]
+    def fn(self, count: int):
+        return self.calls[count]
 
     def args(self, position: int, count: int) -> tuple:
         if self.rows is None:  # a user's function: its first batch gives the global size
@@ -185,14 +173,12 @@ class DeviceFeed:
                            in_shardings=(state_shardings, rep, rep, rep),
                            out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
-        self.calls = {(1, True): compile_(single(step_fn)),
-                      (1, False): compile_(without_metrics(single(step_fn)))}
+        self.calls = {1: compile_(single(step_fn))}
         if steps_per_call > 1:
-            self.calls[steps_per_call, True] = compile_(multi(step_fn))
-            self.calls[steps_per_call, False] = compile_(without_metrics(multi(step_fn)))
+            self.calls[steps_per_call] = compile_(multi(step_fn))
 
-    def fn(self, count: int, log: bool):
-        return self.calls[count, log]
+    def fn(self, count: int):
+        return self.calls[count]
 
     def args(self, position: int, count: int) -> tuple:
         epoch = position // self.batches.per_epoch

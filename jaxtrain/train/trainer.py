@@ -243,7 +243,7 @@ class Trainer:
         in_flight = sharding.InFlight(self.mesh)
         while step < steps and self.stop_reason is None:
             log = crossed(step, step + count, self.log_every) or step + count == steps
-            state, metrics = self._call(feed.fn(count, log), state, args, feed, position)
+            state, metrics = self._call(feed.fn(count), state, args, feed, position)
             in_flight.add(metrics)
             before, step, position = step, step + count, position + count
             self.step = step
