@@ -30,16 +30,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def key_values(text: str) -> dict:
+    """`crop=2,rotate=10` as `{'crop': 2, 'rotate': 10}`, each value read as YAML."""
+    import yaml
+
+    pairs = [item.partition("=") for item in text.split(",")]
+    if not text or any(not key or not eq for key, eq, _ in pairs):
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE pairs separated by commas "
+                                         f"(e.g. crop=2,rotate=10), got {text!r}")
+    return {key.strip(): yaml.safe_load(value) for key, _, value in pairs}
+
+
 def cmd_demo(args) -> int:
     from .demo import format_table, run_demo
 
-    given = {k: getattr(args, k) for k in ("shots", "seeds", "finetune_steps")
+    given = {k: getattr(args, k) for k in ("shots", "seeds", "finetune_steps", "augment")
              if getattr(args, k) is not None}  # else the demo's defaults
     summary = run_demo(out=args.out, seed=args.seed, steps=args.steps,
                        overwrite=args.overwrite, progress=not args.quiet, **given)
     print(format_table(summary))
     print(f"\n{summary['devices']} device(s); fine-tune load: {summary['finetune_load']}")
-    print(f"wrote {args.out}/curves.png, {args.out}/log.jsonl, {args.out}/results.json")
+    print(f"wrote {args.out}/curves.png, {args.out}/confusion-*.png, {args.out}/log.jsonl, "
+          f"{args.out}/results.json")
     return 0
 
 
@@ -189,6 +201,9 @@ def build_parser() -> Parser:
                       help="labelled 5-9 examples per class to fine-tune on (default: 10)")
     demo.add_argument("--seeds", type=positive_int,
                       help="fine-tune runs per way, for mean and spread (default: 3)")
+    demo.add_argument("--augment", type=key_values, metavar="KEY=VALUE,...",
+                      help="augment the fine-tune images, e.g. crop=2,rotate=10 (keys: crop, "
+                           "rotate, noise; docs/augmentation.md)")
     demo.add_argument("--overwrite", action="store_true",
                       help="replace an earlier run's checkpoint in --out")
     demo.add_argument("--quiet", action="store_true", help="no progress output")

@@ -7,12 +7,14 @@ from a few labelled examples per class, three ways, over several seeds:
 - scratch: the same network from a random init.
 
 Each gets the same steps on the same small labelled set (drawn per seed) and is scored on
-every 5-9 example it did not train on. With all ~700 training images of 5-9 scratch
-catches up (the old demo: scratch 0.987, full fine-tune 0.982 after 300 steps), so the
-fine-tune stage uses `SHOTS` = 10 images per class, the few-label regime where
-pretraining is expected to pay. Measured, it does not pay here (scratch 0.940, full
-fine-tune 0.885, frozen 0.721; benchmarks/RESULTS.md), and the demo says so: the table
-prints mean and spread over seeds and a plain verdict.
+every 5-9 example it did not train on: accuracy and macro F1 (with a confusion matrix per
+way for the first seed). With all ~700 training images of 5-9 scratch catches up (the old
+demo: scratch 0.987, full fine-tune 0.982 after 300 steps), so the fine-tune stage uses
+`SHOTS` = 10 images per class, the few-label regime where pretraining is expected to pay.
+Measured, it does not pay here (scratch 0.940, full fine-tune 0.885, frozen 0.721;
+benchmarks/RESULTS.md), and the demo says so: the table prints mean and spread over seeds
+and a plain verdict. `augment` (e.g. `{'crop': 2, 'rotate': 10}`, see
+`jaxtrain.data.augment`) augments the fine-tune stage's images inside its compiled steps.
 
 Every stage goes through the library's layers: a jaxtrain transform chain, a step
 compiled by `jaxtrain.sharding` over all visible devices (data parallel), an Orbax
@@ -34,6 +36,7 @@ from flax import nnx
 from . import sharding, transforms
 from .checkpoint import Manager, check_same_model, model_signature
 from .data import batch_at, digits_split
+from .data.augment import active, check_augment, with_augmentation
 from .errors import JaxtrainError
 from .finetune import load_pretrained
 from .models import CNN
@@ -41,11 +44,12 @@ from .train import (
     JsonlLogger,
     TrainState,
     classification_loss,
-    classification_metrics,
+    classification_report,
     evaluate,
     fit,
     make_eval_step,
     make_train_step,
+    plot_confusion,
     plot_curves,
 )
 
@@ -107,10 +111,11 @@ def few_shot(train: dict, test: dict, shots: int, seed: int) -> tuple[dict, dict
 
 class Stage:
     """Train one model on one data set with a mesh, a logger and a step budget; the
-    compiled step of each way is reused across seeds."""
+    compiled step of each way is reused across seeds. `loss_fn` is the training loss
+    (augmented or not); every run is scored with `classification_report`."""
 
-    def __init__(self, mesh, logger, progress: bool):
-        self.mesh, self.logger, self.progress = mesh, logger, progress
+    def __init__(self, mesh, logger, progress: bool, loss_fn=classification_loss):
+        self.mesh, self.logger, self.progress, self.loss_fn = mesh, logger, progress, loss_fn
         self.curves: dict[str, list[tuple[int, float]]] = {}
         self.compiled: dict[str, tuple] = {}
 
@@ -122,9 +127,8 @@ class Stage:
             shardings = jax.tree.map(lambda _: sharding.replicated(self.mesh), state)
             self.compiled[name] = (
                 state, shardings,
-                sharding.compile_step(make_train_step(classification_loss), self.mesh,
-                                      shardings),
-                sharding.compile_eval(make_eval_step(classification_metrics), self.mesh,
+                sharding.compile_step(make_train_step(self.loss_fn), self.mesh, shardings),
+                sharding.compile_eval(make_eval_step(classification_report), self.mesh,
                                       shardings))
         _, shardings, step_fn, eval_fn = self.compiled[name]
         state = sharding.place(state, shardings)
@@ -134,24 +138,30 @@ class Stage:
             logger=self.logger, run=curve or name, progress=self.progress,
         )
         self.curves[curve or name] = [(s, m["loss"]) for s, m in history]
-        return state, evaluate(eval_fn, state, test, self.mesh)
+        return state, evaluate(eval_fn, state, test, self.mesh,
+                               metric_fn=classification_report)
 
 
 def run_demo(out: str | Path = "demo_out", seed: int = 0, steps: int = 300, devices=None,
              progress: bool = True, shots: int = SHOTS, seeds: int = SEEDS,
-             finetune_steps: int | None = None, overwrite: bool = False) -> dict:
-    """Pretrain, then fine-tune `seeds` times each way; return the held-out accuracies.
+             finetune_steps: int | None = None, overwrite: bool = False,
+             augment: dict | None = None) -> dict:
+    """Pretrain, then fine-tune `seeds` times each way; return the held-out accuracies
+    and macro F1s.
 
     `steps`: pretraining steps; `finetune_steps` (default `steps // 3`): every
-    fine-tune and scratch run's. Writes `pretrain/` (Orbax checkpoint), `log.jsonl`,
-    `curves.png` and `results.json` into `out`. An earlier run's checkpoint in `out` is
-    refused unless `overwrite`, and then replaced with a printed note.
+    fine-tune and scratch run's; `augment`: the fine-tune stage's augmentations (a
+    `data.augment` mapping). Writes `pretrain/` (Orbax checkpoint), `log.jsonl`,
+    `curves.png`, `confusion-<way>.png` (first seed) and `results.json` into `out`. An
+    earlier run's checkpoint in `out` is refused unless `overwrite`, and then replaced
+    with a printed note.
     """
     for name, value in (("steps", steps), ("shots", shots), ("seeds", seeds),
                         ("finetune_steps", finetune_steps or 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise JaxtrainError(f"{name} must be a positive integer, got {value!r}")
     finetune_steps = finetune_steps or max(1, steps // 3)
+    augment = check_augment(augment, {"flip": False}, where="augment")
     out = Path(out)
     check_output_folder(out)
     ckpt_dir = out / "pretrain"
@@ -177,6 +187,7 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, steps: int = 300, devi
     state = TrainState.create(new_model(seed), adam, jax.random.fold_in(key, 1))
     state, metrics = stage.run("pretrain", state, pre_train, pre_test, steps, seed)
     pretrain_accuracy = metrics["accuracy"]
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}  # the scalars
     mngr = Manager(ckpt_dir, max_to_keep=1)
     for old in earlier:
         print(f"replacing the earlier pretrain checkpoint {ckpt_dir / str(old)} (--overwrite)",
@@ -191,6 +202,9 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, steps: int = 300, devi
     full_tx = transforms.per_group({"backbone/*": transforms.adam(LEARNING_RATE / 10)},
                                    default=adam)
     runs: dict[str, list[float]] = {way: [] for way in FINETUNE_WAYS}
+    f1s: dict[str, list[float]] = {way: [] for way in FINETUNE_WAYS}
+    tune = Stage(mesh, logger, progress, with_augmentation(classification_loss, augment))
+    tune.curves = stage.curves
     report = None
     for i in range(seeds):
         run_seed = seed + 1 + i
@@ -204,10 +218,14 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, steps: int = 300, devi
                     exclude=["head/*"])
                 nnx.update(model, params)
             state = TrainState.create(model, tx, jax.random.fold_in(key, 10 * run_seed))
-            _, metrics = stage.run(way, state, small, held_out, finetune_steps, run_seed,
-                                   batch_size=batch,
-                                   curve=way if i == 0 else f"{way} (seed {run_seed})")
+            _, metrics = tune.run(way, state, small, held_out, finetune_steps, run_seed,
+                                  batch_size=batch,
+                                  curve=way if i == 0 else f"{way} (seed {run_seed})")
             runs[way].append(metrics["accuracy"])
+            f1s[way].append(metrics["f1_macro"])
+            if i == 0:
+                plot_confusion(metrics["confusion"], out / f"confusion-{way.replace(' ', '-')}.png",
+                               title=f"{way}: digits 5-9 as 0-4, held out (seed {run_seed})")
 
     logger.close()
     plot_curves({k: v for k, v in stage.curves.items() if "(seed" not in k},
@@ -216,19 +234,26 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, steps: int = 300, devi
                       f"first seed)")
     summary = {
         "pretrain_accuracy": pretrain_accuracy,
-        "accuracy": {way: {"mean": float(np.mean(v)), "std": float(np.std(v)),
-                           "runs": [float(a) for a in v]} for way, v in runs.items()},
+        "accuracy": spread(runs),
+        "f1_macro": spread(f1s),
         "verdict": verdict(runs),
         "shots": shots,
         "seeds": [seed + 1 + i for i in range(seeds)],
         "steps": steps,
         "finetune_steps": finetune_steps,
+        "augment": {k: v for k, v in augment.items() if active(augment) and v},
         "seed": seed,
         "devices": len(mesh.devices.flat),
         "finetune_load": report.summary() if report is not None else "",
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def spread(runs: dict[str, list[float]]) -> dict:
+    """Mean, standard deviation and the runs of each way's scores."""
+    return {way: {"mean": float(np.mean(v)), "std": float(np.std(v)),
+                  "runs": [float(a) for a in v]} for way, v in runs.items()}
 
 
 def verdict(runs: dict[str, list[float]]) -> str:
@@ -250,16 +275,19 @@ def verdict(runs: dict[str, list[float]]) -> str:
 
 
 def format_table(summary: dict) -> str:
-    """The held-out accuracies as a small text table, then the verdict."""
-    rows = summary["accuracy"]
+    """The held-out accuracies and macro F1s as a small text table, then the verdict."""
+    rows, f1 = summary["accuracy"], summary["f1_macro"]
     n = len(summary["seeds"])
     head = f"way (5-9, {summary['shots']} examples per class)"
     width = max(len(head), *(len(k) for k in rows))
+    augment = ", ".join(f"{k} {v}" for k, v in summary.get("augment", {}).items())
     lines = [f"pretrain (0-4): held-out accuracy {summary['pretrain_accuracy']:.4f} after "
              f"{summary['steps']} steps", "",
-             f"{head:<{width}}  held-out accuracy, mean ± std over {n} seeds "
-             f"({summary['finetune_steps']} steps each)",
-             f"{'-' * width}  {'-' * 22}"]
-    lines += [f"{k:<{width}}  {v['mean']:.4f} ± {v['std']:.4f}" for k, v in rows.items()]
+             f"held out, mean ± std over {n} seeds ({summary['finetune_steps']} steps each"
+             f"{'; augmented: ' + augment if augment else ''})",
+             f"{head:<{width}}  {'accuracy':<15}  macro F1",
+             f"{'-' * width}  {'-' * 15}  {'-' * 15}"]
+    lines += [f"{k:<{width}}  {v['mean']:.4f} ± {v['std']:.4f}  "
+              f"{f1[k]['mean']:.4f} ± {f1[k]['std']:.4f}" for k, v in rows.items()]
     lines += ["", summary["verdict"]]
     return os.linesep.join(lines)

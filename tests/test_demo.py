@@ -82,15 +82,37 @@ def test_cli_demo_runs(tmp_path, capsys):
     from jaxtrain.cli import main
 
     args = ["demo", "--out", str(tmp_path / "o"), "--steps", "40", "--finetune-steps", "10",
-            "--seeds", "2", "--shots", "5", "--quiet"]
+            "--seeds", "2", "--shots", "5", "--quiet", "--augment", "crop=1,rotate=5"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "5 examples per class" in out and "mean ± std over 2 seeds" in out
+    assert "augmented: crop 1, rotate 5" in out and "macro F1" in out
     assert "scratch" in out
+    summary = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert summary["augment"] == {"crop": 1, "rotate": 5}
+    for way, f1 in summary["f1_macro"].items():
+        assert len(f1["runs"]) == 2 and all(0 <= x <= 1 for x in f1["runs"]), way
+        assert (tmp_path / "o" / f"confusion-{way.replace(' ', '-')}.png").stat().st_size > 1000
     assert any(line.startswith("pretraining") for line in out.splitlines())
     assert main(args) == 2  # the same --out again: one line naming --overwrite
     err = capsys.readouterr().err
     assert "--overwrite" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("augment, says", [("flip=true", "augment.flip"),
+                                            ("crop=-1", "augment.crop"),
+                                            ("crop", "KEY=VALUE")])
+def test_cli_refuses_bad_augment_before_any_work(tmp_path, capsys, augment, says):
+    from jaxtrain.cli import main
+
+    try:
+        code = main(["demo", "--out", str(tmp_path / "o"), "--augment", augment])
+    except SystemExit as exit:  # argparse's own errors exit
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_refuses_negative_steps(tmp_path):

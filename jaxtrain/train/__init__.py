@@ -11,6 +11,7 @@ from .config import (
 from .feeds import Batches
 from .logs import JsonlLogger, TensorBoardLogger, plot_curves, plot_history
 from .loop import evaluate, fit
+from .metrics import classification_report, plot_confusion
 from .precision import LossScale, Policy, get_policy
 from .progress import Progress
 from .state import TrainState, param_logical_axes
@@ -43,6 +44,7 @@ __all__ = [
     "TrainState",
     "classification_loss",
     "classification_metrics",
+    "classification_report",
     "evaluate",
     "fit",
     "get_policy",
@@ -50,6 +52,7 @@ __all__ = [
     "make_multi_step",
     "make_train_step",
     "param_logical_axes",
+    "plot_confusion",
     "plot_curves",
     "plot_history",
 ]

@@ -10,6 +10,7 @@ import numpy as np
 from ..data import eval_batches
 from ..errors import JaxtrainError
 from ..sharding import InFlight, batch_parallelism, shard_batch
+from .metrics import summarize_eval
 from .progress import Progress
 
 
@@ -44,12 +45,14 @@ def fit(state, step_fn, batch_fn: Callable[[int], dict], steps: int, mesh, *,
     return state, history
 
 
-def evaluate(eval_fn, state, data: dict, mesh, batch_size: int = 256) -> dict:
-    """Mean of each metric of the compiled `eval_fn` over the whole of `data`."""
+def evaluate(eval_fn, state, data: dict, mesh, batch_size: int = 256, metric_fn=None) -> dict:
+    """Each metric of the compiled `eval_fn` over the whole of `data`: its mean, or what the
+    metric set `metric_fn` (e.g. `classification_report`) makes of the sums: scalars as
+    floats, per-class values and the confusion matrix as numpy arrays."""
     totals: dict = {}
     for batch in eval_batches(data, batch_size, multiple_of=batch_parallelism(mesh)):
         sums = eval_fn(state, shard_batch(batch, mesh))
         for k, v in jax.device_get(sums).items():
-            totals[k] = totals.get(k, 0.0) + np.float64(v)
-    count = totals.pop("count")
-    return {k: float(v / count) for k, v in totals.items()}
+            totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
+    scalars, arrays = summarize_eval(metric_fn, totals)
+    return {**scalars, **arrays}
