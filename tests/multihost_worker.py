@@ -5,8 +5,10 @@
 Joins the runtime through `sharding.initialize`, trains the digits CNN with the `fsdp`
 preset on the 8 global devices for 20 steps (each process feeding only its rows of every
 batch), saves an Orbax checkpoint from both processes, and, on process 0 only, writes
-`log.jsonl` (the losses) and `params.npz` (the gathered params). A failure ends the
-process at once (`os._exit`), so the launcher sees it and ends the other one.
+`log.jsonl` (the losses) and `params.npz` (the gathered params). Then checksums across
+processes (`checksummed`): a jaxtrain `Manager` checkpoint restores verified, a copy is
+kept intact, and after a flipped bit in one process's array file both processes refuse
+it. A failure ends the process at once (`os._exit`), so the launcher sees it and ends the other one.
 """
 
 from __future__ import annotations
@@ -54,8 +56,62 @@ def main(argv: list[str]) -> None:
         flat = {jax.tree_util.keystr(kp): np.asarray(x)
                 for kp, x in jax.tree_util.tree_leaves_with_path(params)}
         np.savez(out / "params.npz", **flat)
+    checksummed(state, out)
     jax.distributed.shutdown()
     print(f"worker {process_id} done")
+
+
+class Arrays:
+    """The saved part of a state, for `Manager` (which saves `saveable()`)."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def saveable(self):
+        return self.arrays
+
+    def with_saved(self, arrays):
+        return Arrays(arrays)
+
+
+def checksummed(state, out: Path) -> None:
+    """Save with `Manager` (arrays split across the processes: checksummed per region),
+    restore it verified, keep an intact copy (`intact/`), flip bits in process 1's
+    largest array file, and record in `checksums-<process>.json` what each saw."""
+    import shutil
+
+    from jax.experimental import multihost_utils
+
+    from jaxtrain.checkpoint import Manager
+    from jaxtrain.errors import JaxtrainError
+
+    arrays = Arrays({"params": state.params, "opt_state": state.opt_state})
+    with Manager(out / "managed") as mngr:
+        mngr.save(STEPS, arrays, {})
+        mngr.wait()
+        regions = [k for k in mngr.meta(STEPS)["checksums"] if k.endswith("]")]
+        restored = mngr.restore(arrays, step=STEPS).arrays  # verified, or it raises
+    same = all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(restored),
+                                                    jax.tree.leaves(arrays.arrays),
+                                                    strict=True))
+    multihost_utils.sync_global_devices("restored")
+    if jax.process_index() == 0:
+        shutil.copytree(out / "managed", out / "intact")
+        files = [p for p in (out / "managed" / str(STEPS) / "state").rglob("*")
+                 if p.is_file() and "ocdbt.process_1" in str(p) and "/d/" in str(p)]
+        biggest = max(files, key=lambda p: p.stat().st_size)
+        data = bytearray(biggest.read_bytes())
+        data[len(data) // 2] ^= 0b1001
+        biggest.write_bytes(bytes(data))
+    multihost_utils.sync_global_devices("damaged")
+    try:
+        with Manager(out / "managed", read_only=True) as mngr:
+            mngr.restore(arrays, step=STEPS)
+        damaged = None
+    except JaxtrainError as err:
+        damaged = str(err)
+    record = {"regions": len(regions), "restored_equal": same, "damaged": damaged}
+    (out / f"checksums-{jax.process_index()}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -73,3 +73,32 @@ def test_both_processes_exit_when_one_fails(tmp_path):
     assert "fails on purpose" in results[1][1]
     assert results[1][0] != 0 and results[0][0] != 0  # process 0 did not carry on alone
     assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_arrays_split_across_processes_are_checksummed_per_region(devices, two_process_run):
+    """Each process checksums the regions it holds; both verify a restore, both refuse a
+    flipped bit in process 1's array file; one process restoring all of it checks every
+    region (the intact copy restores, the damaged one is refused)."""
+    from multihost_worker import Arrays
+
+    from jaxtrain.checkpoint import Manager
+    from jaxtrain.errors import JaxtrainError
+
+    out, results = two_process_run
+    assert all(code == 0 for code, _ in results), results[0][1][-3000:]
+    seen = [json.loads((out / f"checksums-{i}.json").read_text()) for i in range(2)]
+    for record in seen:
+        assert record["regions"] >= 8 and record["restored_equal"]  # fsdp 4: 4+ per kernel
+        assert "damaged (checksum mismatch in state/" in record["damaged"]
+        assert record["damaged"].endswith("])")  # a region of a split array
+    assert seen[0]["damaged"] == seen[1]["damaged"]  # both agree, whoever found it
+    state, _, mesh = train("cnn", "fsdp", {"data": 1, "fsdp": 8}, steps=0)
+    like = Arrays({"params": state.params, "opt_state": state.opt_state})
+    with Manager(out / "intact", read_only=True) as mngr:
+        restored = mngr.restore(like, step=STEPS).arrays
+    got = np.load(out / "params.npz")
+    for kp, x in jax.tree_util.tree_leaves_with_path(restored["params"]):
+        np.testing.assert_array_equal(got[jax.tree_util.keystr(kp)], np.asarray(x))
+    with Manager(out / "managed", read_only=True) as mngr:
+        with pytest.raises(JaxtrainError, match=r"checksum mismatch in state/.*\]"):
+            mngr.restore(like, step=STEPS)
