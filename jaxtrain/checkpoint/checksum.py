@@ -63,9 +63,11 @@ def _parse_region(text: str) -> tuple[slice, ...]:
     return tuple(slice(*map(int, part.split(":"))) for part in text.split(","))
 
 
-def _gathered(found: dict) -> dict:
-    """`found` of every process, merged (collective: every process must call it)."""
-    if jax.process_count() == 1:
+def _gathered(found: dict, leaves: list) -> dict:
+    """`found` of every process, merged, where some of `leaves` is split across processes
+    (then collective: every process calls it, as they all save and restore such arrays);
+    else `found` (arrays seen whole, e.g. restored onto one process's device)."""
+    if not any(_split(x) for x in leaves):
         return found
     raw = np.frombuffer(json.dumps(found).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.array([raw.size], np.int32)).reshape(-1)
@@ -83,7 +85,8 @@ def checksums(tree) -> dict[str, int]:
     shard of those split across processes (blocks until they are computed; collective
     on several processes)."""
     whole, regions = {}, {}
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for kp, leaf in flat:
         path = path_str(kp)
         if not _split(leaf):
             whole[path] = _crc(_host(leaf))
@@ -92,7 +95,7 @@ def checksums(tree) -> dict[str, int]:
             if shard.replica_id == 0:
                 region = _region(shard.index, leaf.shape)
                 regions[_region_key(path, region)] = _crc(_host(shard.data))
-    return {**whole, **_gathered(regions)}
+    return {**whole, **_gathered(regions, [leaf for _, leaf in flat])}
 
 
 def _contains(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> bool:
@@ -122,7 +125,8 @@ def mismatched(saved: dict[str, int], tree) -> list[str]:
         if key.endswith("]"):
             regions.setdefault(key.rpartition("[")[0], []).append(key)
     bad = {}
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for kp, leaf in flat:
         path = path_str(kp)
         if path in saved and not _split(leaf) and _crc(_host(leaf)) != saved[path]:
             bad[path] = 1
@@ -130,4 +134,4 @@ def mismatched(saved: dict[str, int], tree) -> list[str]:
             crc = _region_crc(leaf, _parse_region(key[len(path) + 1:-1]))
             if crc is not None and crc != saved[key]:
                 bad[key] = 1
-    return sorted(_gathered(bad))
+    return sorted(_gathered(bad, [leaf for _, leaf in flat]))
