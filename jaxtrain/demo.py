@@ -187,7 +187,6 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, steps: int = 300, devi
     state = TrainState.create(new_model(seed), adam, jax.random.fold_in(key, 1))
     state, metrics = stage.run("pretrain", state, pre_train, pre_test, steps, seed)
     pretrain_accuracy = metrics["accuracy"]
-    metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}  # the scalars
     mngr = Manager(ckpt_dir, max_to_keep=1)
     for old in earlier:
         print(f"replacing the earlier pretrain checkpoint {ckpt_dir / str(old)} (--overwrite)",

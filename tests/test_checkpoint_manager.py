@@ -6,6 +6,7 @@ import pickle
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -271,3 +272,18 @@ def test_listing_shows_steps_metrics_sizes_and_best(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list_checkpoints(tmp_path)[0]["metrics"] == {"loss": 2.0}
+
+
+def test_metrics_arrays_are_saved_as_lists_and_other_objects_refused(tmp_path):
+    state, sig = _state()
+    with Manager(tmp_path) as mngr:
+        mngr.save(1, state, sig, metrics={"loss": jnp.float32(0.5), "note": "ok",
+                                          "f1_per_class": np.array([0.5, 1.0]),
+                                          "confusion": jnp.eye(2, dtype=jnp.int32)})
+        mngr.wait()
+        assert mngr.meta(1)["metrics"] == {"loss": 0.5, "note": "ok", "f1_per_class": [0.5, 1.0],
+                                           "confusion": [[1, 0], [0, 1]]}
+        with pytest.raises(JaxtrainError, match="metric 'when' must be a number, an array or a "
+                                                "string, got object; nothing was saved"):
+            mngr.save(2, state, sig, metrics={"when": object()})
+        assert mngr.steps() == [1]

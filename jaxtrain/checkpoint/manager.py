@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -43,13 +44,20 @@ def _positive(name: str, value) -> None:
 
 
 def _jsonable(metrics: dict | None) -> dict:
-    """Metrics as JSON numbers where they are scalars (device arrays included)."""
+    """Metrics as JSON: scalars (device arrays included) as numbers, arrays (per-class
+    values, a confusion matrix) as nested lists, strings as they are; anything else is
+    refused here, before a write that would fail in the background."""
     out = {}
     for key, value in (metrics or {}).items():
-        try:
-            out[str(key)] = float(value)
-        except (TypeError, ValueError):
+        if isinstance(value, str):
             out[str(key)] = value
+        elif np.ndim(value) == 0 and isinstance(np.asarray(value).item(), int | float):
+            out[str(key)] = float(value)
+        elif isinstance(value, np.ndarray | jax.Array | list | tuple):
+            out[str(key)] = np.asarray(value).tolist()
+        else:
+            raise JaxtrainError(f"checkpoint metric {key!r} must be a number, an array or a "
+                                f"string, got {type(value).__name__}; nothing was saved")
     return out
 
 
