@@ -104,31 +104,42 @@ class Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, server, index: int, state: TrainState, job: dict) -> int:
-        """Train as worker `index` from `state` (its params are replaced by the pulled
-        ones); returns the number of gradients it computed."""
+    def prepare(self, index: int, state: TrainState, job: dict) -> None:
+        """Become worker `index` of a run from `state` (its params are replaced by the
+        pulled ones) and compile the step on the first batch, before the run's clock."""
+        keep = _keep_gradient()
+        self.index, self.job = index, job
+        self.state = state.replace(tx=keep, opt_state=keep.init(state.params),
+                                   ema_params=None, rng=jax.random.fold_in(state.rng, index))
+        self.step = jax.jit(make_train_step(job["loss_fn"], precision=job["precision"],
+                                            microbatches=job["microbatches"]))
+        self.step.lower(self.state, self._batch(0)).compile()
+
+    def _batch(self, k: int) -> dict:
+        return batch_at(self.job["share"], self.job["batch_size"], self.job["seed"], k)
+
+    def run(self, server) -> int:
+        """Pull, compute, push until the server needs no more gradients; returns the
+        number of gradients computed."""
         import ray
 
-        keep = _keep_gradient()
-        state = state.replace(tx=keep, opt_state=keep.init(state.params), ema_params=None,
-                              rng=jax.random.fold_in(state.rng, index))
-        step = jax.jit(make_train_step(job["loss_fn"], precision=job["precision"],
-                                       microbatches=job["microbatches"]))
-        computed = 0
-        while (got := ray.get(server.pull.remote(index))) is not None:
+        computed, size = 0, self.job["batch_size"]
+        while (got := ray.get(server.pull.remote(self.index))) is not None:
             version, params = got
-            batch = batch_at(job["share"], job["batch_size"], job["seed"], computed)
-            new, metrics = step(state.replace(params=params, step=jnp.int32(version)), batch)
+            state = self.state.replace(params=params, step=jnp.int32(version))
+            new, metrics = self.step(state, self._batch(computed))
             grads, loss = jax.device_get((new.opt_state, metrics["loss"]))
             computed += 1
-            ray.get(server.push.remote(index, version, grads, float(loss),
-                                       job["batch_size"]))
+            ray.get(server.push.remote(self.index, version, grads, float(loss), size))
         return computed
 
 
 class Server:
     """The server actor (asyncio: pulls and pushes wait on one condition; applying and
     evaluating run in its event loop, one at a time)."""
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def start(self, state: TrainState, job: dict) -> None:
         """Begin a run from `state` (see `ParamServerPool.train` for `job`'s keys)."""
@@ -143,14 +154,18 @@ class Server:
         self.staleness, self.evals, self.losses, self.lost, self.dropped = [], [], [], 0, []
         self.cond = asyncio.Condition()
         extra = isinstance(state.tx, optax.GradientTransformationExtraArgs)
+        self.params = jax.device_get(state.params)
+        # compiled before the clock starts: the apply, the sync mean, the evaluation
         self.apply = jax.jit(lambda s, g, v: s.apply_gradients(
-            g, **({"value": v, "grad": g} if extra else {})), donate_argnums=0)
+            g, **({"value": v, "grad": g} if extra else {})), donate_argnums=0).lower(
+            state, self.params, jnp.float32(0)).compile()
         self.mean = jax.jit(lambda trees: jax.tree.map(lambda *g: sum(g) / len(g), *trees))
+        if self.mode == "sync":
+            self.mean([self.params] * len(self.live))
         self.evaluate = None
         if self.valid is not None:
             self.evaluate = jax.jit(make_eval_step(job["metric_fn"]))
             self.metric_fn = job["metric_fn"]
-        self.params = jax.device_get(state.params)
         self.began = time.perf_counter()
         self._record_eval()
         self.began = time.perf_counter()  # the clock counts training only from here
@@ -312,13 +327,20 @@ class ParamServerPool:
         return ray.remote(Worker).options(**self._options).remote()
 
     def replace_dead(self) -> None:
-        """Start a new actor for every worker whose process is gone."""
+        """Start a new actor for the server and each worker whose process is gone."""
         import ray
 
-        for i, worker in enumerate(self.workers):
+        def alive(actor) -> bool:
             try:
-                ray.get(worker.pid.remote())
+                ray.get(actor.pid.remote())
+                return True
             except ray.exceptions.RayActorError:
+                return False
+
+        if not alive(self.server):
+            self.server = ray.remote(Server).options(**self._options).remote()
+        for i, worker in enumerate(self.workers):
+            if not alive(worker):
                 self.workers[i] = self._new_worker()
                 self.pids[i] = ray.get(self.workers[i].pid.remote())
 
@@ -345,13 +367,18 @@ class ParamServerPool:
         job = {"mode": mode, "max_staleness": max_staleness, "steps": steps,
                "workers": workers, "valid": valid, "eval_every": eval_every,
                "metric_fn": metric_fn, "eval_batch_size": eval_batch_size}
-        ray.get(self.server.start.remote(state, job))
         shared = ray.put(state)
-        runs = {self.workers[i].run.remote(self.server, i, shared, {
-            "loss_fn": loss_fn, "share": share, "batch_size": batch_size,
-            "seed": seed, "precision": precision, "microbatches": microbatches}): i
-            for i, share in enumerate(_shares(data, workers))}
-        self._watch(runs, timeout)
+        try:
+            ray.get([self.workers[i].prepare.remote(i, shared, {
+                "loss_fn": loss_fn, "share": share, "batch_size": batch_size, "seed": seed,
+                "precision": precision, "microbatches": microbatches})
+                for i, share in enumerate(_shares(data, workers))])
+            ray.get(self.server.start.remote(shared, job))
+            runs = {w.run.remote(self.server): i for i, w in enumerate(self.workers)}
+            self._watch(runs, timeout)
+        except BaseException:  # the actors may wait forever: stop them (replaced next run)
+            self.shutdown()
+            raise
         got = ray.get(self.server.result.remote())
         if got["steps"] < steps:
             raise JaxtrainError(f"param server: all {workers} workers died; the server "
@@ -377,6 +404,7 @@ class ParamServerPool:
                 ray.get(self.server.drop.remote(runs[ready[0]]))
 
     def shutdown(self) -> None:
+        """Kill the actors (a later `train` starts new ones)."""
         import ray
 
         for actor in [self.server, *self.workers]:
