@@ -9,9 +9,11 @@ Sync takes `--steps` steps of W gradients each (global batch W x batch); async a
 W x steps single gradients: the same number of gradient evaluations. Held-out accuracy
 (digits 0-9, 25% held out) every `--every` sync steps' worth of examples. Wall time: from
 the server's start (workers and server already compiled) to its last apply. Prints one
-JSON line per run and a table of the median over `--seeds` runs.
+JSON line per run and a table of the median over `--seeds` runs. `--straggler S`: worker
+0 sleeps S seconds in each gradient (a slower machine), which sync steps wait for.
 
     python benchmarks/param_server.py [--workers 4] [--steps 150] [--seeds 3]
+                                      [--straggler 0.1]
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import jax
+import numpy as np
 import ray
 
 from jaxtrain import transforms
@@ -30,18 +34,29 @@ from jaxtrain.strategies import ParamServerPool
 from jaxtrain.train import TrainState, classification_loss, classification_metrics
 
 
+def straggling_loss(model, batch, rng):
+    """`classification_loss`, sleeping `batch["nap"][0]` seconds first (worker 0's share)."""
+    jax.debug.callback(lambda nap: time.sleep(float(nap)), batch["nap"][0])
+    return classification_loss(model, batch, rng)
+
+
 def run(pool, mode: str, bound, seed: int, args, data) -> dict:
     train, valid = data
     workers = len(pool.workers)
     scale = 1 if mode == "sync" else workers  # async: one gradient per version
     state = TrainState.create(build("cnn", seed), transforms.adam(3e-3),
                               jax.random.PRNGKey(seed))
-    got = pool.train(state, classification_loss, train, steps=args.steps * scale,
+    loss = classification_loss
+    if args.straggler:
+        nap = (np.arange(len(train["label"])) % workers == 0) * args.straggler
+        train, loss = {**train, "nap": nap.astype(np.float32)}, straggling_loss
+    got = pool.train(state, loss, train, steps=args.steps * scale,
                      batch_size=args.batch, mode=mode, max_staleness=bound, seed=seed,
                      valid=valid, metric_fn=classification_metrics,
                      eval_every=args.every * scale, timeout=1800)
     return {"mode": mode, "bound": bound, "seed": seed, "workers": workers,
-            "batch": args.batch, "seconds": got.seconds, "applied": got.steps,
+            "batch": args.batch, "straggler": args.straggler, "seconds": got.seconds,
+            "applied": got.steps,
             "staleness": got.staleness_summary(),
             "curve": [(e["examples"], round(e["seconds"], 3), e["accuracy"])
                       for e in got.evals]}
@@ -55,6 +70,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=50, help="sync steps between evals")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--bounds", default="1,4,16")
+    parser.add_argument("--straggler", type=float, default=0.0,
+                        help="seconds worker 0 sleeps per gradient")
     parser.add_argument("--num-cpus", type=int, default=None, help="ray.init(num_cpus=)")
     args = parser.parse_args()
     data = digits_split(tuple(range(10)), seed=0)
