@@ -27,7 +27,7 @@ from jaxtrain import transforms
 from jaxtrain.data import batch_at, digits_split
 from jaxtrain.errors import JaxtrainError
 from jaxtrain.models.registry import build
-from jaxtrain.strategies import ParamServerPool
+from jaxtrain.strategies import ParamServerPool, train_param_server
 from jaxtrain.train import TrainState, classification_loss, classification_metrics
 
 WORKERS, BATCH, NAP = 3, 4, 0.05  # NAP: seconds the slow worker sleeps per gradient
@@ -157,19 +157,26 @@ def test_a_killed_worker_is_dropped_and_training_finishes(pool, mode, bound):
         assert got.examples == steps * BATCH and got.staleness_summary()["max"] <= bound
 
 
-def test_bad_input_is_one_line(pool):
+def test_bad_input_is_one_line_before_ray_starts(monkeypatch):
+    from jaxtrain.strategies import param_server
+
+    monkeypatch.setattr(param_server, "ParamServerPool", None)  # no actor may start
     state, data = _state(transforms.sgd(0.1)), _data()
     cases = {
         "param server mode must be one of sync, async, got 'hogwild'": {"mode": "hogwild"},
-        "param server max_staleness must be an integer >= 0, got -1":
+        "param server max_staleness must be an integer >= 0 in mode 'async', got -1":
             {"mode": "async", "max_staleness": -1},
         "param server max_staleness is for mode 'async' (sync steps have none), got 2":
             {"max_staleness": 2},
         "param server batch_size 17 exceeds the smallest worker's share (16 examples of "
         "3 workers)": {"batch_size": 17},
         "param server steps must be a positive integer, got 0": {"steps": 0},
+        "param server eval_every must be a positive integer, got 0": {"eval_every": 0},
+        "param server workers must be a positive integer, got 0": {"workers": 0},
+        "param server valid= needs a metric_fn= to evaluate": {"valid": data},
     }
     for message, kwargs in cases.items():
         with pytest.raises(JaxtrainError) as err:
-            pool.train(state, linear_loss, data, **{"steps": 2, "batch_size": 4, **kwargs})
+            train_param_server(state, linear_loss, data,
+                               **{"workers": WORKERS, "steps": 2, "batch_size": 4, **kwargs})
         assert str(err.value) == message

@@ -271,25 +271,32 @@ class Server:
                            **{k: v for k, v in metrics.items() if math.isfinite(v)}})
 
 
-def _check(mode, max_staleness, workers, steps, batch_size, eval_every, data) -> None:
+def _is_int(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_run(workers: int, data: dict, *, steps: int, batch_size: int, mode: str = "sync",
+              max_staleness: int | None = None, eval_every: int | None = None,
+              valid: dict | None = None, metric_fn=None, **_) -> None:
+    """Refuse, in one line, arguments of a run (`ParamServerPool.train`'s) that cannot
+    work, before any actor starts."""
     if mode not in MODES:
         raise JaxtrainError(f"param server mode must be one of {', '.join(MODES)}, got "
                             f"{mode!r}")
-    positive = {"workers": workers, "steps": steps, "batch_size": batch_size,
-                "eval_every": eval_every}
-    if mode == "async":
-        positive["max_staleness + 1"] = None if not isinstance(max_staleness, int) \
-            else max_staleness + 1
-    for name, value in positive.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            shown = max_staleness if name.startswith("max_staleness") else value
-            what = "an integer >= 0" if name.startswith("max_staleness") else \
-                "a positive integer"
-            raise JaxtrainError(f"param server {name.split()[0]} must be {what}, got "
-                                f"{shown!r}")
+    counts = {"workers": workers, "steps": steps, "batch_size": batch_size,
+              "eval_every": steps if eval_every is None else eval_every}
+    for name, value in counts.items():
+        if not _is_int(value, 1):
+            raise JaxtrainError(f"param server {name} must be a positive integer, got "
+                                f"{value!r}")
+    if mode == "async" and not _is_int(max_staleness, 0):
+        raise JaxtrainError(f"param server max_staleness must be an integer >= 0 in mode "
+                            f"'async', got {max_staleness!r}")
     if mode == "sync" and max_staleness not in (None, 0):
         raise JaxtrainError(f"param server max_staleness is for mode 'async' (sync steps "
                             f"have none), got {max_staleness!r}")
+    if valid is not None and metric_fn is None:
+        raise JaxtrainError("param server valid= needs a metric_fn= to evaluate")
     sizes = {k: len(v) for k, v in data.items()}
     if not sizes or len(set(sizes.values())) != 1:
         raise JaxtrainError(f"param server data must be a dict of arrays of one length, "
@@ -359,10 +366,10 @@ class ParamServerPool:
         import ray
 
         workers = len(self.workers)
-        eval_every = eval_every or steps
-        _check(mode, max_staleness, workers, steps, batch_size, eval_every, data)
-        if valid is not None and metric_fn is None:
-            raise JaxtrainError("param server valid= needs a metric_fn= to evaluate")
+        check_run(workers, data, steps=steps, batch_size=batch_size, mode=mode,
+                  max_staleness=max_staleness, eval_every=eval_every, valid=valid,
+                  metric_fn=metric_fn)
+        eval_every = steps if eval_every is None else eval_every
         self.replace_dead()
         job = {"mode": mode, "max_staleness": max_staleness, "steps": steps,
                "workers": workers, "valid": valid, "eval_every": eval_every,
@@ -420,10 +427,12 @@ class ParamServerPool:
 def train_param_server(state: TrainState, loss_fn, data: dict, *, workers: int = 2,
                        actor_options: dict | None = None, **kwargs) -> ParamServerResult:
     """One run on a fresh `ParamServerPool` of `workers` (the Ray cluster `ray.init()`
-    finds, unless this process already joined one); `kwargs` as `ParamServerPool.train`."""
+    finds, unless this process already joined one); `kwargs` as `ParamServerPool.train`.
+    Bad arguments are refused before Ray starts."""
+    check_run(workers, data, **kwargs)
     with ParamServerPool(workers, actor_options=actor_options) as pool:
         return pool.train(state, loss_fn, data, **kwargs)
 
 
-__all__ = ["MODES", "ParamServerPool", "ParamServerResult", "Server", "Worker",
+__all__ = ["MODES", "check_run", "ParamServerPool", "ParamServerResult", "Server", "Worker",
            "train_param_server"]
