@@ -133,8 +133,11 @@ class _Shards:
         indices = np.asarray(indices, np.int64)
         if not len(indices):
             return np.empty((0, *shape), dtype)
-        shard = np.searchsorted(self.bounds, indices, "right") - 1
-        local = indices - self.bounds[shard]
+        if len(self.files) == 1:
+            shard, local = np.zeros(len(indices), np.intp), indices
+        else:
+            shard = self.bounds.searchsorted(indices, "right") - 1
+            local = indices - self.bounds[shard]
         lo, hi = int(local.min()), int(local.max()) + 1
         if shard.min() == shard.max() and (hi - lo) * row <= len(local) * SPAN_BYTES_PER_ROW:
             fd, offset = self.open[int(shard[0])][:2]
@@ -341,13 +344,20 @@ class Records:
                  identity: dict | None = None):
         self.source, self.identity = source, identity
         self.workers, self.threads, self.prefetch = workers, threads, prefetch
+        self.last = None  # (batch size, seed, hosts), the Loader last given
 
     def __len__(self) -> int:
         return len(self.source)
 
     def loader(self, batch_size: int, seed: int, **hosts) -> Loader:
-        return Loader(self.source, batch_size, seed, self.workers, self.threads,
-                      self.prefetch, **hosts)
+        """A Loader of these records; the same one again for the same batch size, seed
+        and hosts, so a `fit` that continues where the last one stopped continues its
+        Grain iterator (prefetched batches, threads, workers) instead of starting anew."""
+        key = (batch_size, seed, tuple(sorted(hosts.items())))
+        if self.last is None or self.last[0] != key:
+            self.last = key, Loader(self.source, batch_size, seed, self.workers,
+                                    self.threads, self.prefetch, **hosts)
+        return self.last[1]
 
     def arrays(self, limit: int, seed: int = 0) -> dict:
         """The first `limit` examples of epoch 0 of the seeded shuffle, stacked."""
