@@ -103,9 +103,9 @@ class _Shards:
     def __getstate__(self):
         return {**self.__dict__, "open": None}
 
-    def __del__(self):
+    def __del__(self, close=os.close):  # `os` may be gone when the interpreter exits
         for fd, *_ in self.open or ():
-            os.close(fd)
+            close(fd)
 
     def _open(self) -> list:
         opened = []
@@ -315,6 +315,7 @@ class Loader:
     def _start(self, position: int) -> None:
         import grain
 
+        self.close()
         data = self.dataset[position:].to_iter_dataset(
             grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch))
         if self.workers:
@@ -332,6 +333,9 @@ class Loader:
         return next(self.iterator)
 
     def close(self) -> None:
+        """Stop the Grain iterator (its read threads, worker processes, buffer)."""
+        if self.iterator is not None:
+            self.iterator.close()
         self.iterator, self.expected = None, None
 
 
