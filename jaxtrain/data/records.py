@@ -5,25 +5,26 @@
 
 - `train`: a `Records` split; the Trainer asks it for a `loader(batch_size, seed)`, a
   Grain pipeline whose batch for step `s` is a pure function of (seed, s, the data):
-  `MapDataset.range(len(rows)).shuffle(seed).repeat()` (a global shuffle of the example
-  indices, a new one each epoch, computed per index: no permutation array is held)
-  `.batch(batch_size // process_count)[process_index::process_count].map(rows.take)`, so
-  host `h` reads only rows `h*b/P .. (h+1)*b/P` of each global batch, each batch in one
-  call (the batches of Grain's per-example `MapDataset.source(rows).shuffle(seed)
-  .repeat().batch(...)`, without its per-example cost). The global batch sequence is the same on any
-  number of processes, and resuming at step `s` starts the pipeline at `s`: the state's
-  `data_position` (saved in the same Orbax checkpoint) is the whole iterator state.
-  Worker processes (`workers`) and read threads with a prefetch buffer come from Grain.
-  Epochs run into each other: a batch may hold the last examples of one epoch and the
-  first of the next (each example is still seen once per epoch).
+  the rows at positions `s*b .. (s+1)*b` of `MapDataset.range(len(rows)).shuffle(seed)
+  .repeat()` (a global shuffle, a new one each epoch), computed vectorized
+  (`shuffle.ShuffledOrder`, equal to Grain's), host `h` of `P` reading only its slice
+  `h*b/P .. (h+1)*b/P`, each batch in one call: the batches of Grain's per-example
+  `MapDataset.source(rows).shuffle(seed).repeat().batch(...)`, without its per-example
+  cost. The global batch sequence is the same on any number of processes, and resuming
+  at step `s` starts the pipeline at `s`: the state's `data_position` (saved in the same
+  Orbax checkpoint) is the whole iterator state. Worker processes (`workers`) and read
+  threads with a prefetch buffer come from Grain. Epochs run into each other: a batch
+  may hold the last examples of one epoch and the first of the next (each example is
+  still seen once per epoch).
 - `valid`: a dict of lazy columns (`len`, slicing give NumPy arrays) read on demand.
 
 Token sets give windows of `seq_len + 1` tokens (consecutive windows share one token,
 as `jaxtrain.data.text.windows`); `cross_documents=False` keeps every window inside one
 document (a document shorter than `seq_len + 1` tokens then gives none).
 What is held in memory: the document start offsets (8 bytes per document, plus 8 per
-document for the window counts when windows stay in documents), Grain's prefetch buffer and
-one open file per shard; rows are read with `os.pread`, never mapped.
+document for the window counts when windows stay in documents), Grain's prefetch buffer,
+one open file per shard and the shuffle's last two blocks (at most 1 MB); rows are read
+with `os.pread`, never mapped.
 """
 
 from __future__ import annotations
