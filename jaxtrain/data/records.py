@@ -5,25 +5,26 @@
 
 - `train`: a `Records` split; the Trainer asks it for a `loader(batch_size, seed)`, a
   Grain pipeline whose batch for step `s` is a pure function of (seed, s, the data):
-  `MapDataset.range(len(rows)).shuffle(seed).repeat()` (a global shuffle of the example
-  indices, a new one each epoch, computed per index: no permutation array is held)
-  `.batch(batch_size // process_count)[process_index::process_count].map(rows.take)`, so
-  host `h` reads only rows `h*b/P .. (h+1)*b/P` of each global batch, each batch in one
-  call (the batches of Grain's per-example `MapDataset.source(rows).shuffle(seed)
-  .repeat().batch(...)`, without its per-example cost). The global batch sequence is the same on any
-  number of processes, and resuming at step `s` starts the pipeline at `s`: the state's
-  `data_position` (saved in the same Orbax checkpoint) is the whole iterator state.
-  Worker processes (`workers`) and read threads with a prefetch buffer come from Grain.
-  Epochs run into each other: a batch may hold the last examples of one epoch and the
-  first of the next (each example is still seen once per epoch).
+  the rows at positions `s*b .. (s+1)*b` of `MapDataset.range(len(rows)).shuffle(seed)
+  .repeat()` (a global shuffle, a new one each epoch), computed vectorized
+  (`shuffle.ShuffledOrder`, equal to Grain's), host `h` of `P` reading only its slice
+  `h*b/P .. (h+1)*b/P`, each batch in one call: the batches of Grain's per-example
+  `MapDataset.source(rows).shuffle(seed).repeat().batch(...)`, without its per-example
+  cost. The global batch sequence is the same on any number of processes, and resuming
+  at step `s` starts the pipeline at `s`: the state's `data_position` (saved in the same
+  Orbax checkpoint) is the whole iterator state. Worker processes (`workers`) and read
+  threads with a prefetch buffer come from Grain. Epochs run into each other: a batch
+  may hold the last examples of one epoch and the first of the next (each example is
+  still seen once per epoch).
 - `valid`: a dict of lazy columns (`len`, slicing give NumPy arrays) read on demand.
 
 Token sets give windows of `seq_len + 1` tokens (consecutive windows share one token,
 as `jaxtrain.data.text.windows`); `cross_documents=False` keeps every window inside one
 document (a document shorter than `seq_len + 1` tokens then gives none).
 What is held in memory: the document start offsets (8 bytes per document, plus 8 per
-document for the window counts when windows stay in documents), Grain's prefetch buffer and
-one open file per shard; rows are read with `os.pread`, never mapped.
+document for the window counts when windows stay in documents), Grain's prefetch buffer,
+one open file per shard and the shuffle's last two blocks (at most 1 MB); rows are read
+with `os.pread`, never mapped.
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import JaxtrainError
 from .prepare import FORMAT, MANIFEST, VERSION, all_files, sha256_file
+from .shuffle import ShuffledOrder, shuffle_in_epoch
 
 VERIFY_BYTES = 2 * 2**30  # verify="auto" checks SHA-256 sums of data sets up to this size
+SPAN_BYTES_PER_ROW = 4096  # `take` reads a span of rows in one call up to this per row
 
 
 def read_manifest(path: str | Path, verify="auto") -> dict:
@@ -100,9 +104,9 @@ class _Shards:
     def __getstate__(self):
         return {**self.__dict__, "open": None}
 
-    def __del__(self):
+    def __del__(self, close=os.close):  # `os` may be gone when the interpreter exits
         for fd, *_ in self.open or ():
-            os.close(fd)
+            close(fd)
 
     def _open(self) -> list:
         opened = []
@@ -120,17 +124,31 @@ class _Shards:
         return opened
 
     def take(self, indices) -> np.ndarray:
-        """Rows `indices` (any order) as one array, each read straight into its place."""
+        """Rows `indices` (any order) as one array: each row read straight into its place,
+        or, when they lie in one shard within `count * SPAN_BYTES_PER_ROW` bytes, their
+        whole span read in one call and gathered (a `pread` costs about what copying a
+        4 KiB page does: 1.2 us against ~24 us for an 86 KB span, measured)."""
         if self.open is None:
             self.open = self._open()
         _, _, row, dtype, shape = self.open[0]
+        indices = np.asarray(indices, np.int64)
+        if not len(indices):
+            return np.empty((0, *shape), dtype)
+        if len(self.files) == 1:
+            shard, local = np.zeros(len(indices), np.intp), indices
+        else:
+            shard = self.bounds.searchsorted(indices, "right") - 1
+            local = indices - self.bounds[shard]
+        lo, hi = int(local.min()), int(local.max()) + 1
+        if shard.min() == shard.max() and (hi - lo) * row <= len(local) * SPAN_BYTES_PER_ROW:
+            fd, offset = self.open[int(shard[0])][:2]
+            span = np.frombuffer(os.pread(fd, (hi - lo) * row, offset + lo * row), dtype)
+            return span.reshape(-1, *shape)[local - lo]
         out = np.empty((len(indices), *shape), dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
-        shard = np.searchsorted(self.bounds, indices, "right") - 1
-        for k, (i, f) in enumerate(zip(indices, shard, strict=True)):
+        for k, (f, i) in enumerate(zip(shard.tolist(), local.tolist(), strict=True)):
             fd, offset = self.open[f][:2]
-            os.preadv(fd, [view[k * row:(k + 1) * row]],
-                      offset + (int(i) - int(self.bounds[f])) * row)
+            os.preadv(fd, [view[k * row:(k + 1) * row]], offset + i * row)
         return out
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -249,6 +267,21 @@ class Column:
         return value[rest] if rest else value
 
 
+class ReadBatch:
+    """Host `process_index`'s rows of global batch `step`: positions `step * batch_size +
+    process_index * b ..` (`b = batch_size // process_count`) of the shuffled order."""
+
+    def __init__(self, source, order: ShuffledOrder, batch_size: int, process_index: int,
+                 process_count: int):
+        self.source, self.order, self.batch_size = source, order, batch_size
+        self.local = batch_size // process_count
+        self.offset = process_index * self.local
+
+    def __call__(self, step: int) -> dict:
+        start = int(step) * self.batch_size + self.offset
+        return self.source.take(self.order.rows(start, start + self.local))
+
+
 class Loader:
     """This host's batch of a data position, from a Grain pipeline started at the
     position asked for and followed while positions come in order (see the module
@@ -273,17 +306,17 @@ class Loader:
                                 "in the prepared train split")
         self.batch_size, self.seed = batch_size, seed
         self.workers, self.threads, self.prefetch = workers, threads, prefetch
-        # Grain's shuffle of the example indices, then one read per batch (`take`): the
-        # batches of `MapDataset.source(source).shuffle(seed).repeat().batch(...)`, read
-        # without Grain's per-example overhead (3-4x faster for small examples)
-        order = grain.MapDataset.range(len(source)).shuffle(seed=seed % 2**32).repeat()
-        batches = order.batch(batch_size // pc, drop_remainder=True)[pi::pc]
-        self.dataset = batches.map(source.take)
+        # the batches of `MapDataset.source(source).shuffle(seed).repeat().batch(...)`:
+        # Grain's shuffle computed for a block of indices at once (`ShuffledOrder`), then
+        # one read per batch (`take`), without Grain's per-example cost (~40 us each)
+        read = ReadBatch(source, ShuffledOrder(len(source), seed), batch_size, pi, pc)
+        self.dataset = grain.MapDataset.range(sys.maxsize // batch_size).map(read)
         self.iterator, self.expected = None, None
 
     def _start(self, position: int) -> None:
         import grain
 
+        self.close()
         data = self.dataset[position:].to_iter_dataset(
             grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch))
         if self.workers:
@@ -301,6 +334,9 @@ class Loader:
         return next(self.iterator)
 
     def close(self) -> None:
+        """Stop the Grain iterator (its read threads, worker processes, buffer)."""
+        if self.iterator is not None:
+            self.iterator.close()
         self.iterator, self.expected = None, None
 
 
@@ -313,21 +349,25 @@ class Records:
                  identity: dict | None = None):
         self.source, self.identity = source, identity
         self.workers, self.threads, self.prefetch = workers, threads, prefetch
+        self.last = None  # (batch size, seed, hosts), the Loader last given
 
     def __len__(self) -> int:
         return len(self.source)
 
     def loader(self, batch_size: int, seed: int, **hosts) -> Loader:
-        return Loader(self.source, batch_size, seed, self.workers, self.threads,
-                      self.prefetch, **hosts)
+        """A Loader of these records; the same one again for the same batch size, seed
+        and hosts, so a `fit` that continues where the last one stopped continues its
+        Grain iterator (prefetched batches, threads, workers) instead of starting anew."""
+        key = (batch_size, seed, tuple(sorted(hosts.items())))
+        if self.last is None or self.last[0] != key:
+            self.last = key, Loader(self.source, batch_size, seed, self.workers,
+                                    self.threads, self.prefetch, **hosts)
+        return self.last[1]
 
     def arrays(self, limit: int, seed: int = 0) -> dict:
         """The first `limit` examples of epoch 0 of the seeded shuffle, stacked."""
-        import grain
-
-        shuffled = grain.MapDataset.source(self.source).shuffle(seed=seed % 2**32)
-        rows = [shuffled[i] for i in range(min(limit, len(self.source)))]
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        n = len(self.source)
+        return self.source.take(shuffle_in_epoch(np.arange(min(limit, n)), n, seed))
 
 
 def data_identity(path: str | Path, manifest: dict) -> dict:
