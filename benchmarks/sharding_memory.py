@@ -184,7 +184,10 @@ def capacity(args, budget: int, batch) -> list[dict]:
                 print(json.dumps({"bench": "sharding_capacity_probe", "placement": preset,
                                   "layers": layers, "params": n,
                                   "peak_bytes": probes[layers][0],
-                                  "fits": probes[layers][0] <= budget}), flush=True)
+                                  "fits": probes[layers][0] <= budget}))
+                print(f"probe {preset} {layers} layers: peak {probes[layers][0] / MIB:.1f} MiB"
+                      f" {'fits' if probes[layers][0] <= budget else 'does not fit'}",
+                      flush=True)
             return probes[layers][0]
 
         layers = search(peak, budget)
