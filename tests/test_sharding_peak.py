@@ -14,6 +14,7 @@ cache cannot skip the compile."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -67,3 +68,27 @@ def test_fsdp_temporaries_do_not_grow_with_the_split(devices, capfd, scan_layers
     assert eight <= 1.25 * two, (
         f"fsdp 8-way step temporaries {eight / 2**20:.1f} MiB vs 2-way {two / 2**20:.1f}: "
         "the split gathers activations instead of layer weights")
+
+
+def test_capacity_search_finds_the_deepest_fit_in_few_compiles():
+    """`benchmarks/sharding_memory.search` against counting up one layer at a time, on
+    affine peaks (4 probes: the line's two points, the answer and one more) and on peaks
+    with a wobble under one layer's bytes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from sharding_memory import search
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        per_layer, fixed = rng.uniform(1, 50), rng.uniform(0, 500)
+        wobble = rng.uniform(0, 0.5 * per_layer, 5000) if trial % 2 else np.zeros(5000)
+        budget = rng.uniform(0, 4000)  # under search's limit of 4096 layers
+        peaks = fixed + per_layer * np.arange(5000) + wobble
+        calls = []
+        found = search(lambda n: calls.append(n) or peaks[n], budget)  # noqa: B023
+        deepest = next(n for n in range(1, 5000) if peaks[n] > budget) - 1
+        assert found == deepest, (trial, found, deepest, calls)
+        if not trial % 2 and deepest >= 4:
+            assert len(calls) <= 4, (trial, calls)
