@@ -81,7 +81,8 @@ def main():
         base = rates["unrolled"][1:]
         ratio = statistics.median(r / b for r, b in zip(rates[name][1:], base, strict=True))
         row = {"bench": "scan_layers", "variant": name, "compile_s": runs[name][3],
-               "steps_per_s": statistics.median(rates[name][1:]), "ratio_to_unrolled": ratio}
+               "steps_per_s": statistics.median(rates[name][1:]), "ratio_to_unrolled": ratio,
+               "round_steps_per_s": rates[name][1:]}
         print(json.dumps(row))
         print(f"{name:<16} {row['compile_s']:9.1f} {row['steps_per_s']:8.2f} {ratio:6.3f}")
 

@@ -15,9 +15,10 @@ and peak at most 0.15 of the unrolled dp step's.
 
 Capacity (`--capacity-mib B`, 0 to skip): at the given width, the most layers whose
 scanned step's peak fits B MiB per device under `dp` (8 replicas) and under 8-way
-`fsdp`, found from compiled memory alone (no trial runs): the peak is affine in the
-layer count, so it is measured at 1 and 2 layers, extrapolated, and the answer checked by
-compiling at it and at one layer more.
+`fsdp`, found from compiled memory alone (the step is compiled, never run): the peak is
+affine in the layer count, so it is compiled at 2 and 4 layers, the line predicts the
+answer, and compiling at it and at one layer more confirms it (`search`); each compile
+is printed as it finishes.
 
     python benchmarks/sharding_memory.py [--d-model 256 --layers 4 --heads 8 --seq 128]
     python benchmarks/sharding_memory.py --d-model 512 --layers 8 --heads 8 --vocab 256 \
@@ -63,9 +64,12 @@ def placements(ways: list[int]) -> list[tuple[str, dict, int]]:
 def build(args, scan_layers: bool, remat: str, shapes_only: bool = True, tx=None):
     """(state, logical axes, step) of the GPT `args` describes, trained by `tx` (AdamW
     by default); with `shapes_only` the state is shapes (nothing initialised), else real
-    arrays (seed 0)."""
+    arrays (seed 0). Scanned shapes are those of a 2-layer GPT with the stacked `layers`
+    dim widened to `args.layers`: the same shapes, without building every block (building
+    100 blocks, even abstractly, took 45 s)."""
+    built = min(args.layers, 2) if shapes_only and scan_layers else args.layers
     make = lambda: GPT(  # noqa: E731
-        vocab_size=args.vocab, d_model=args.d_model, num_layers=args.layers,
+        vocab_size=args.vocab, d_model=args.d_model, num_layers=built,
         num_heads=args.heads, max_len=args.seq, scan_layers=scan_layers, remat=remat,
         rngs=nnx.Rngs(0))
     with nnx.use_eager_sharding(False):
@@ -73,6 +77,10 @@ def build(args, scan_layers: bool, remat: str, shapes_only: bool = True, tx=None
     graphdef, params = nnx.split(model, nnx.Param)
     axes = logical_axes(params)
     params = nnx.to_pure_dict(params)
+    if built != args.layers:
+        params["blocks"] = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((args.layers, *x.shape[1:]), x.dtype),
+            params["blocks"])
     tx = optax.adamw(1e-3) if tx is None else tx
 
     def step(state, batch):
@@ -155,32 +163,78 @@ def temp_target_bytes(args, ways: int = 8) -> dict:
 
 def capacity(args, budget: int, batch) -> list[dict]:
     """The largest layer count (and its params) whose scanned step fits `budget` bytes per
-    device, under dp and under 8-way fsdp."""
+    device, under dp and under 8-way fsdp, from compiled memory alone (nothing runs).
+
+    At a fixed width the step's peak is affine in the layer count (per layer: its share of
+    params, gradients and optimizer state, and the layer input the scan keeps), so it is
+    compiled at 2 and 4 layers, the line through them predicts the answer, and the answer
+    is confirmed by compiling at it and at one layer more; a miss refits through the
+    nearest probes (bisecting if that stalls). Each probe is printed as it is compiled."""
     rows = []
     for preset, sizes in (("dp", dict(data=8)), ("fsdp", dict(data=1, fsdp=8))):
-        cache = {}
+        probes: dict[int, tuple[int, int]] = {}  # layers -> (peak bytes, params)
 
-        def peak(layers, preset=preset, sizes=sizes, cache=cache):
-            if layers not in cache:
+        def peak(layers, preset=preset, sizes=sizes, probes=probes):
+            if layers not in probes:
                 wide = argparse.Namespace(**{**vars(args), "layers": layers})
                 state, axes, step = build(wide, True, args.remat)
                 n = sum(x.size for x in jax.tree.leaves(state["params"]))
-                cache[layers] = (measure(state, axes, step, preset, sizes, 8, batch)[
+                probes[layers] = (measure(state, axes, step, preset, sizes, 8, batch)[
                     "peak_bytes"], n)
-            return cache[layers][0]
+                print(json.dumps({"bench": "sharding_capacity_probe", "placement": preset,
+                                  "layers": layers, "params": n,
+                                  "peak_bytes": probes[layers][0],
+                                  "fits": probes[layers][0] <= budget}))
+                print(f"probe {preset} {layers} layers: peak {probes[layers][0] / MIB:.1f} MiB"
+                      f" {'fits' if probes[layers][0] <= budget else 'does not fit'}",
+                      flush=True)
+            return probes[layers][0]
 
-        slope = peak(2) - peak(1)
-        layers = max(int((budget - (peak(1) - slope)) // slope), 0)
-        while layers > 0 and peak(layers) > budget:
-            layers -= 1
-        while peak(layers + 1) <= budget:
-            layers += 1
+        layers = search(peak, budget)
+        low, high = min(probes), max(probes)
+        slope = (probes[high][0] - probes[low][0]) / max(high - low, 1)
         rows.append({"bench": "sharding_capacity", "placement": preset, "budget_bytes": budget,
-                     "layers": layers, "params": cache[layers][1] if layers else 0,
-                     "peak_bytes": cache[layers][0] if layers else None,
-                     "bytes_per_layer": slope})
+                     "layers": layers, "params": probes[layers][1] if layers else 0,
+                     "peak_bytes": probes[layers][0] if layers else None,
+                     "bytes_per_layer": slope, "compiles": len(probes)})
     rows[1]["params_over_dp"] = rows[1]["params"] / max(rows[0]["params"], 1)
     return rows
+
+
+def search(peak, budget: int, first: int = 2, second: int = 4, limit: int = 4096) -> int:
+    """The largest layer count `n` with `peak(n) <= budget` (0 if one layer does not fit;
+    at most `limit`), for `peak` increasing in `n` and near affine. Probes `first` and
+    `second`, then the largest count the line through the probes nearest the answer
+    predicts together with the count above it (the pair that settles the answer if the
+    line is right), narrowing the bracket of counts known to fit and not to; after three
+    such rounds it bisects the bracket."""
+    seen: dict[int, int] = {}
+    fits, over = 0, limit + 1  # largest count known to fit, smallest known not to
+
+    def probe(n):
+        nonlocal fits, over
+        if fits < n < over:
+            seen[n] = peak(n)
+            fits, over = (n, over) if seen[n] <= budget else (fits, n)
+
+    probe(first)
+    probe(second)
+    if over == first:
+        probe(1)
+    rounds = 0
+    while over - fits > 1:
+        lo = fits if fits in seen else min(seen)
+        others = [n for n in seen if n != lo]
+        hi = over if over in seen else max(others, key=lambda n: (n < lo, n))
+        slope = (seen[hi] - seen[lo]) / (hi - lo)
+        guess = lo + int((budget - seen[lo]) // slope) if slope > 0 else 2 * fits
+        if rounds >= 3:
+            guess = (fits + over) // 2
+        guess = min(max(guess, fits + 1), over - 1)
+        probe(guess)
+        probe(guess + 1)
+        rounds += 1
+    return fits
 
 
 def report(args, rows, state) -> None:
@@ -250,12 +304,13 @@ def main():
               f"{args.remat}) whose step's peak fits {args.capacity_mib:g} MiB per device")
         for row in found:
             print(json.dumps(row), flush=True)
-        print(f"{'placement':<11} {'layers':>6} {'params':>13} {'peak MiB':>9} {'MiB/layer':>9}")
+        print(f"{'placement':<11} {'layers':>6} {'params':>13} {'peak MiB':>9} {'MiB/layer':>9} "
+              f"{'compiles':>8}")
         for row in found:
             peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / MIB:9.1f}"
             print(f"{row['placement'] + (' 8-way' if row['placement'] == 'fsdp' else ''):<11} "
                   f"{row['layers']:>6} {row['params']:>13,} {peak:>9} "
-                  f"{row['bytes_per_layer'] / MIB:9.2f}")
+                  f"{row['bytes_per_layer'] / MIB:9.2f} {row['compiles']:>8}")
         print(f"fsdp 8-way fits {found[1]['params_over_dp']:.1f}x the params of dp "
               "(target >= 6x)")
 

@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from .errors import JaxtrainError
@@ -23,7 +24,8 @@ from .errors import JaxtrainError
 BENCHMARKS = {
     "optimizer": ("optimizer_step.py", ["--runs", "3", "--only", "sgd_momentum,adam,adamw,lion"]),
     "loop": ("loop_overhead.py", ["--reps", "2", "--steps", "80"]),
-    "sharding": ("sharding_memory.py", ["--d-model", "128", "--layers", "2", "--ways", "8"]),
+    "sharding": ("sharding_memory.py", ["--d-model", "128", "--layers", "2", "--ways", "8",
+                                        "--capacity-mib", "32"]),
     "scan": ("scan_layers.py", ["--d-model", "128", "--layers", "4", "--steps", "3",
                                 "--reps", "2"]),
     "checkpoint": ("checkpoint_io.py", ["--mb", "50", "--rounds", "1"]),
@@ -82,17 +84,25 @@ def run(names: list[str], directory=None, quick: bool = False, as_json: bool = F
         command = [sys.executable, str(folder / script), *(quick_args if quick else [])]
         print(f"\n== {name}: {' '.join([script, *(quick_args if quick else [])])}",
               file=sys.stderr, flush=True)
-        proc = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if not line.startswith("[Gloo]")]
+        # lines are passed on as the script prints them: a long run shows its progress
+        # stderr (XLA's logs can be long) goes to a file, so a full pipe never stalls it
+        with tempfile.TemporaryFile("w+") as errors, subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=errors, text=True) as proc:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if line.startswith("[Gloo]"):
+                    continue
+                is_json = line.startswith("{")
+                if as_json and is_json:
+                    print(json.dumps({"benchmark": name, **json.loads(line)}), file=out,
+                          flush=True)
+                elif not as_json and not is_json and line.strip():
+                    print(f"[{name}] {line}", file=out, flush=True)
+            proc.wait()
+            errors.seek(0)
+            stderr = errors.read()
         if proc.returncode:
             failed += 1
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            tail = (stderr.strip().splitlines() or ["(no output)"])[-1]
             print(f"{name}: failed (exit {proc.returncode}): {tail}", file=sys.stderr)
-        for line in lines:
-            is_json = line.startswith("{")
-            if as_json and is_json:
-                print(json.dumps({"benchmark": name, **json.loads(line)}), file=out)
-            elif not as_json and not is_json and line.strip():
-                print(f"[{name}] {line}", file=out)
-        out.flush()
     return failed

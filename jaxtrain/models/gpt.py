@@ -190,6 +190,23 @@ def batch_sharded(x):
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
+def whole_rows(table):
+    """`table` (rows, embed) constrained to unsplit rows (its `embed` dim replicated, the
+    row dim left to the partitioner) when traced under a mesh; else `table`.
+
+    Why: the lookup's gradient is a scatter-add of batch-split rows into the table. With
+    the table split on `embed` (fsdp) and the batch also split over `data`, XLA's scatter
+    partitioner tries moving the updates onto the table's `embed` split, a resharding it
+    can only do through a full replicated copy, and logs "Involuntary full
+    rematerialization" (unrolled and scanned GPT, fsdp and fsdp+tp with data > 1). With
+    whole rows the scatter runs on each device's batch rows, then sums across devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        return table  # inside shard_map/pmap (Manual axes) the split is the caller's
+    free = jax.sharding.PartitionSpec.UNCONSTRAINED
+    return jax.lax.with_sharding_constraint(table, jax.sharding.PartitionSpec(free, None))
+
+
 def stack_modules(modules: list[nnx.Module], axis_name: str = LAYER_AXIS) -> nnx.Module:
     """One module like `modules[0]` whose every variable is the stack of the modules'
     variables on a new leading axis, with `axis_name` prepended to its logical axis names.
@@ -269,7 +286,7 @@ class GPT(nnx.Module):
         # The table is used directly: nnx.Embed computes in the dtype it was built with
         # (float32), which would undo a bfloat16 compute policy's cast of the params.
         table = self.embed.embedding[...]
-        x = jnp.take(table, tokens, axis=0)
+        x = jnp.take(whole_rows(table), tokens, axis=0)
         if self.pos_embed is not None:
             x = x + self.pos_embed.embedding[...][:t]
         x = self._run_blocks(x)
