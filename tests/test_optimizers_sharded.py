@@ -20,6 +20,7 @@ rotated rounding noise divided by its own root mean square becomes a full-size s
 """
 
 import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -29,6 +30,8 @@ from _sharding_models import build, train
 
 from jaxtrain import sharding, transforms
 from jaxtrain.transforms.blocks import Grid
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_mlp_ema.yaml"
 
 # Blocks of 32 (the GPT's kernels are 32 x 32 to 32 x 128): 26 of them, stacked and padded
 # to 32 so that each of the 8 devices holds and preconditions 4.
@@ -159,3 +162,68 @@ def test_stacked_state_checkpoints_through_orbax(tmp_path):
     assert jax.tree.structure(back) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _config_run(tmp_path, optimizer: dict, steps: int = 3):
+    """`jaxtrain train` of the digits MLP with `optimizer` on 8-way fsdp (as the CLI runs
+    a config): the summary, and the optimizer state at the end of the run."""
+    from jaxtrain.train.callbacks import Callback
+    from jaxtrain.train.config import load_config
+    from jaxtrain.train.run import run_config
+
+    class Keep(Callback):
+        def on_fit_end(self, trainer, state):
+            self.state = state
+
+    keep = Keep()
+    cfg = load_config(CONFIG, [f"out={tmp_path}", f"train.steps={steps}", "train.eval_every=null",
+                               "checkpoint.at_end=false", "logging.plots=false",
+                               "logging.progress=false", "model.hidden=[64, 32]",
+                               "sharding.preset=fsdp", "sharding.mesh={data: 1, fsdp: 8}",
+                               f"optimizer.optimizer={optimizer}"])
+    return run_config(cfg, callbacks=[keep]), keep.state.opt_state
+
+
+def test_a_config_run_takes_num_devices_from_the_mesh(tmp_path, devices):
+    """`optimizer: {name: soap}` with `sharding: {mesh: {fsdp: 8}}`, no `num_devices`
+    written: every per-block stack of the state is padded to a multiple of 8 and split
+    over the 8 devices (with num_devices 1, the MLP's single 64 x 64 block would stay
+    whole on every device)."""
+    from jaxtrain.transforms.blocks import Stacks
+
+    summary, opt_state = _config_run(tmp_path, "{name: soap, learning_rate: 1e-3}")
+    assert summary["step"] == 3 and np.isfinite(summary["train"]["loss"])
+    stacks = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, Stacks))
+              if isinstance(s, Stacks)]
+    arrays = [a for s in stacks for a in jax.tree.leaves(s)]
+    assert arrays, "no per-block state found"
+    for a in arrays:
+        assert a.shape[0] % 8 == 0, a.shape
+        assert a.sharding.shard_shape(a.shape)[0] == a.shape[0] // 8, (a.shape, a.sharding)
+
+
+def test_a_config_num_devices_the_mesh_does_not_divide_is_refused(tmp_path, devices):
+    from jaxtrain.errors import JaxtrainError
+
+    with pytest.raises(JaxtrainError, match=r"optimizer\.num_devices: 3 does not split evenly "
+                                            r"over the mesh's 8 devices: give a multiple of 8"):
+        _config_run(tmp_path, "{name: soap, num_devices: 3}")
+
+
+def test_a_spec_built_for_a_mesh_pads_every_stack_to_its_device_count():
+    """`spec.build(..., num_devices=8)` (what a config run passes): Shampoo's stacks, also
+    a parameter group's SOAP, padded to a multiple of 8; a spec's own multiple of 8 kept."""
+    from jaxtrain.transforms import spec
+    from jaxtrain.transforms.blocks import Stacks
+
+    params = {"w": np.zeros((200, 64), np.float32), "head": {"w": np.zeros((64, 10), np.float32)}}
+    for config, want in [({"optimizer": "shampoo", "learning_rate": 0.1}, 8),
+                         ({"optimizer": {"name": "shampoo", "num_devices": 16},
+                           "learning_rate": 0.1}, 16),
+                         ({"optimizer": "adam", "learning_rate": 0.1,
+                           "groups": {"head/*": {"optimizer": "soap"}}}, 8)]:
+        state = jax.eval_shape(spec.build(config, num_devices=8).init, params)
+        stacks = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, Stacks))
+                  if isinstance(s, Stacks)]
+        sizes = {a.shape[0] for s in stacks for a in jax.tree.leaves(s)}
+        assert sizes == {want}, (config, sizes)
