@@ -8,10 +8,17 @@ bandwidth (4 reads + 3 writes of 4 bytes per param) against a donated elementwis
 copy (1 read + 1 write) of the same bytes.
 
     python benchmarks/optimizer_step.py [--runs 10] [--only adam,adamw] [--inner K]
+    python benchmarks/optimizer_step.py --compile [--leaves 1000] [--runs 7] [--only ...]
 
 `--inner K` runs K updates per timed call (a `fori_loop` in the jitted function), so that
 on a GPU, where one 10M-param update takes tens of microseconds, the timing measures the
 device and not host dispatch.
+
+`--compile` measures instead the time to trace, lower and compile that jitted step on a
+pytree of `--leaves` small (64, 8) leaves (issue 20, point 5: a 1,000-leaf update must
+compile in at most 1.2x Optax's time): each run a fresh `jax.jit` after
+`jax.clear_caches()`, ours and Optax alternating, medians and the median ratio
+(`COMPILE_PAIRS`: the optimizers with an Optax twin of the same algorithm).
 
 Prints one JSON line per measurement, then a table.
 """
@@ -64,6 +71,17 @@ PAIRS = {
     ),
     "muon": (T.muon(LR), optax.contrib.muon(LR)),
     "schedule_free_adamw": (T.schedule_free_adamw(LR), optax.contrib.schedule_free_adamw(LR)),
+}
+
+
+# The compile-time comparison: the classics most used and the frontier ones with a twin.
+COMPILE_PAIRS = {
+    "adam": (T.adam(LR), optax.adam(LR)),
+    "adamw": (T.adamw(LR), optax.adamw(LR, weight_decay=1e-2)),
+    "sgd_momentum": (T.sgd(LR, momentum=0.9), optax.sgd(LR, momentum=0.9)),
+    "lion": (T.lion(LR), optax.lion(LR)),
+    "ademamix": (T.ademamix(LR), optax.contrib.ademamix(LR)),
+    "muon": (T.muon(LR, adam_paths=()), optax.contrib.muon(LR)),
 }
 
 
@@ -121,6 +139,59 @@ def compare(name, ours, theirs, leaves, runs, inner=1, warmup=2):
     return statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios)
 
 
+def compile_seconds(tx, leaves: int) -> tuple[float, float]:
+    """Seconds to trace + lower, and to compile, a fresh jitted donated step of `tx` on
+    `leaves` (64, 8) float32 leaves (shapes only: nothing runs)."""
+    params = {f"p{i:04d}": jax.ShapeDtypeStruct((64, 8), jnp.float32) for i in range(leaves)}
+    carry = (params, jax.eval_shape(tx.init, params))
+    jax.clear_caches()
+    start = time.perf_counter()
+    lowered = make_step(tx).lower(carry, params)
+    traced = time.perf_counter()
+    lowered.compile()
+    return traced - start, time.perf_counter() - traced
+
+
+def compare_compile(ours, theirs, leaves, runs, warmup=1):
+    """Median seconds (trace + lower, compile, total) of each side, alternating, and the
+    median of per-round total ratios."""
+    times = ([], [])
+    for r in range(warmup + runs):
+        for i, tx in enumerate((ours, theirs)):
+            trace, comp = compile_seconds(tx, leaves)
+            if r >= warmup:
+                times[i].append((trace, comp, trace + comp))
+    med = [[statistics.median(t[k] for t in side) for k in range(3)] for side in times]
+    ratio = statistics.median(a[2] / b[2] for a, b in zip(*times, strict=True))
+    return med[0], med[1], ratio
+
+
+def main_compile(args, names) -> None:
+    import os
+
+    print(json.dumps({"bench": "optimizer_compile", "jax": jax.__version__,
+                      "optax": optax.__version__, "backend": jax.default_backend(),
+                      "load_average": os.getloadavg()}), flush=True)
+    rows = []
+    for name in names:
+        ours, theirs = COMPILE_PAIRS[name]
+        mine, optax_s, ratio = compare_compile(ours, theirs, args.leaves, args.runs)
+        rec = {"bench": "optimizer_compile", "optimizer": name, "leaves": args.leaves,
+               "runs": args.runs, "ours_trace_s": round(mine[0], 3),
+               "ours_compile_s": round(mine[1], 3), "ours_s": round(mine[2], 3),
+               "optax_trace_s": round(optax_s[0], 3), "optax_compile_s": round(optax_s[1], 3),
+               "optax_s": round(optax_s[2], 3), "ratio": round(ratio, 3),
+               "load_average": os.getloadavg()[0]}
+        print(json.dumps(rec), flush=True)
+        rows.append(rec)
+    print(f"\n{'optimizer':14s} {'ours s (trace + compile)':>26s} "
+          f"{'optax s (trace + compile)':>26s} {'ratio':>6s}")
+    for r in rows:
+        print(f"{r['optimizer']:14s} {r['ours_s']:8.2f} ({r['ours_trace_s']:.2f} + "
+              f"{r['ours_compile_s']:.2f}) {r['optax_s']:9.2f} ({r['optax_trace_s']:.2f} + "
+              f"{r['optax_compile_s']:.2f}) {r['ratio']:6.3f}")
+
+
 def bandwidth(runs, leaves=1, warmup=2):
     """AdamW's bytes per second (28 per param) and a donated x+1 copy's (8 per param)."""
     tx = T.adamw(LR)
@@ -144,12 +215,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--only", default="", help="comma-separated optimizer names")
     parser.add_argument("--inner", type=int, default=1, help="updates per timed call")
+    parser.add_argument("--compile", action="store_true", help="time compiling, not running")
+    parser.add_argument("--leaves", type=int, default=1000, help="leaves, with --compile")
     args = parser.parse_args()
+    pairs = COMPILE_PAIRS if args.compile else PAIRS
     wanted = [n for n in args.only.split(",") if n]
-    unknown = [n for n in wanted if n not in PAIRS]
+    unknown = [n for n in wanted if n not in pairs]
     if unknown:
-        parser.error(f"--only: unknown optimizer {unknown[0]!r} (valid: {', '.join(PAIRS)})")
-    names = [n for n in PAIRS if not wanted or n in wanted]
+        parser.error(f"--only: unknown optimizer {unknown[0]!r} (valid: {', '.join(pairs)})")
+    names = [n for n in pairs if not wanted or n in wanted]
+    if args.compile:
+        main_compile(args, names)
+        return
     rows = []
     for leaves in (1, 200):
         for name in names:

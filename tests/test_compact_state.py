@@ -89,7 +89,7 @@ def test_adamw_8bit_follows_bitsandbytes_adamw8bit(bnb_exact):
         u, state = update({"w": jnp.asarray(g)}, state, params)
         params = optax.apply_updates(params, u)
     adam_state = state.inner_state[0]
-    for ours, key in ((adam_state.mu["w"].codes, "state1"), (adam_state.nu["w"].codes,
+    for ours, key in ((adam_state.mu.codes["w"], "state1"), (adam_state.nu.codes["w"],
                                                            "state2")):
         apart = np.abs(np.asarray(ours, int) - opt.state[theirs][key].numpy().astype(int))
         assert apart.max() <= 1 and np.count_nonzero(apart) <= 6, key
@@ -173,7 +173,7 @@ def test_moment_dtypes_from_a_spec_and_one_line_errors():
     assert adam_state.mu["w"].dtype == adam_state.nu["w"].dtype == jnp.bfloat16
     state = build("optimizer: {name: adam_8bit, block_size: 128}\nlearning_rate: 1e-3"
                   ).init(params)
-    assert transforms.find_state(state, optax.ScaleByAdamState).nu["w"].absmax.shape == (32,)
+    assert transforms.find_state(state, optax.ScaleByAdamState).nu.absmax["w"].shape == (32,)
     for spec, message in [
         ({"name": "adamw", "nu_dtype": "int8"},
          "optimizer: adamw: nu_dtype must be one of float32, bfloat16 (8-bit moments: "

@@ -20,6 +20,7 @@ rotated rounding noise divided by its own root mean square becomes a full-size s
 """
 
 import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -30,6 +31,8 @@ from _sharding_models import build, train
 from jaxtrain import sharding, transforms
 from jaxtrain.transforms.blocks import Grid
 
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_mlp_ema.yaml"
+
 # Blocks of 32 (the GPT's kernels are 32 x 32 to 32 x 128): 26 of them, stacked and padded
 # to 32 so that each of the 8 devices holds and preconditions 4.
 BLOCKS = dict(block_size=32, num_devices=8)
@@ -37,6 +40,8 @@ OPTIMIZERS = {
     "muon": lambda: transforms.muon(1e-2),
     "shampoo": lambda: transforms.shampoo(1e-3, precondition_every=2, **BLOCKS),
     "soap": lambda: transforms.soap(1e-3, precondition_frequency=2, **BLOCKS),
+    # 8-bit moments (the GPT's 32 x 128 MLP kernels; the smaller leaves stay float32)
+    "adamw_8bit": lambda: transforms.adamw_8bit(1e-3),
 }
 FSDP = dict(data=1, fsdp=8)
 # SOAP amplifies the rounding differences of the model's gradients (module docstring).
@@ -70,7 +75,7 @@ def test_fsdp_matches_one_device(devices, name):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["adamw", "muon", "shampoo", "soap"])
+@pytest.mark.parametrize("name", ["adamw", "muon", "shampoo", "soap", "adamw_8bit"])
 def test_state_is_sharded_like_the_params(devices, name):
     _, state, shardings, _, _ = _state(name, devices)
     mine = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
@@ -96,20 +101,24 @@ def _jit_update(tx, shardings):
                    out_shardings=(shardings.params, shardings.opt_state))
 
 
-@pytest.mark.parametrize("name", ["adamw", "muon", "shampoo", "soap"])
+@pytest.mark.parametrize("name", ["adamw", "muon", "shampoo", "soap", "adamw_8bit"])
 def test_update_gathers_no_whole_matrix_and_equals_one_device(devices, name):
     """The optimizer update alone (grads, state and params sharded in and out): no device
     all-gathers a tensor as large as a whole kernel (AdamW, elementwise, gathers nothing;
     before the blocks, Muon gathered its 32 x 128 kernels, Shampoo and SOAP 128 x 128
-    statistics). And on the same gradients (3 steps, preconditioners recomputed at step 2)
-    8 devices give one device's updates to 1e-6: each block is worked on whole, on one
-    device, in the same order of operations."""
+    statistics). 8-bit AdamW gathers no more than one block's worth (256 values): only the
+    per-block scales (16 per kernel), its codes sharded like the kernels (before, its
+    state was replicated and each update gathered the 32 x 128 codes). And on the same
+    gradients (3 steps, preconditioners recomputed at step 2) 8 devices give one device's
+    updates to 1e-6: each block is worked on whole, on one device, in the same order of
+    operations."""
     tx, state, sh, mesh, axes = _state(name, devices)
     update = _jit_update(tx, sh)
     with jax.set_mesh(mesh):  # the transforms spread their blocks over the mesh in use
         hlo = update.lower(state.params, state.opt_state, state.params).compile().as_text()
     whole = min(x.size for x in jax.tree.leaves(state.params) if x.ndim == 2)
-    assert largest_all_gather(hlo) < whole, f"{name} all-gathers whole matrices"
+    assert largest_all_gather(hlo) < (256 if name == "adamw_8bit" else whole), (
+        f"{name} all-gathers whole matrices ({largest_all_gather(hlo)} values)")
 
     rng = np.random.default_rng(0)
     grads = [jax.tree.map(lambda p: 0.01 * rng.normal(size=p.shape).astype(np.float32),
@@ -159,3 +168,68 @@ def test_stacked_state_checkpoints_through_orbax(tmp_path):
     assert jax.tree.structure(back) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _config_run(tmp_path, optimizer: dict, steps: int = 3):
+    """`jaxtrain train` of the digits MLP with `optimizer` on 8-way fsdp (as the CLI runs
+    a config): the summary, and the optimizer state at the end of the run."""
+    from jaxtrain.train.callbacks import Callback
+    from jaxtrain.train.config import load_config
+    from jaxtrain.train.run import run_config
+
+    class Keep(Callback):
+        def on_fit_end(self, trainer, state):
+            self.state = state
+
+    keep = Keep()
+    cfg = load_config(CONFIG, [f"out={tmp_path}", f"train.steps={steps}", "train.eval_every=null",
+                               "checkpoint.at_end=false", "logging.plots=false",
+                               "logging.progress=false", "model.hidden=[64, 32]",
+                               "sharding.preset=fsdp", "sharding.mesh={data: 1, fsdp: 8}",
+                               f"optimizer.optimizer={optimizer}"])
+    return run_config(cfg, callbacks=[keep]), keep.state.opt_state
+
+
+def test_a_config_run_takes_num_devices_from_the_mesh(tmp_path, devices):
+    """`optimizer: {name: soap}` with `sharding: {mesh: {fsdp: 8}}`, no `num_devices`
+    written: every per-block stack of the state is padded to a multiple of 8 and split
+    over the 8 devices (with num_devices 1, the MLP's single 64 x 64 block would stay
+    whole on every device)."""
+    from jaxtrain.transforms.blocks import Stacks
+
+    summary, opt_state = _config_run(tmp_path, "{name: soap, learning_rate: 1e-3}")
+    assert summary["step"] == 3 and np.isfinite(summary["train"]["loss"])
+    stacks = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, Stacks))
+              if isinstance(s, Stacks)]
+    arrays = [a for s in stacks for a in jax.tree.leaves(s)]
+    assert arrays, "no per-block state found"
+    for a in arrays:
+        assert a.shape[0] % 8 == 0, a.shape
+        assert a.sharding.shard_shape(a.shape)[0] == a.shape[0] // 8, (a.shape, a.sharding)
+
+
+def test_a_config_num_devices_the_mesh_does_not_divide_is_refused(tmp_path, devices):
+    from jaxtrain.errors import JaxtrainError
+
+    with pytest.raises(JaxtrainError, match=r"optimizer\.num_devices: 3 does not split evenly "
+                                            r"over the mesh's 8 devices: give a multiple of 8"):
+        _config_run(tmp_path, "{name: soap, num_devices: 3}")
+
+
+def test_a_spec_built_for_a_mesh_pads_every_stack_to_its_device_count():
+    """`spec.build(..., num_devices=8)` (what a config run passes): Shampoo's stacks, also
+    a parameter group's SOAP, padded to a multiple of 8; a spec's own multiple of 8 kept."""
+    from jaxtrain.transforms import spec
+    from jaxtrain.transforms.blocks import Stacks
+
+    params = {"w": np.zeros((200, 64), np.float32), "head": {"w": np.zeros((64, 10), np.float32)}}
+    for config, want in [({"optimizer": "shampoo", "learning_rate": 0.1}, 8),
+                         ({"optimizer": {"name": "shampoo", "num_devices": 16},
+                           "learning_rate": 0.1}, 16),
+                         ({"optimizer": "adam", "learning_rate": 0.1,
+                           "groups": {"head/*": {"optimizer": "soap"}}}, 8)]:
+        state = jax.eval_shape(spec.build(config, num_devices=8).init, params)
+        stacks = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, Stacks))
+                  if isinstance(s, Stacks)]
+        sizes = {a.shape[0] for s in stacks for a in jax.tree.leaves(s)}
+        assert sizes == {want}, (config, sizes)

@@ -267,10 +267,11 @@ def run_config(cfg: RunConfig, resume: bool = False, callbacks=()) -> dict:
     if cfg.distill is not None:
         task, data = distill_setup(cfg, task, data)
     model = model_registry.build(name, seed, **kwargs)
-    tx = build_spec(cfg.optimizer, "config key 'optimizer': ")
+    mesh = sharding.make_mesh(**to_dict(cfg.sharding.mesh))
+    # Shampoo's and SOAP's per-block state is padded to split evenly over the mesh.
+    tx = build_spec(cfg.optimizer, "config key 'optimizer': ", num_devices=mesh.size)
     train_data, privacy = data["train"], cfg.privacy
     if privacy is not None:  # DP-SGD on Poisson batches of expected size train.batch_size
-        mesh = sharding.make_mesh(**to_dict(cfg.sharding.mesh))
         tx, train_data, rate = dp_from_config(privacy, tx, train_data, train,
                                               seed, sharding.batch_parallelism(mesh))
     check_patterns(config_patterns(cfg), path_list(nnx.to_pure_dict(nnx.state(model,
@@ -281,8 +282,7 @@ def run_config(cfg: RunConfig, resume: bool = False, callbacks=()) -> dict:
             raise JaxtrainError("config key 'local_sgd': its rounds run their own loop, "
                                 "which takes no Trainer callbacks (nor Ray's reports)")
         return run_local_sgd(cfg, state, task, data, {"name": name, **kwargs},
-                             checkpoint_folder(cfg),
-                             sharding.make_mesh(**to_dict(cfg.sharding.mesh)))
+                             checkpoint_folder(cfg), mesh)
     trainer = config_trainer(cfg, state, model, task, {"name": name, **kwargs},
                              callbacks=callbacks)
     state = trainer.fit(train_data, train.steps, eval_data=data.get("valid"),

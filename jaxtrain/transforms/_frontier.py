@@ -10,11 +10,22 @@ statistics are computed in float32, and the updates come back in each gradient's
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
 
+from ..errors import JaxtrainError
 from .inject import injected
+from .low_precision import stochastic_round_bf16
+
+# The state fields holding per-param moments (`mu_dtype` stores them): first and second
+# moments, AdEMAMix's slow EMA, Shampoo's momenta, MARS's previous gradient. Statistics,
+# preconditioners and bases (Shampoo, SOAP, Kron) and Shampoo's graft statistics stay
+# float32.
+MOMENTS = ("mu", "nu", "m1", "m2", "momentum", "graft_momentum", "prev_grad")
+MOMENT_DTYPES = ("float32", "bfloat16")
 
 
 def inject(factory, static=(), **hyperparams):
@@ -61,5 +72,61 @@ def in_f32(tx):
 
     def update(updates, state, params=None):
         return tx.update(jax.tree.map(f32, updates), state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
+def check_mu_dtype(owner: str, mu_dtype):
+    """`mu_dtype` (None, a dtype or its name) as a dtype, or None for float32; else a
+    one-line error naming `owner` and the valid set."""
+    if mu_dtype is None:
+        return None
+    try:
+        name = jnp.dtype(mu_dtype).name
+    except TypeError:
+        name = None
+    if name not in MOMENT_DTYPES:
+        raise JaxtrainError(f"{owner}: mu_dtype must be one of {', '.join(MOMENT_DTYPES)} "
+                            f"(or None: float32), got {mu_dtype!r}")
+    return None if name == "float32" else jnp.dtype(name)
+
+
+class StoredMomentsState(NamedTuple):
+    count: jax.Array  # steps taken: keys the stochastic rounding
+    inner: optax.OptState
+
+
+def _is_moment(path, x) -> bool:
+    return (jnp.issubdtype(x.dtype, jnp.floating) and
+            any(isinstance(k, jax.tree_util.GetAttrKey) and k.name in MOMENTS for k in path))
+
+
+def store_moments(tx, dtype, seed: int = 0):
+    """`tx` (its moments computed and built in float32) with its per-param moments
+    (`MOMENTS`) stored in `dtype` between steps: read back to float32 before each update,
+    written with an unbiased stochastic rounding (bits from `fold_in(PRNGKey(seed),
+    step)`). Rounded to nearest, a slow moving average stalls: b*m + (1-b)*g moves m by
+    (1-b) of its size, under bfloat16's half unit in the last place (2^-9) for b above
+    ~0.998 (AdEMAMix's b3 = 0.9999, Adam's b2 = 0.999), so every step rounds back to the
+    old m. `dtype`: bfloat16, or None: `tx` itself (`check_mu_dtype`)."""
+    if dtype is None:
+        return tx
+
+    def cast(state, fn):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: fn(x) if _is_moment(path, x) else x, state)
+
+    def init(params):
+        return StoredMomentsState(jnp.zeros([], jnp.int32),
+                                  cast(tx.init(params), lambda x: x.astype(dtype)))
+
+    def update(updates, state, params=None):
+        count = optax.safe_increment(state.count)
+        out, inner = tx.update(updates, cast(state.inner, f32), params)
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), count)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(inner)
+        stored = [stochastic_round_bf16(x, jax.random.fold_in(key, i))
+                  if _is_moment(path, x) else x for i, (path, x) in enumerate(flat)]
+        return out, StoredMomentsState(count, treedef.unflatten(stored))
 
     return optax.GradientTransformation(init, update)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from ._frontier import f32, finish, in_f32, inject
+from ._frontier import check_mu_dtype, f32, finish, in_f32, inject, store_moments
 from .validate import (
     check_learning_rate,
     check_nonnegative,
@@ -48,8 +48,8 @@ def _ademamix(learning_rate, b1, b2, b3, alpha, eps, weight_decay, mask, mu_dtyp
     if b3_warmup_steps:
         b3 = b3_schedule(b1, b3, b3_warmup_steps)
     scale = in_f32(optax.contrib.scale_by_ademamix(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps,
-                                                   mu_dtype=mu_dtype or jnp.float32))
-    return finish(scale, learning_rate, weight_decay, mask)
+                                                   mu_dtype=jnp.float32))
+    return store_moments(finish(scale, learning_rate, weight_decay, mask), mu_dtype)
 
 
 def ademamix(learning_rate, b1: float = 0.9, b2: float = 0.999, b3: float = 0.9999,
@@ -58,8 +58,10 @@ def ademamix(learning_rate, b1: float = 0.9, b2: float = 0.999, b3: float = 0.99
              mu_dtype=None):
     """AdEMAMix; with no warm-ups it is `optax.contrib.ademamix` (tested step by step), with
     them the authors' schedules (tested against `pytorch_optimizer.AdEMAMix`'s
-    `t_alpha_beta3`). `mu_dtype` stores the three moments (float32 by default)."""
+    `t_alpha_beta3`). `mu_dtype` stores the three moments (float32 by default; bfloat16
+    with stochastic rounding, `_frontier.store_moments`)."""
     check_learning_rate(learning_rate)
+    mu_dtype = check_mu_dtype("ademamix", mu_dtype)
     check_unit_interval("ademamix", b1=b1, b2=b2, b3=b3)
     check_positive("ademamix", eps=eps)
     check_nonnegative("ademamix", alpha=alpha, weight_decay=weight_decay)

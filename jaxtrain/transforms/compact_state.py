@@ -14,7 +14,11 @@ Formats of a stored moment (`scale_by_adam_compact(mu=..., nu=...)`):
   divided by its absolute maximum (kept in float32) and stored as the index (uint8) of the
   nearest value of a 256-entry dynamic map: signed for the first moment, unsigned for
   the second (`dynamic_map`, bitsandbytes' `create_dynamic_map`). Leaves of fewer than
-  `min_8bit_size` values (4096 as bitsandbytes) stay float32.
+  `min_8bit_size` values (4096 as bitsandbytes) stay float32. Such a moment is one
+  `Blockwise8bit` of two trees shaped like the params (`codes`, `absmax`), so that
+  `sharding.state_shardings` shards each leaf's codes like the param (found by its path);
+  on params sharded along their first axis, in pieces of whole blocks, the update
+  quantizes each device's own blocks and gathers only the per-block scales.
 The moments are always computed in float32: each step decodes them, updates them, takes
 the Adam step from the float32 values and encodes them again for storage.
 """
@@ -53,8 +57,10 @@ def dynamic_map(signed: bool) -> np.ndarray:
 
 
 class Blockwise8bit(NamedTuple):
-    """A leaf quantized to 8 bits: `codes` (uint8, the leaf's shape) index the dynamic map;
-    `absmax` (float32, one per block of the flattened leaf) scales each block."""
+    """A leaf (or, in an optimizer state, a tree of leaves) quantized to 8 bits: `codes`
+    (uint8, the leaf's shape) index the dynamic map; `absmax` (float32, one per block of
+    the flattened leaf) scales each block. In a state, a leaf kept in float32 has its
+    values in `codes` and an empty `absmax`."""
 
     codes: jax.Array
     absmax: jax.Array
@@ -103,22 +109,41 @@ def check_format(owner: str, name: str, value, valid=("float32", "bfloat16")) ->
 
 def _format(stored) -> str:
     if isinstance(stored, Blockwise8bit):
-        return "8bit"
+        return "8bit" if stored.codes.dtype == jnp.uint8 else "float32"
     return "bfloat16" if stored.dtype == jnp.bfloat16 else "float32"
 
 
-def _encode(x, fmt, signed, block_size, key):
+def _leaves(stored, treedef) -> list:
+    """Per param, its stored moment: an array, or a `Blockwise8bit` pair."""
+    if isinstance(stored, Blockwise8bit):
+        return [Blockwise8bit(c, a) for c, a in zip(treedef.flatten_up_to(stored.codes),
+                                                    treedef.flatten_up_to(stored.absmax),
+                                                    strict=True)]
+    return treedef.flatten_up_to(stored)
+
+
+def _tree(leaves, treedef):
+    """The stored moment from per-param leaves (`_leaves`' inverse)."""
+    if leaves and isinstance(leaves[0], Blockwise8bit):
+        return Blockwise8bit(treedef.unflatten([q.codes for q in leaves]),
+                             treedef.unflatten([q.absmax for q in leaves]))
+    return treedef.unflatten(leaves)
+
+
+def _encode(x, stored, signed, block_size, key):
+    """`x` stored as `stored` is (its format)."""
+    fmt = _format(stored)
     if fmt == "bfloat16":
         return stochastic_round_bf16(x, key)
     if fmt == "8bit":
         return quantize_blockwise(x, signed, block_size)
-    return x
+    return Blockwise8bit(x, stored.absmax) if isinstance(stored, Blockwise8bit) else x
 
 
 def _decode(stored, signed, block_size):
-    if isinstance(stored, Blockwise8bit):
+    if _format(stored) == "8bit":
         return dequantize_blockwise(stored, signed, block_size)
-    return stored.astype(F32)
+    return (stored.codes if isinstance(stored, Blockwise8bit) else stored).astype(F32)
 
 
 def scale_by_adam_compact(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu="float32",
@@ -128,7 +153,7 @@ def scale_by_adam_compact(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu="float32"
     (each "float32", "bfloat16" or "8bit", see the module docstring). The stochastic
     rounding's bits come from `fold_in(PRNGKey(seed), step)`: no key in the state, and a
     run with a seed is reproducible. The state is Optax's `ScaleByAdamState`, its
-    `mu`/`nu` leaves arrays or `Blockwise8bit` pairs."""
+    `mu`/`nu` trees of arrays, or in 8 bits `Blockwise8bit` pairs of trees."""
 
     def fmt_of(fmt, p):
         return "float32" if fmt == "8bit" and p.size < min_8bit_size else fmt
@@ -139,8 +164,11 @@ def scale_by_adam_compact(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu="float32"
                 f = fmt_of(fmt, p)
                 if f == "8bit":
                     return quantize_blockwise(jnp.zeros_like(p, dtype=F32), signed, block_size)
+                if fmt == "8bit":  # a small leaf of an 8-bit moment: float32, no scales
+                    return Blockwise8bit(jnp.zeros_like(p, dtype=F32), jnp.zeros((0,), F32))
                 return jnp.zeros_like(p, dtype=jnp.bfloat16 if f == "bfloat16" else F32)
-            return jax.tree.map(one, params)
+            leaves, treedef = jax.tree.flatten(params)
+            return _tree([one(p) for p in leaves], treedef)
 
         return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), zeros(mu, True),
                                       zeros(nu, False))
@@ -150,8 +178,7 @@ def scale_by_adam_compact(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu="float32"
         count = optax.safe_increment(state.count)
         step_key = jax.random.fold_in(jax.random.PRNGKey(seed), count)
         leaves, treedef = jax.tree.flatten(updates)
-        mus = treedef.flatten_up_to(state.mu)  # a Blockwise8bit pair stays whole
-        nus = treedef.flatten_up_to(state.nu)
+        mus, nus = _leaves(state.mu, treedef), _leaves(state.nu, treedef)
         out, new_mu, new_nu = [], [], []
         t = count.astype(F32)
         bc1, bc2 = 1 - jnp.asarray(b1, F32) ** t, 1 - jnp.asarray(b2, F32) ** t
@@ -162,9 +189,9 @@ def scale_by_adam_compact(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu="float32"
             step = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
             out.append(step.astype(g.dtype))
             key = jax.random.fold_in(step_key, i)
-            new_mu.append(_encode(m, _format(m_s), True, block_size, jax.random.fold_in(key, 0)))
-            new_nu.append(_encode(v, _format(v_s), False, block_size, jax.random.fold_in(key, 1)))
+            new_mu.append(_encode(m, m_s, True, block_size, jax.random.fold_in(key, 0)))
+            new_nu.append(_encode(v, v_s, False, block_size, jax.random.fold_in(key, 1)))
         return treedef.unflatten(out), optax.ScaleByAdamState(
-            count, treedef.unflatten(new_mu), treedef.unflatten(new_nu))
+            count, _tree(new_mu, treedef), _tree(new_nu, treedef))
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from ..errors import JaxtrainError
-from ._frontier import f32, finish, inject, zeros_f32
+from ._frontier import check_mu_dtype, f32, finish, inject, store_moments, zeros_f32
 from .validate import check_learning_rate, check_nonnegative, check_unit_interval, with_mask_check
 
 MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "all_diag")
@@ -211,8 +211,9 @@ def _psgd_kron(learning_rate, b1, weight_decay, mask, precond_lr, precond_init_s
                momentum_into_precond_update, balance_every, seed, mu_dtype):
     scale = scale_by_kron(b1, precond_lr, precond_init_scale, update_prob, max_size_triangular,
                           min_ndim_triangular, memory_save_mode, momentum_into_precond_update,
-                          balance_every, seed, mu_dtype)
-    return finish(scale, learning_rate, weight_decay, _matrices if mask is None else mask)
+                          balance_every, seed, None)
+    return store_moments(finish(scale, learning_rate, weight_decay,
+                                _matrices if mask is None else mask), mu_dtype, seed)
 
 
 def psgd_kron(
@@ -232,8 +233,11 @@ def psgd_kron(
     mu_dtype=None,
 ):
     """PSGD with Kronecker-factored preconditioners (module docstring). `update_prob`: a
-    number, a schedule `step -> probability`, or None for the default schedule."""
+    number, a schedule `step -> probability`, or None for the default schedule. `mu_dtype`
+    stores the momentum (float32 by default; bfloat16 with stochastic rounding,
+    `_frontier.store_moments`); the factors stay float32."""
     check_learning_rate(learning_rate)
+    mu_dtype = check_mu_dtype("psgd_kron", mu_dtype)
     check_unit_interval("psgd_kron", b1=b1)
     check_nonnegative("psgd_kron", weight_decay=weight_decay, precond_lr=precond_lr,
                       precond_init_scale=precond_init_scale)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._frontier import f32, finish, in_f32, inject, zeros_f32
+from ._frontier import check_mu_dtype, f32, finish, in_f32, inject, store_moments, zeros_f32
 from .validate import (
     check_learning_rate,
     check_nonnegative,
@@ -76,17 +76,17 @@ def scale_by_mars(b1=0.95, b2=0.99, gamma=0.025, eps=1e-8, eps_inside_correction
 
 def _mars(learning_rate, b1, b2, gamma, eps, weight_decay, mask, optimize_1d, adam_b1,
           adam_b2, adam_learning_rate, adam_weight_decay, eps_inside_correction, mu_dtype):
-    main = finish(scale_by_mars(b1, b2, gamma, eps, eps_inside_correction, mu_dtype),
+    main = finish(scale_by_mars(b1, b2, gamma, eps, eps_inside_correction),
                   learning_rate, weight_decay, mask)
     if optimize_1d:
-        return main
+        return store_moments(main, mu_dtype)
     other = finish(
-        in_f32(optax.scale_by_adam(adam_b1, adam_b2, eps, mu_dtype=mu_dtype or jnp.float32)),
+        in_f32(optax.scale_by_adam(adam_b1, adam_b2, eps, mu_dtype=jnp.float32)),
         learning_rate if adam_learning_rate is None else adam_learning_rate,
         adam_weight_decay,
     )
     labels = lambda params: jax.tree.map(lambda p: "mars" if p.ndim >= 2 else "adam", params)
-    return optax.partition({"mars": main, "adam": other}, labels)
+    return store_moments(optax.partition({"mars": main, "adam": other}, labels), mu_dtype)
 
 
 def mars(learning_rate, b1: float = 0.95, b2: float = 0.99, gamma: float = 0.025, eps: float = 1e-8,
@@ -94,8 +94,11 @@ def mars(learning_rate, b1: float = 0.95, b2: float = 0.99, gamma: float = 0.025
          adam_b2: float = 0.95, adam_learning_rate=None, adam_weight_decay: float = 0.0,
          eps_inside_correction: bool = False, mu_dtype=None):
     """MARS-AdamW (see the module docstring). `adam_learning_rate=None` uses
-    `learning_rate` for the 1-D leaves; `mask` selects which MARS leaves decay."""
+    `learning_rate` for the 1-D leaves; `mask` selects which MARS leaves decay. `mu_dtype`
+    stores the moments and the previous gradient (float32 by default; bfloat16 with
+    stochastic rounding, `_frontier.store_moments`)."""
     check_learning_rate(learning_rate)
+    mu_dtype = check_mu_dtype("mars", mu_dtype)
     if adam_learning_rate is not None:
         check_learning_rate(adam_learning_rate, "mars: adam_learning_rate")
     check_unit_interval("mars", b1=b1, b2=b2, adam_b1=adam_b1, adam_b2=adam_b2)

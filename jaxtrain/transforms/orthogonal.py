@@ -39,7 +39,7 @@ from optax.contrib import MuonDimensionNumbers
 
 from ..errors import JaxtrainError
 from . import blocks
-from ._frontier import f32, finish, in_f32, inject, zeros_f32
+from ._frontier import check_mu_dtype, f32, finish, in_f32, inject, store_moments, zeros_f32
 from .blocks import Plan
 from .paths import matches, path_str
 from .validate import check_learning_rate, check_nonnegative, check_positive, check_unit_interval
@@ -200,12 +200,12 @@ def _muon(learning_rate, beta, ns_steps, eps, weight_decay, nesterov, bias_corre
     rule = lambda path, shape: dimension_rule(path, shape, adam_paths, stacked_paths,
                                               dimension_numbers)
     muon_part = finish(
-        optax.chain(_momentum(beta, nesterov, bias_correction, mu_dtype),
+        optax.chain(_momentum(beta, nesterov, bias_correction, None),
                     _orthogonalize(rule, ns_steps, eps, consistent_rms)),
         learning_rate, weight_decay)
     adam_part = finish(
         in_f32(optax.scale_by_adam(adam_b1, adam_b2, eps, nesterov=nesterov,
-                                   mu_dtype=mu_dtype or jnp.float32)),
+                                   mu_dtype=jnp.float32)),
         learning_rate if adam_learning_rate is None else adam_learning_rate,
         adam_weight_decay)
 
@@ -213,7 +213,8 @@ def _muon(learning_rate, beta, ns_steps, eps, weight_decay, nesterov, bias_corre
         return jax.tree_util.tree_map_with_path(
             lambda kp, x: "adam" if rule(path_str(kp), x.shape) is None else "muon", params)
 
-    return optax.partition({"muon": muon_part, "adam": adam_part}, labels)
+    return store_moments(optax.partition({"muon": muon_part, "adam": adam_part}, labels),
+                         mu_dtype)
 
 
 def muon(
@@ -237,8 +238,10 @@ def muon(
     """Muon with AdamW on the non-matrix leaves (see the module docstring for which leaf
     gets which). With `adam_paths=()` and only 2-D / 1-D leaves it is
     `optax.contrib.muon`; with `bias_correction=False` on 2-D leaves, `torch.optim.Muon`
-    (tests compare both step by step)."""
+    (tests compare both step by step). `mu_dtype` stores the momenta and AdamW's moments
+    (float32 by default; bfloat16 with stochastic rounding, `_frontier.store_moments`)."""
     check_learning_rate(learning_rate)
+    mu_dtype = check_mu_dtype("muon", mu_dtype)
     if adam_learning_rate is not None:
         check_learning_rate(adam_learning_rate, "muon: adam_learning_rate")
     check_unit_interval("muon", beta=beta, adam_b1=adam_b1, adam_b2=adam_b2)

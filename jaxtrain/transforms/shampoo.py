@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from ..errors import JaxtrainError
-from ._frontier import f32, finish, inject, zeros_f32
+from ._frontier import check_mu_dtype, f32, finish, inject, store_moments, zeros_f32
 from .blocks import Grid, Plan, Stacks, per_block, spread
 from .validate import check_learning_rate, check_nonnegative, check_unit_interval, with_mask_check
 
@@ -192,12 +192,12 @@ def _shampoo(learning_rate, b1, b2, weight_decay, mask, block_size, graft, preco
              start_preconditioning_step, matrix_eps, diagonal_eps, nesterov,
              moving_average_for_momentum, merge_dims, max_preconditioner_dim, exponent_override,
              mu_dtype, num_devices):
-    return finish(
+    return store_moments(finish(
         scale_by_shampoo(b1, b2, block_size, graft, precondition_every,
                          start_preconditioning_step, matrix_eps, diagonal_eps, nesterov,
                          moving_average_for_momentum, merge_dims, max_preconditioner_dim,
-                         exponent_override, mu_dtype, num_devices),
-        learning_rate, weight_decay, mask)
+                         exponent_override, None, num_devices),
+        learning_rate, weight_decay, mask), mu_dtype)
 
 
 def shampoo(
@@ -225,8 +225,11 @@ def shampoo(
     average (an update of the learning rate's size from the first step); the port's
     defaults (SGD grafting, summed momentum: 1/(1-b1) times larger steps) are one argument
     away. The 'rmsprop' graft is not bias-corrected (as Google's): its first steps are
-    1/sqrt(1-b2) times larger."""
+    1/sqrt(1-b2) times larger. `mu_dtype` stores both momenta (float32 by default;
+    bfloat16 with stochastic rounding, `_frontier.store_moments`); the statistics, roots
+    and graft statistics stay float32."""
     check_learning_rate(learning_rate)
+    mu_dtype = check_mu_dtype("shampoo", mu_dtype)
     check_unit_interval("shampoo", b1=b1)
     check_unit_interval("shampoo", closed=True, b2=b2)
     check_nonnegative("shampoo", weight_decay=weight_decay, matrix_eps=matrix_eps,

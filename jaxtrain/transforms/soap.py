@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._frontier import f32, finish, inject, zeros_f32
+from ._frontier import check_mu_dtype, f32, finish, inject, store_moments, zeros_f32
 from .blocks import Grid, Plan, Stacks, per_block, spread
 from .shampoo import merge_small_dims
 from .validate import (
@@ -203,10 +203,10 @@ def _after_first_step(tx):
 
 def _soap(learning_rate, b1, b2, shampoo_beta, eps, weight_decay, mask, precondition_frequency,
           max_precondition_dim, precondition_1d, mu_dtype, block_size, num_devices):
-    return _after_first_step(finish(scale_by_soap(b1, b2, shampoo_beta, eps, precondition_frequency,
-                                max_precondition_dim, precondition_1d, mu_dtype,
-                                block_size, num_devices),
-                  learning_rate, weight_decay, mask))
+    return store_moments(_after_first_step(finish(
+        scale_by_soap(b1, b2, shampoo_beta, eps, precondition_frequency, max_precondition_dim,
+                      precondition_1d, None, block_size, num_devices),
+        learning_rate, weight_decay, mask)), mu_dtype)
 
 
 def soap(
@@ -226,8 +226,10 @@ def soap(
 ):
     """SOAP with the authors' defaults (`shampoo_beta=None` uses b2). Decay is AdamW's
     (-lr*wd*theta, theta before the step); the authors' code decays theta after the step,
-    a difference of lr^2*wd*update."""
+    a difference of lr^2*wd*update. `mu_dtype` stores both moments (float32 by default;
+    bfloat16 with stochastic rounding, `_frontier.store_moments`)."""
     check_learning_rate(learning_rate)
+    mu_dtype = check_mu_dtype("soap", mu_dtype)
     check_unit_interval("soap", b1=b1, b2=b2,
                         **({} if shampoo_beta is None else {"shampoo_beta": shampoo_beta}))
     check_positive("soap", eps=eps)

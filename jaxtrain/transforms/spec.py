@@ -250,12 +250,31 @@ def _nonnegative(where: str, schedule):
     return schedule
 
 
-def _optimizer(where: str, value, learning_rate, decay_rule, group=None, override=None):
+def _devices(where: str, factory, kwargs: dict, num_devices: int | None) -> dict:
+    """`{'num_devices': n}` for an optimizer that pads its per-block stacks to a multiple
+    of its `num_devices` (shampoo, soap): the mesh's device count when the entry does not
+    set it; an entry's own must be a multiple of the device count, or the stacks do not
+    split evenly over the devices (and stay whole on each)."""
+    if num_devices is None or "num_devices" not in inspect.signature(factory).parameters:
+        return {}
+    given = kwargs.get("num_devices")
+    if given is None:
+        return {"num_devices": num_devices}
+    if _TYPES["int"][0](given) and given >= 1 and given % num_devices:
+        _fail(f"{where}.num_devices", f"{given} does not split evenly over the mesh's "
+                                      f"{num_devices} devices: give a multiple of "
+                                      f"{num_devices}, or leave it out (the mesh's device "
+                                      f"count is taken)")
+    return {}
+
+
+def _optimizer(where: str, value, learning_rate, decay_rule, group=None, override=None,
+               num_devices=None):
     """The transform of an `optimizer` entry (a name or {name, <its arguments>}) and the
     arguments it was built with. Its learning rate is the entry's own, else
     `learning_rate`; a group's `override` (errors then name `group`) goes over both. The
     decoupled weight decay of `decay_rule` goes to the optimizer's own `weight_decay`/`mask`
-    where it has them, else after it."""
+    where it has them, else after it. `num_devices`: the mesh's device count (`_devices`)."""
     if isinstance(value, str):
         name, kwargs = value, {}
     else:
@@ -281,9 +300,9 @@ def _optimizer(where: str, value, learning_rate, decay_rule, group=None, overrid
     rate, _, mask = decay_rule if decoupled else (None, None, None)
     params = inspect.signature(factory).parameters
     own_decay = decoupled and "weight_decay" in params and (mask is None or "mask" in params)
-    call = kwargs
+    call = {**kwargs, **_devices(where, factory, kwargs, num_devices)}
     if own_decay:
-        call = {**kwargs, "weight_decay": rate, **({"mask": mask} if mask is not None else {})}
+        call = {**call, "weight_decay": rate, **({"mask": mask} if mask is not None else {})}
     _check_args(where, factory, call, passthrough=("mask",) if own_decay else ())
     with _refusals_named(where):
         tx = factory(**call)
@@ -361,10 +380,14 @@ def _stochastic_rounding(value) -> optax.GradientTransformation:
     return low_precision.stochastic_rounding(jax.random.PRNGKey(seed))
 
 
-def build(config, prefix: str = "") -> optax.GradientTransformationExtraArgs:
+def build(config, prefix: str = "", num_devices: int | None = None
+          ) -> optax.GradientTransformationExtraArgs:
     """The chain described by `config`: a dict, or YAML text (see the module docstring).
     Each error's line, also those of the returned transform's `init`, starts with `prefix`
-    (e.g. "config key 'optimizer': ")."""
+    (e.g. "config key 'optimizer': "). `num_devices`, the device count of the mesh the
+    chain will run on, is given to the optimizers that pad per-block state to split it
+    over the devices (shampoo, soap) where the spec does not set theirs; one they set must
+    be a multiple of it."""
     try:
         if isinstance(config, str):
             try:
@@ -378,7 +401,8 @@ def build(config, prefix: str = "") -> optax.GradientTransformationExtraArgs:
         lr = (_learning_rate("learning_rate", cfg["learning_rate"])
               if "learning_rate" in cfg else None)
         decay_rule = _weight_decay(cfg.get("weight_decay"))
-        core, kwargs = _optimizer("optimizer", cfg["optimizer"], lr, decay_rule)
+        core, kwargs = _optimizer("optimizer", cfg["optimizer"], lr, decay_rule,
+                                  num_devices=num_devices)
         if "groups" in cfg:
             groups = {}
             for pattern, override in _mapping("groups", cfg["groups"]).items():
@@ -387,7 +411,7 @@ def build(config, prefix: str = "") -> optax.GradientTransformationExtraArgs:
                 value = override.pop("optimizer", cfg["optimizer"])
                 groups[pattern], _ = _optimizer(f"{where}.optimizer", value,
                                                 kwargs.get("learning_rate"), decay_rule,
-                                                where, override)
+                                                where, override, num_devices)
             core = wrappers.per_group(groups, default=core)
         if "state_dtype" in cfg:
             name = _expect("state_dtype", cfg["state_dtype"], "str")
