@@ -208,6 +208,32 @@ def test_a_config_run_takes_num_devices_from_the_mesh(tmp_path, devices):
         assert a.sharding.shard_shape(a.shape)[0] == a.shape[0] // 8, (a.shape, a.sharding)
 
 
+def test_a_finetune_takes_num_devices_from_the_mesh(tmp_path, devices):
+    """`jaxtrain finetune` with soap on 8-way fsdp pads its per-block stacks to a multiple
+    of 8 like a train run (it built the optimizer without the mesh: one block per shape,
+    whole on every device), as its saved state shows."""
+    from jaxtrain.checkpoint import Manager
+    from jaxtrain.finetune.run import load_finetune_config, run_finetune
+    from jaxtrain.train.config import load_config
+    from jaxtrain.train.run import run_config
+
+    pre = tmp_path / "pre"
+    run_config(load_config(CONFIG, [f"out={pre}", "train.steps=2", "train.eval_every=null",
+                                    "logging.plots=false", "logging.progress=false",
+                                    "model.hidden=[64, 32]"]))
+    cfg = load_finetune_config(CONFIG, [
+        f"out={tmp_path / 'ft'}", "train.steps=2", "train.eval_every=null",
+        "logging.plots=false", "logging.progress=false", "model.hidden=[64, 32]",
+        "sharding.preset=fsdp", "sharding.mesh={data: 1, fsdp: 8}", "finetune.step=latest",
+        "optimizer.optimizer={name: soap, learning_rate: 1e-3}"], str(pre / "checkpoints"))
+    summary = run_finetune(cfg)
+    assert summary["step"] == 2 and np.isfinite(summary["train"]["loss"])
+    with Manager(tmp_path / "ft" / "checkpoints", read_only=True) as mngr:
+        shapes = mngr.saved_shapes(2)
+    stacks = {p: shape for p, shape in shapes.items() if "/stats/" in p or "/bases/" in p}
+    assert stacks and all(shape[0] % 8 == 0 for shape in stacks.values()), stacks
+
+
 def test_a_config_num_devices_the_mesh_does_not_divide_is_refused(tmp_path, devices):
     from jaxtrain.errors import JaxtrainError
 

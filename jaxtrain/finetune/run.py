@@ -16,6 +16,7 @@ import jax
 import optax
 from flax import nnx
 
+from .. import sharding
 from ..checkpoint import Manager, model_signature
 from ..config import load, read_yaml, set_key, to_dict
 from ..errors import JaxtrainError
@@ -59,8 +60,10 @@ def _list(value) -> list:
 
 def _optimizer(cfg: FinetuneRunConfig):
     """The optimizer spec's chain (freezing and per-group learning rates are spec keys:
-    `freeze`, `groups`); with LoRA, applied to the adapters (and `train_also`) only."""
-    tx = build_spec(cfg.optimizer, "config key 'optimizer': ")
+    `freeze`, `groups`); with LoRA, applied to the adapters (and `train_also`) only.
+    Shampoo's and SOAP's per-block state is padded to split evenly over the mesh."""
+    devices = sharding.make_mesh(**to_dict(cfg.sharding.mesh)).size
+    tx = build_spec(cfg.optimizer, "config key 'optimizer': ", num_devices=devices)
     lora = cfg.finetune.lora
     return tx if lora is None else lora_optimizer(tx, lora.train_also)
 
