@@ -12,43 +12,28 @@ kept the looked-up table's rows whole. The check reads what XLA writes to stderr
 compiling: these programs are compiled by no other test, so the persistent compilation
 cache cannot skip the compile."""
 
+import sys
+from argparse import Namespace
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax import nnx
 
 from jaxtrain import sharding
-from jaxtrain.models import GPT, logical_axes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from sharding_memory import build, search  # noqa: E402
 
 BATCH, SEQ = 16, 128
+GPT_1_LAYER = Namespace(vocab=256, d_model=64, layers=1, heads=4, seq=SEQ)
 
 
 def temp_bytes(scan_layers: bool, fsdp: int) -> int:
     """Temporaries per device of the AdamW step of a 1-layer GPT (d_model 64) on a
-    `data=8/fsdp, fsdp=fsdp` mesh of the 8 simulated devices."""
-    make = lambda: GPT(vocab_size=256, d_model=64, num_layers=1, num_heads=4,  # noqa: E731
-                       max_len=SEQ, scan_layers=scan_layers,
-                       remat="full" if scan_layers else "none", rngs=nnx.Rngs(0))
-    with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(make)
-    graphdef, params = nnx.split(model, nnx.Param)
-    axes = logical_axes(params)
-    params = nnx.to_pure_dict(params)
-    tx = optax.adamw(1e-3)
-
-    def step(state, batch):
-        def loss(p):
-            logits = nnx.merge(graphdef, p)(batch[:, :-1])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-
-        value, grads = jax.value_and_grad(loss)(state["params"])
-        updates, opt = tx.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt}, {
-            "loss": value}
-
-    state = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p)}, params)
+    `data=8/fsdp, fsdp=fsdp` mesh of the 8 simulated devices (the benchmark's step)."""
+    state, axes, step = build(GPT_1_LAYER, scan_layers, "full" if scan_layers else "none")
     mesh = sharding.make_mesh(data=8 // fsdp, fsdp=fsdp)
     shardings = sharding.state_shardings(state, mesh, "fsdp", axes)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -74,12 +59,6 @@ def test_capacity_search_finds_the_deepest_fit_in_few_compiles():
     """`benchmarks/sharding_memory.search` against counting up one layer at a time, on
     affine peaks (4 probes: the line's two points, the answer and one more) and on peaks
     with a wobble under one layer's bytes."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from sharding_memory import search
-
     rng = np.random.default_rng(0)
     for trial in range(300):
         per_layer, fixed = rng.uniform(1, 50), rng.uniform(0, 500)
