@@ -160,6 +160,16 @@ def squared_norm(tree) -> jax.Array:
     return sum(jnp.sum(jnp.square(x)) for x in leaves)
 
 
+def all_finite(tree) -> jax.Array:
+    """Whether every element of `tree` is finite; on CPU one check over the concatenated
+    leaves, as `squared_norm`: per leaf, XLA:CPU ran 16 kernels of the digits MLP's 75 per
+    step for it, 4 so (benchmarks/RESULTS.md, "Loop overhead against 2026-11-30")."""
+    leaves = jax.tree.leaves(tree)
+    if jax.default_backend() == "cpu" and len(leaves) > 1:
+        leaves = [jnp.concatenate([x.ravel() for x in leaves])]  # promoted, never narrowed
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def first_nonfinite(loss, grads, squared, params) -> jax.Array:
     """Index of the first non-finite quantity, in the order they are computed: 0 the loss,
     1..n the gradient leaves (`jax.tree.leaves` order), then the gradient norm (its sum
@@ -329,9 +339,7 @@ def _flag_nonfinite(state, new_state, value, grads, squared, metrics):
     gradient norm) or updated param (a learning rate finite in float64 may overflow the
     params in float32); the step itself goes ahead. Which leaf is looked for on the first
     bad step only (a cond: no pass otherwise)."""
-    params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
-                                   for p in jax.tree.leaves(new_state.params)]))
-    bad = ~jnp.isfinite(value) | ~jnp.isfinite(squared) | ~params_ok
+    bad = ~jnp.isfinite(value) | ~jnp.isfinite(squared) | ~all_finite(new_state.params)
     first = jax.lax.cond(bad & (state.nonfinite[0] < 0),
                          lambda: first_nonfinite(value, grads, squared, new_state.params),
                          lambda: jnp.asarray(-1, jnp.int32))
