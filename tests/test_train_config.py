@@ -153,7 +153,12 @@ def test_the_learning_rate_reaches_optax_through_few_functions(tmp_path):
     caller -> callee where a call's arguments hold it, callee -> caller where a return
     value does, a closure's maker -> the closure; the shortest path from the YAML read to
     Optax's `inject_hyperparams` transform receiving it (13 functions before the config
-    loader and the spec builder were folded)."""
+    loader and the spec builder were folded). The 10 left each do a job of their own:
+    read_yaml (the file and overrides), load_config (checked into a RunConfig, shared by
+    every command), cmd_train, run_config, spec.build (the spec's keys), spec._optimizer
+    (one optimizer entry: the base or a group's), optimizers.adam (its checks), injected
+    and its closure that calls Optax (the hyperparameters' dtype is known only from the
+    params, at init), Optax."""
     import collections
     import dataclasses
 
