@@ -4,6 +4,7 @@ reruns are no-ops, an unfinished preparation is never taken for a finished one, 
 loader's batches are a pure function of (seed, step) split over hosts."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -163,6 +164,26 @@ def test_worker_processes_give_the_same_batches(corpus, tmp_path):
     workers = Loader(records.source, 8, seed=0, workers=2, process_index=0, process_count=1)
     for s in range(6):
         np.testing.assert_array_equal(workers(s)["tokens"], plain(s)["tokens"])
+        iterator = workers.iterator
+    np.testing.assert_array_equal(workers(6)["tokens"], plain(6)["tokens"])
+    assert workers.iterator is iterator  # continued, not started anew
+    np.testing.assert_array_equal(workers(2)["tokens"], plain(2)["tokens"])  # a resume
+    assert workers.iterator is not iterator  # restarts the pipeline
+    workers.close()
+    assert workers.iterator is None
+
+
+def test_reading_without_workers_starts_no_thread(corpus, tmp_path):
+    # each batch is read when asked, in the caller's thread: Grain's read threads only
+    # added Python per step beside the training step
+    out = tmp_path / "nt"
+    prepare_text([corpus], out, valid_fraction=0.0, progress=False)
+    records = load_records(str(out), seq_len=16)["train"]
+    before = threading.active_count()
+    loader = records.loader(8, 0, process_index=0, process_count=1)
+    for s in (0, 1, 2, 7, 3):
+        loader(s)
+    assert threading.active_count() == before
 
 
 def test_image_folder_gives_the_pixels_and_skips_undecodable_files(tmp_path, capsys):

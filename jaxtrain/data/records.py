@@ -3,17 +3,18 @@
 `load_records(path, ...)` is the `records` data set of configs. It checks the manifest
 (format version, every file present at its recorded size, SHA-256 checksums), and gives
 
-- `train`: a `Records` split; the Trainer asks it for a `loader(batch_size, seed)`, a
-  Grain pipeline whose batch for step `s` is a pure function of (seed, s, the data):
+- `train`: a `Records` split; the Trainer asks it for a `loader(batch_size, seed)`,
+  whose batch for step `s` is a pure function of (seed, s, the data):
   the rows at positions `s*b .. (s+1)*b` of `MapDataset.range(len(rows)).shuffle(seed)
   .repeat()` (a global shuffle, a new one each epoch), computed vectorized
   (`shuffle.ShuffledOrder`, equal to Grain's), host `h` of `P` reading only its slice
   `h*b/P .. (h+1)*b/P`, each batch in one call: the batches of Grain's per-example
   `MapDataset.source(rows).shuffle(seed).repeat().batch(...)`, without its per-example
   cost. The global batch sequence is the same on any number of processes, and resuming
-  at step `s` starts the pipeline at `s`: the state's `data_position` (saved in the same
-  Orbax checkpoint) is the whole iterator state. Worker processes (`workers`) and read
-  threads with a prefetch buffer come from Grain. Epochs run into each other: a batch
+  at step `s` reads from `s`: the state's `data_position` (saved in the same Orbax
+  checkpoint) is the whole iterator state. Without worker processes each batch is read
+  when the Trainer asks for it; with `workers`, a Grain pipeline runs them, each with
+  `threads` read threads and a `prefetch` buffer. Epochs run into each other: a batch
   may hold the last examples of one epoch and the first of the next (each example is
   still seen once per epoch).
 - `valid`: a dict of lazy columns (`len`, slicing give NumPy arrays) read on demand.
@@ -22,13 +23,14 @@ Token sets give windows of `seq_len + 1` tokens (consecutive windows share one t
 as `jaxtrain.data.text.windows`); `cross_documents=False` keeps every window inside one
 document (a document shorter than `seq_len + 1` tokens then gives none).
 What is held in memory: the document start offsets (8 bytes per document, plus 8 per
-document for the window counts when windows stay in documents), Grain's prefetch buffer,
-one open file per shard and the shuffle's last two blocks (at most 1 MB); rows are read
-with `os.pread`, never mapped.
+document for the window counts when windows stay in documents), Grain's prefetch buffer
+(with workers), one open file per shard and the shuffle's last two blocks (at most 1 MB);
+rows are read with `os.pread`, never mapped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -283,17 +285,19 @@ class ReadBatch:
 
 
 class Loader:
-    """This host's batch of a data position, from a Grain pipeline started at the
-    position asked for and followed while positions come in order (see the module
-    docstring). Batches are process-local: the feed assembles the global array with
-    `jax.make_array_from_process_local_data`."""
+    """This host's batch of a data position (see the module docstring). Without worker
+    processes, read when asked, in the caller's thread: the Trainer asks for the next
+    batch while the last step runs, and Grain's read threads and iterator only added
+    Python per step (GIL) on top of the same read. With `workers`, from a Grain pipeline
+    over worker processes, started at the position asked for and followed while
+    positions come in order. Batches are process-local: the feed assembles the global
+    array with `jax.make_array_from_process_local_data`."""
 
     process_local = True
 
     def __init__(self, source, batch_size: int, seed: int, workers: int = 0,
                  threads: int = 2, prefetch: int = 8, process_index: int | None = None,
                  process_count: int | None = None):
-        import grain
         import jax
 
         pi = jax.process_index() if process_index is None else process_index
@@ -309,25 +313,25 @@ class Loader:
         # the batches of `MapDataset.source(source).shuffle(seed).repeat().batch(...)`:
         # Grain's shuffle computed for a block of indices at once (`ShuffledOrder`), then
         # one read per batch (`take`), without Grain's per-example cost (~40 us each)
-        read = ReadBatch(source, ShuffledOrder(len(source), seed), batch_size, pi, pc)
-        self.dataset = grain.MapDataset.range(sys.maxsize // batch_size).map(read)
+        self.read = ReadBatch(source, ShuffledOrder(len(source), seed), batch_size, pi, pc)
         self.iterator, self.expected = None, None
 
     def _start(self, position: int) -> None:
         import grain
+        from absl import flags
 
         self.close()
-        data = self.dataset[position:].to_iter_dataset(
-            grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch))
-        if self.workers:
-            from absl import flags
-
-            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (defaults)
-                flags.FLAGS.mark_as_parsed()
-            data = data.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (defaults)
+            flags.FLAGS.mark_as_parsed()
+        data = grain.MapDataset.range(position, sys.maxsize // self.batch_size).map(
+            self.read).to_iter_dataset(grain.ReadOptions(num_threads=self.threads,
+                                                         prefetch_buffer_size=self.prefetch))
+        data = data.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
         self.iterator = iter(data)
 
     def __call__(self, position: int) -> dict:
+        if not self.workers:  # one read in this thread, while the last step runs
+            return self.read(position)
         if position != self.expected:
             self._start(position)
         self.expected = position + 1
@@ -360,14 +364,36 @@ class Records:
         Grain iterator (prefetched batches, threads, workers) instead of starting anew."""
         key = (batch_size, seed, tuple(sorted(hosts.items())))
         if self.last is None or self.last[0] != key:
+            self.close()
             self.last = key, Loader(self.source, batch_size, seed, self.workers,
                                     self.threads, self.prefetch, **hosts)
         return self.last[1]
+
+    def close(self) -> None:
+        """Close the last Loader given (its worker processes and read-ahead); the run that
+        loaded these records calls it when it ends (`closing`)."""
+        if self.last is not None:
+            self.last[1].close()
+        self.last = None
 
     def arrays(self, limit: int, seed: int = 0) -> dict:
         """The first `limit` examples of epoch 0 of the seeded shuffle, stacked."""
         n = len(self.source)
         return self.source.take(shuffle_in_epoch(np.arange(min(limit, n)), n, seed))
+
+
+@contextlib.contextmanager
+def closing(data: dict):
+    """A `with` block over a loaded data set (`{'train': ..., 'valid': ...}`) whose end,
+    however it ends, closes the prepared records among its splits (`Records.close`): a
+    run that fails or returns leaves no worker processes behind, whoever still holds
+    the data."""
+    try:
+        yield data
+    finally:
+        for split in data.values():
+            if isinstance(split, Records):
+                split.close()
 
 
 def data_identity(path: str | Path, manifest: dict) -> dict:
