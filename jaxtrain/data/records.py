@@ -136,16 +136,15 @@ class _Shards:
         indices = np.asarray(indices, np.int64)
         if not len(indices):
             return np.empty((0, *shape), dtype)
-        if len(self.files) == 1:
-            shard, local = np.zeros(len(indices), np.intp), indices
-        else:
-            shard = self.bounds.searchsorted(indices, "right") - 1
-            local = indices - self.bounds[shard]
-        lo, hi = int(local.min()), int(local.max()) + 1
-        if shard.min() == shard.max() and (hi - lo) * row <= len(local) * SPAN_BYTES_PER_ROW:
-            fd, offset = self.open[int(shard[0])][:2]
-            span = np.frombuffer(os.pread(fd, (hi - lo) * row, offset + lo * row), dtype)
-            return span.reshape(-1, *shape)[local - lo]
+        lo, hi = int(indices.min()), int(indices.max()) + 1
+        first = int(self.bounds.searchsorted(lo, "right")) - 1
+        if hi <= self.bounds[first + 1] and (hi - lo) * row <= len(indices) * SPAN_BYTES_PER_ROW:
+            fd, offset = self.open[first][:2]
+            start = offset + (lo - int(self.bounds[first])) * row
+            span = np.frombuffer(os.pread(fd, (hi - lo) * row, start), dtype)
+            return span.reshape(-1, *shape)[indices - lo]
+        shard = self.bounds.searchsorted(indices, "right") - 1
+        local = indices - self.bounds[shard]
         out = np.empty((len(indices), *shape), dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
         for k, (f, i) in enumerate(zip(shard.tolist(), local.tolist(), strict=True)):
