@@ -173,17 +173,19 @@ def test_worker_processes_give_the_same_batches(corpus, tmp_path):
     assert workers.iterator is None
 
 
-def test_reading_without_workers_starts_no_thread(corpus, tmp_path):
+def test_reading_without_workers_starts_no_read_thread(corpus, tmp_path):
     # each batch is read when asked, in the caller's thread: Grain's read threads only
-    # added Python per step beside the training step
+    # added Python per step beside the training step (the shuffle's next block is
+    # computed ahead in one thread of its own)
     out = tmp_path / "nt"
     prepare_text([corpus], out, valid_fraction=0.0, progress=False)
     records = load_records(str(out), seq_len=16)["train"]
-    before = threading.active_count()
+    before = set(threading.enumerate())
     loader = records.loader(8, 0, process_index=0, process_count=1)
     for s in (0, 1, 2, 7, 3):
         loader(s)
-    assert threading.active_count() == before
+    started = [t.name for t in threading.enumerate() if t not in before]
+    assert [name.split("_")[0] for name in started] == ["shuffle-ahead"]
 
 
 def test_image_folder_gives_the_pixels_and_skips_undecodable_files(tmp_path, capsys):

@@ -46,6 +46,16 @@ def test_order_equals_grains_shuffled_repeat_across_epochs_and_blocks():
         np.testing.assert_array_equal(again.rows(n - 7, n + 30), order.rows(n - 7, n + 30))
 
 
+def test_the_block_after_the_one_asked_for_is_computed_ahead():
+    order = ShuffledOrder(1000, 3, block=64)
+    order.rows(0, 10)
+    assert set(order.cache) == {(0, 0), (0, 1)}
+    order.rows(990, 1000)  # an epoch's last block: the next epoch's first comes next
+    assert set(order.cache) == {(0, 15), (1, 0)}
+    np.testing.assert_array_equal(order.cache[1, 0].result(), shuffle_in_epoch(
+        np.arange(64), 1000, 4))
+
+
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     root = tmp_path_factory.mktemp("shuffle")

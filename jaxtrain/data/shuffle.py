@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -114,33 +115,49 @@ class ShuffledOrder:
     whole epoch when it is smaller), cached, the last few kept. What is held: at most
     `KEEP` blocks of `block` int64 rows (1 MB at the default), whatever the data size;
     a whole epoch is one block when its cipher is encrypted whole (`TABLE_BITS`).
+    The block after the one last asked for is computed meanwhile in a background thread
+    (NumPy releases the GIL for most of it): a loop reading in order does not wait for
+    the next epoch's shuffle, ~1-2 ms for any set of up to 65,536 examples (its cipher
+    is encrypted whole), i.e. 50-100 us a step for the digits' 21 batches an epoch.
     Thread-safe (Grain's read threads ask for consecutive batches at once); pickles
-    without its cache (Grain's worker processes)."""
+    without its cache and thread (Grain's worker processes)."""
 
     KEEP = 2
 
     def __init__(self, n: int, seed: int, block: int = 2**TABLE_BITS):
         self.n, self.seed, self.block = n, seed % 2**32, min(n, block)
-        self.cache: dict = {}
+        self.last = (n - 1) // self.block  # an epoch's last block
+        self.cache: dict = {}  # (epoch, block) -> the Future of its rows
         self.lock = threading.Lock()
+        self.ahead = None  # the background thread (an executor), started when first asked
 
     def __getstate__(self):
-        return {**self.__dict__, "cache": {}, "lock": None}
+        return {**self.__dict__, "cache": {}, "lock": None, "ahead": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state, lock=threading.Lock())
 
+    def _compute(self, epoch: int, j: int) -> np.ndarray:
+        start = j * self.block
+        index = np.arange(start, min(start + self.block, self.n))
+        return shuffle_in_epoch(index, self.n, (self.seed + epoch) % 2**32)
+
+    def _future(self, epoch: int, j: int) -> Future:
+        """Block `j` of `epoch`, held or started (the lock held)."""
+        future = self.cache.get((epoch, j))
+        if future is None:
+            if len(self.cache) >= self.KEEP:
+                del self.cache[next(iter(self.cache))]  # the oldest
+            if self.ahead is None:
+                self.ahead = ThreadPoolExecutor(1, thread_name_prefix="shuffle-ahead")
+            future = self.cache[epoch, j] = self.ahead.submit(self._compute, epoch, j)
+        return future
+
     def _block(self, epoch: int, j: int) -> np.ndarray:
         with self.lock:
-            rows = self.cache.get((epoch, j))
-            if rows is None:
-                start = j * self.block
-                index = np.arange(start, min(start + self.block, self.n))
-                rows = shuffle_in_epoch(index, self.n, (self.seed + epoch) % 2**32)
-                if len(self.cache) >= self.KEEP:
-                    del self.cache[next(iter(self.cache))]  # the oldest
-                self.cache[epoch, j] = rows
-            return rows
+            future = self._future(epoch, j)
+            self._future(*((epoch, j + 1) if j < self.last else (epoch + 1, 0)))
+        return future.result()
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """The rows at positions `start .. stop` (any span, across epochs)."""
