@@ -360,7 +360,8 @@ class Records:
     def loader(self, batch_size: int, seed: int, **hosts) -> Loader:
         """A Loader of these records; the same one again for the same batch size, seed
         and hosts, so a `fit` that continues where the last one stopped continues its
-        Grain iterator (prefetched batches, threads, workers) instead of starting anew."""
+        shuffle and, with `workers`, its Grain iterator (prefetched batches, worker
+        processes) instead of starting anew; the Loader it replaces is closed."""
         key = (batch_size, seed, tuple(sorted(hosts.items())))
         if self.last is None or self.last[0] != key:
             self.close()
