@@ -153,6 +153,12 @@ def test_loader_batches_are_a_function_of_the_step_split_over_hosts(corpus, tmp_
     assert not np.array_equal(flat[:n], flat[n:2 * n])
     other = Loader(records.source, batch, seed=4, process_index=0, process_count=1)
     assert not np.array_equal(other(0)["tokens"], seq[0])
+    # several batches in one read (steps_per_call) are the batches one by one, also
+    # across an epoch's end
+    for loader in (one, *hosts):
+        first = n // batch - 1
+        want = np.stack([loader(s)["tokens"] for s in range(first, first + 3)])
+        np.testing.assert_array_equal(loader.many(first, 3)["tokens"], want)
 
 
 @pytest.mark.slow  # two worker processes start (import Grain, NumPy): ~10-40 s here

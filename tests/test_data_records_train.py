@@ -104,6 +104,20 @@ def _trainer(path, folder, seed=0):
     return trainer, data
 
 
+def test_steps_per_call_trains_on_the_same_batches(prepared):
+    # several steps per compiled call read their batches in one go (`Loader.many`)
+    data, params = load_records(str(prepared / "images")), []
+    for k in (1, 4):
+        model = registry.build("cnn", 0, num_classes=10, channels=4, features=16)
+        state = TrainState.create(model, transforms.adam(3e-3), jax.random.PRNGKey(0))
+        config = TrainerConfig(train=TrainConfig(batch_size=16, steps_per_call=k),
+                               logging=LoggingConfig(progress=False))
+        trainer = Trainer(state, get_task("classification").loss_fn, config)
+        params.append(jax.device_get(trainer.fit(data["train"], 8).params))
+    for a, b in zip(*map(jax.tree.leaves, params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow  # four Trainers on 8 simulated devices: ~50 s of CPU
 def test_stopped_and_resumed_run_is_bitwise_equal(prepared, tmp_path):
     trainer, data = _trainer(prepared / "images", tmp_path / "straight")

@@ -282,6 +282,19 @@ class ReadBatch:
         start = int(step) * self.batch_size + self.offset
         return self.source.take(self.order.rows(start, start + self.local))
 
+    def many(self, step: int, count: int) -> dict:
+        """Batches `step .. step + count` stacked on a new leading axis, read in one
+        call (one host's batches are one span of the order)."""
+        start = int(step) * self.batch_size + self.offset
+        if self.local == self.batch_size:
+            rows = self.order.rows(start, start + count * self.local)
+        else:
+            rows = np.concatenate([self.order.rows(s, s + self.local) for s in
+                                   range(start, start + count * self.batch_size,
+                                         self.batch_size)])
+        return {k: v.reshape(count, self.local, *v.shape[1:])
+                for k, v in self.source.take(rows).items()}
+
 
 class Loader:
     """This host's batch of a data position (see the module docstring). Without worker
@@ -335,6 +348,14 @@ class Loader:
             self._start(position)
         self.expected = position + 1
         return next(self.iterator)
+
+    def many(self, position: int, count: int) -> dict:
+        """The batches of `count` positions from `position`, stacked on a new leading
+        axis (for `steps_per_call`): without workers, read in one call."""
+        if not self.workers:
+            return self.read.many(position, count)
+        batches = [self(position + i) for i in range(count)]
+        return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
     def close(self) -> None:
         """Stop the Grain iterator (its read threads, worker processes, buffer)."""
