@@ -13,7 +13,7 @@ from grain._src.python.experimental.index_shuffle.python import (
 )
 
 from jaxtrain.data.prepare import prepare_arrays
-from jaxtrain.data.records import load_records
+from jaxtrain.data.records import READ_AHEAD, load_records
 from jaxtrain.data.shuffle import ShuffledOrder, shuffle_in_epoch
 
 # sizes around every regime: tiny, the 16-bit block looked up whole, its quirk at
@@ -75,6 +75,17 @@ def test_loader_is_reused_across_fits_and_reads_any_position(records):
         ShuffledOrder(len(records), 3).rows(48, 64))["x"])
     np.testing.assert_array_equal(again(1)["x"], first[1])  # a resume
     assert records.loader(16, 4, process_index=0, process_count=1) is not loader
+
+
+def test_consecutive_batches_are_read_a_group_at_a_time(records, monkeypatch):
+    calls, take = [], type(records.source).take
+    monkeypatch.setattr(type(records.source), "take",
+                        lambda self, rows: calls.append(len(rows)) or take(self, rows))
+    loader = records.loader(16, 5, process_index=0, process_count=1)
+    got = np.concatenate([loader(s)["x"] for s in range(17)])
+    assert calls == [16] + [16 * READ_AHEAD] * 3  # the first batch sizes the groups
+    want = take(records.source, ShuffledOrder(len(records), 5).rows(0, 17 * 16))["x"]
+    np.testing.assert_array_equal(got, want)
 
 
 def test_arrays_are_the_first_examples_of_grains_epoch(records):

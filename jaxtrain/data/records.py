@@ -12,8 +12,9 @@
   `MapDataset.source(rows).shuffle(seed).repeat().batch(...)`, without its per-example
   cost. The global batch sequence is the same on any number of processes, and resuming
   at step `s` reads from `s`: the state's `data_position` (saved in the same Orbax
-  checkpoint) is the whole iterator state. Without worker processes each batch is read
-  when the Trainer asks for it; with `workers`, a Grain pipeline runs them, each with
+  checkpoint) is the whole iterator state. Without worker processes the batches are
+  read when the Trainer asks for them, a group of consecutive ones at a time; with
+  `workers`, a Grain pipeline runs them, each with
   `threads` read threads and a `prefetch` buffer. Epochs run into each other: a batch
   may hold the last examples of one epoch and the first of the next (each example is
   still seen once per epoch).
@@ -24,8 +25,9 @@ as `jaxtrain.data.text.windows`); `cross_documents=False` keeps every window ins
 document (a document shorter than `seq_len + 1` tokens then gives none).
 What is held in memory: the document start offsets (8 bytes per document, plus 8 per
 document for the window counts when windows stay in documents), Grain's prefetch buffer
-(with workers), one open file per shard and the shuffle's last two blocks (at most 1 MB);
-rows are read with `os.pread`, never mapped.
+(with workers; without, the batches read ahead: `READ_AHEAD`, at most `READ_AHEAD_BYTES`
+unless one batch is larger), one open file per shard and the shuffle's last two blocks
+(at most 1 MB); rows are read with `os.pread`, never mapped.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from .shuffle import ShuffledOrder, shuffle_in_epoch
 
 VERIFY_BYTES = 2 * 2**30  # verify="auto" checks SHA-256 sums of data sets up to this size
 SPAN_BYTES_PER_ROW = 4096  # `take` reads a span of rows in one call up to this per row
+READ_AHEAD = 8  # without workers a loader reads this many consecutive batches at once,
+READ_AHEAD_BYTES = 4 * 2**20  # fewer when they would pass this size (at least one)
 
 
 def read_manifest(path: str | Path, verify="auto") -> dict:
@@ -327,6 +331,20 @@ class Loader:
         # one read per batch (`take`), without Grain's per-example cost (~40 us each)
         self.read = ReadBatch(source, ShuffledOrder(len(source), seed), batch_size, pi, pc)
         self.iterator, self.expected = None, None
+        self.group, self.held = None, None  # without workers: batches per read, the last
+
+    def _from_group(self, position: int) -> dict:
+        """Without workers: the batch of `position` from one read of `group` consecutive
+        batches (`READ_AHEAD`, within `READ_AHEAD_BYTES`), kept until a position outside
+        it is asked for: one `take` per group, not per batch."""
+        if self.group is None:  # sized by the first batch
+            size = sum(v.nbytes for v in self.read(position).values())
+            self.group = max(1, min(READ_AHEAD, READ_AHEAD_BYTES // max(size, 1)))
+        first, batches = self.held or (None, None)
+        if first is None or not first <= position < first + self.group:
+            first, batches = position, self.read.many(position, self.group)
+            self.held = first, batches
+        return {k: v[position - first] for k, v in batches.items()}
 
     def _start(self, position: int) -> None:
         import grain
@@ -342,8 +360,8 @@ class Loader:
         self.iterator = iter(data)
 
     def __call__(self, position: int) -> dict:
-        if not self.workers:  # one read in this thread, while the last step runs
-            return self.read(position)
+        if not self.workers:  # read in this thread, while the last step runs
+            return self._from_group(position)
         if position != self.expected:
             self._start(position)
         self.expected = position + 1
@@ -361,7 +379,7 @@ class Loader:
         """Stop the Grain iterator (its read threads, worker processes, buffer)."""
         if self.iterator is not None:
             self.iterator.close()
-        self.iterator, self.expected = None, None
+        self.iterator, self.expected, self.held = None, None, None
 
 
 class Records:
