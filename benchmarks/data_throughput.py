@@ -181,21 +181,25 @@ def bench_trainer(sets: dict, reps: int, steps: int, models=("gpt", "cnn")) -> l
         sides = {"file": (make("auto"), files), "memory (device)": (make(True), memory),
                  "memory (host)": (make(False), memory)}
         rates: dict = {k: [] for k in sides}
+        cpu: dict = {k: [] for k in sides}  # process CPU time per step, all threads
         for trainer, data in sides.values():  # compile and start-up
             trainer.fit(data, 2)
         for r in range(reps):
             for name, (trainer, data) in sides.items():
                 total = 2 + (r + 1) * steps
-                start = time.perf_counter()
+                start, used = time.perf_counter(), time.process_time()
                 trainer.fit(data, total)
                 rates[name].append(steps / (time.perf_counter() - start))
+                cpu[name].append((time.process_time() - used) / steps * 1e3)
         for name in ("memory (device)", "memory (host)"):
             ratios = [f / m for f, m in zip(rates["file"], rates[name], strict=True)]
             out.append(emit({"case": "trainer", "model": kind, "versus": name,
                              "file_steps_per_s": statistics.median(rates["file"]),
                              "memory_steps_per_s": statistics.median(rates[name]),
                              "ratio_median": statistics.median(ratios),
-                             "ratio_min": min(ratios), "ratio_max": max(ratios)}))
+                             "ratio_min": min(ratios), "ratio_max": max(ratios),
+                             "file_cpu_ms_per_step": statistics.median(cpu["file"]),
+                             "memory_cpu_ms_per_step": statistics.median(cpu[name])}))
     return out
 
 

@@ -4,6 +4,7 @@ reruns are no-ops, an unfinished preparation is never taken for a finished one, 
 loader's batches are a pure function of (seed, step) split over hosts."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -152,6 +153,12 @@ def test_loader_batches_are_a_function_of_the_step_split_over_hosts(corpus, tmp_
     assert not np.array_equal(flat[:n], flat[n:2 * n])
     other = Loader(records.source, batch, seed=4, process_index=0, process_count=1)
     assert not np.array_equal(other(0)["tokens"], seq[0])
+    # several batches in one read (steps_per_call) are the batches one by one, also
+    # across an epoch's end
+    for loader in (one, *hosts):
+        first = n // batch - 1
+        want = np.stack([loader(s)["tokens"] for s in range(first, first + 3)])
+        np.testing.assert_array_equal(loader.many(first, 3)["tokens"], want)
 
 
 @pytest.mark.slow  # two worker processes start (import Grain, NumPy): ~10-40 s here
@@ -163,6 +170,28 @@ def test_worker_processes_give_the_same_batches(corpus, tmp_path):
     workers = Loader(records.source, 8, seed=0, workers=2, process_index=0, process_count=1)
     for s in range(6):
         np.testing.assert_array_equal(workers(s)["tokens"], plain(s)["tokens"])
+        iterator = workers.iterator
+    np.testing.assert_array_equal(workers(6)["tokens"], plain(6)["tokens"])
+    assert workers.iterator is iterator  # continued, not started anew
+    np.testing.assert_array_equal(workers(2)["tokens"], plain(2)["tokens"])  # a resume
+    assert workers.iterator is not iterator  # restarts the pipeline
+    workers.close()
+    assert workers.iterator is None
+
+
+def test_reading_without_workers_starts_no_read_thread(corpus, tmp_path):
+    # each batch is read when asked, in the caller's thread: Grain's read threads only
+    # added Python per step beside the training step (the shuffle's next block is
+    # computed ahead in one thread of its own)
+    out = tmp_path / "nt"
+    prepare_text([corpus], out, valid_fraction=0.0, progress=False)
+    records = load_records(str(out), seq_len=16)["train"]
+    before = set(threading.enumerate())
+    loader = records.loader(8, 0, process_index=0, process_count=1)
+    for s in (0, 1, 2, 7, 3):
+        loader(s)
+    started = [t.name for t in threading.enumerate() if t not in before]
+    assert [name.split("_")[0] for name in started] == ["shuffle-ahead"]
 
 
 def test_image_folder_gives_the_pixels_and_skips_undecodable_files(tmp_path, capsys):

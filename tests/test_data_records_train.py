@@ -64,6 +64,34 @@ def test_image_folder_config_trains(prepared, tmp_path, capsys):
     assert summary["step"] == 30 and summary["eval"]["accuracy"] > 0.5  # 10 classes
 
 
+@pytest.mark.slow  # a Grain worker process starts (imports Grain, NumPy): ~10-30 s here
+def test_a_run_ends_its_loaders_worker_processes(prepared, tmp_path, monkeypatch, capsys):
+    import psutil
+
+    from jaxtrain.data import registry
+    from jaxtrain.data.records import Records
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+
+    def workers():  # new child processes but multiprocessing's resource tracker
+        return [p for p in me.children(recursive=True) if p.pid not in before
+                and "resource_tracker" not in " ".join(p.cmdline())]
+
+    loaded, load = [], registry.load  # the test holds the data the run loaded
+    monkeypatch.setattr(registry, "load", lambda *a, **k: loaded.append(load(*a, **k))
+                        or loaded[-1])
+    alive, close = [], Records.close
+    monkeypatch.setattr(Records, "close", lambda self: (alive.append(len(workers())),
+                                                        close(self)))
+    code = main(["train", str(CONFIGS / "image_folder_cnn.yaml"),
+                 f"data.path={prepared / 'images'}", f"out={tmp_path}", "train.steps=3",
+                 "train.eval_every=3", "data.workers=1", *QUIET])
+    assert code == 0 and loaded[0]["train"].workers == 1
+    assert alive and alive[-1] >= 1  # the run read with a worker process...
+    assert not workers()  # ...which ended with it, though the data is still held
+
+
 def _trainer(path, folder, seed=0):
     data = load_records(str(path))
     model = registry.build("cnn", 0, num_classes=10, channels=4, features=16)
@@ -74,6 +102,20 @@ def _trainer(path, folder, seed=0):
                            checkpoint=CheckpointConfig(dir=folder, every=5, async_=False))
     trainer = Trainer(state, task.loss_fn, config)
     return trainer, data
+
+
+def test_steps_per_call_trains_on_the_same_batches(prepared):
+    # several steps per compiled call read their batches in one go (`Loader.many`)
+    data, params = load_records(str(prepared / "images")), []
+    for k in (1, 4):
+        model = registry.build("cnn", 0, num_classes=10, channels=4, features=16)
+        state = TrainState.create(model, transforms.adam(3e-3), jax.random.PRNGKey(0))
+        config = TrainerConfig(train=TrainConfig(batch_size=16, steps_per_call=k),
+                               logging=LoggingConfig(progress=False))
+        trainer = Trainer(state, get_task("classification").loss_fn, config)
+        params.append(jax.device_get(trainer.fit(data["train"], 8).params))
+    for a, b in zip(*map(jax.tree.leaves, params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow  # four Trainers on 8 simulated devices: ~50 s of CPU

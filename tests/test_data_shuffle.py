@@ -13,7 +13,7 @@ from grain._src.python.experimental.index_shuffle.python import (
 )
 
 from jaxtrain.data.prepare import prepare_arrays
-from jaxtrain.data.records import load_records
+from jaxtrain.data.records import READ_AHEAD, load_records
 from jaxtrain.data.shuffle import ShuffledOrder, shuffle_in_epoch
 
 # sizes around every regime: tiny, the 16-bit block looked up whole, its quirk at
@@ -46,6 +46,16 @@ def test_order_equals_grains_shuffled_repeat_across_epochs_and_blocks():
         np.testing.assert_array_equal(again.rows(n - 7, n + 30), order.rows(n - 7, n + 30))
 
 
+def test_the_block_after_the_one_asked_for_is_computed_ahead():
+    order = ShuffledOrder(1000, 3, block=64)
+    order.rows(0, 10)
+    assert set(order.cache) == {(0, 0), (0, 1)}
+    order.rows(990, 1000)  # an epoch's last block: the next epoch's first comes next
+    assert set(order.cache) == {(0, 15), (1, 0)}
+    np.testing.assert_array_equal(order.cache[1, 0].result(), shuffle_in_epoch(
+        np.arange(64), 1000, 4))
+
+
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     root = tmp_path_factory.mktemp("shuffle")
@@ -56,20 +66,26 @@ def records(tmp_path_factory):
     return load_records(str(root / "out"))["train"]
 
 
-def test_loader_is_reused_across_fits_and_restarts_only_when_asked(records):
+def test_loader_is_reused_across_fits_and_reads_any_position(records):
     loader = records.loader(16, 3, process_index=0, process_count=1)
     first = [loader(s)["x"] for s in range(3)]
-    iterator = loader.iterator
     again = records.loader(16, 3, process_index=0, process_count=1)  # the next fit
     assert again is loader
     np.testing.assert_array_equal(again(3)["x"], records.source.take(
         ShuffledOrder(len(records), 3).rows(48, 64))["x"])
-    assert again.iterator is iterator  # continued, not started anew
-    np.testing.assert_array_equal(again(1)["x"], first[1])  # a resume restarts it
-    assert again.iterator is not iterator
+    np.testing.assert_array_equal(again(1)["x"], first[1])  # a resume
     assert records.loader(16, 4, process_index=0, process_count=1) is not loader
-    loader.close()
-    assert loader.iterator is None
+
+
+def test_consecutive_batches_are_read_a_group_at_a_time(records, monkeypatch):
+    calls, take = [], type(records.source).take
+    monkeypatch.setattr(type(records.source), "take",
+                        lambda self, rows: calls.append(len(rows)) or take(self, rows))
+    loader = records.loader(16, 5, process_index=0, process_count=1)
+    got = np.concatenate([loader(s)["x"] for s in range(17)])
+    assert calls == [16] + [16 * READ_AHEAD] * 3  # the first batch sizes the groups
+    want = take(records.source, ShuffledOrder(len(records), 5).rows(0, 17 * 16))["x"]
+    np.testing.assert_array_equal(got, want)
 
 
 def test_arrays_are_the_first_examples_of_grains_epoch(records):

@@ -3,17 +3,19 @@
 `load_records(path, ...)` is the `records` data set of configs. It checks the manifest
 (format version, every file present at its recorded size, SHA-256 checksums), and gives
 
-- `train`: a `Records` split; the Trainer asks it for a `loader(batch_size, seed)`, a
-  Grain pipeline whose batch for step `s` is a pure function of (seed, s, the data):
+- `train`: a `Records` split; the Trainer asks it for a `loader(batch_size, seed)`,
+  whose batch for step `s` is a pure function of (seed, s, the data):
   the rows at positions `s*b .. (s+1)*b` of `MapDataset.range(len(rows)).shuffle(seed)
   .repeat()` (a global shuffle, a new one each epoch), computed vectorized
   (`shuffle.ShuffledOrder`, equal to Grain's), host `h` of `P` reading only its slice
   `h*b/P .. (h+1)*b/P`, each batch in one call: the batches of Grain's per-example
   `MapDataset.source(rows).shuffle(seed).repeat().batch(...)`, without its per-example
   cost. The global batch sequence is the same on any number of processes, and resuming
-  at step `s` starts the pipeline at `s`: the state's `data_position` (saved in the same
-  Orbax checkpoint) is the whole iterator state. Worker processes (`workers`) and read
-  threads with a prefetch buffer come from Grain. Epochs run into each other: a batch
+  at step `s` reads from `s`: the state's `data_position` (saved in the same Orbax
+  checkpoint) is the whole iterator state. Without worker processes the batches are
+  read when the Trainer asks for them, a group of consecutive ones at a time; with
+  `workers`, a Grain pipeline runs them, each with
+  `threads` read threads and a `prefetch` buffer. Epochs run into each other: a batch
   may hold the last examples of one epoch and the first of the next (each example is
   still seen once per epoch).
 - `valid`: a dict of lazy columns (`len`, slicing give NumPy arrays) read on demand.
@@ -22,13 +24,15 @@ Token sets give windows of `seq_len + 1` tokens (consecutive windows share one t
 as `jaxtrain.data.text.windows`); `cross_documents=False` keeps every window inside one
 document (a document shorter than `seq_len + 1` tokens then gives none).
 What is held in memory: the document start offsets (8 bytes per document, plus 8 per
-document for the window counts when windows stay in documents), Grain's prefetch buffer,
-one open file per shard and the shuffle's last two blocks (at most 1 MB); rows are read
-with `os.pread`, never mapped.
+document for the window counts when windows stay in documents), Grain's prefetch buffer
+(with workers; without, the batches read ahead: `READ_AHEAD`, at most `READ_AHEAD_BYTES`
+unless one batch is larger), one open file per shard and the shuffle's last two blocks
+(at most 1 MB); rows are read with `os.pread`, never mapped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,6 +47,8 @@ from .shuffle import ShuffledOrder, shuffle_in_epoch
 
 VERIFY_BYTES = 2 * 2**30  # verify="auto" checks SHA-256 sums of data sets up to this size
 SPAN_BYTES_PER_ROW = 4096  # `take` reads a span of rows in one call up to this per row
+READ_AHEAD = 8  # without workers a loader reads this many consecutive batches at once,
+READ_AHEAD_BYTES = 4 * 2**20  # fewer when they would pass this size (at least one)
 
 
 def read_manifest(path: str | Path, verify="auto") -> dict:
@@ -134,16 +140,15 @@ class _Shards:
         indices = np.asarray(indices, np.int64)
         if not len(indices):
             return np.empty((0, *shape), dtype)
-        if len(self.files) == 1:
-            shard, local = np.zeros(len(indices), np.intp), indices
-        else:
-            shard = self.bounds.searchsorted(indices, "right") - 1
-            local = indices - self.bounds[shard]
-        lo, hi = int(local.min()), int(local.max()) + 1
-        if shard.min() == shard.max() and (hi - lo) * row <= len(local) * SPAN_BYTES_PER_ROW:
-            fd, offset = self.open[int(shard[0])][:2]
-            span = np.frombuffer(os.pread(fd, (hi - lo) * row, offset + lo * row), dtype)
-            return span.reshape(-1, *shape)[local - lo]
+        lo, hi = int(indices.min()), int(indices.max()) + 1
+        first = int(self.bounds.searchsorted(lo, "right")) - 1
+        if hi <= self.bounds[first + 1] and (hi - lo) * row <= len(indices) * SPAN_BYTES_PER_ROW:
+            fd, offset = self.open[first][:2]
+            start = offset + (lo - int(self.bounds[first])) * row
+            span = np.frombuffer(os.pread(fd, (hi - lo) * row, start), dtype)
+            return span.reshape(-1, *shape)[indices - lo]
+        shard = self.bounds.searchsorted(indices, "right") - 1
+        local = indices - self.bounds[shard]
         out = np.empty((len(indices), *shape), dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
         for k, (f, i) in enumerate(zip(shard.tolist(), local.tolist(), strict=True)):
@@ -281,19 +286,34 @@ class ReadBatch:
         start = int(step) * self.batch_size + self.offset
         return self.source.take(self.order.rows(start, start + self.local))
 
+    def many(self, step: int, count: int) -> dict:
+        """Batches `step .. step + count` stacked on a new leading axis, read in one
+        call (one host's batches are one span of the order)."""
+        start = int(step) * self.batch_size + self.offset
+        if self.local == self.batch_size:
+            rows = self.order.rows(start, start + count * self.local)
+        else:
+            rows = np.concatenate([self.order.rows(s, s + self.local) for s in
+                                   range(start, start + count * self.batch_size,
+                                         self.batch_size)])
+        return {k: v.reshape(count, self.local, *v.shape[1:])
+                for k, v in self.source.take(rows).items()}
+
 
 class Loader:
-    """This host's batch of a data position, from a Grain pipeline started at the
-    position asked for and followed while positions come in order (see the module
-    docstring). Batches are process-local: the feed assembles the global array with
-    `jax.make_array_from_process_local_data`."""
+    """This host's batch of a data position (see the module docstring). Without worker
+    processes, read when asked, in the caller's thread: the Trainer asks for the next
+    batch while the last step runs, and Grain's read threads and iterator only added
+    Python per step (GIL) on top of the same read. With `workers`, from a Grain pipeline
+    over worker processes, started at the position asked for and followed while
+    positions come in order. Batches are process-local: the feed assembles the global
+    array with `jax.make_array_from_process_local_data`."""
 
     process_local = True
 
     def __init__(self, source, batch_size: int, seed: int, workers: int = 0,
                  threads: int = 2, prefetch: int = 8, process_index: int | None = None,
                  process_count: int | None = None):
-        import grain
         import jax
 
         pi = jax.process_index() if process_index is None else process_index
@@ -309,35 +329,57 @@ class Loader:
         # the batches of `MapDataset.source(source).shuffle(seed).repeat().batch(...)`:
         # Grain's shuffle computed for a block of indices at once (`ShuffledOrder`), then
         # one read per batch (`take`), without Grain's per-example cost (~40 us each)
-        read = ReadBatch(source, ShuffledOrder(len(source), seed), batch_size, pi, pc)
-        self.dataset = grain.MapDataset.range(sys.maxsize // batch_size).map(read)
+        self.read = ReadBatch(source, ShuffledOrder(len(source), seed), batch_size, pi, pc)
         self.iterator, self.expected = None, None
+        self.group, self.held = None, None  # without workers: batches per read, the last
+
+    def _from_group(self, position: int) -> dict:
+        """Without workers: the batch of `position` from one read of `group` consecutive
+        batches (`READ_AHEAD`, within `READ_AHEAD_BYTES`), kept until a position outside
+        it is asked for: one `take` per group, not per batch."""
+        if self.group is None:  # sized by the first batch
+            size = sum(v.nbytes for v in self.read(position).values())
+            self.group = max(1, min(READ_AHEAD, READ_AHEAD_BYTES // max(size, 1)))
+        first, batches = self.held or (None, None)
+        if first is None or not first <= position < first + self.group:
+            first, batches = position, self.read.many(position, self.group)
+            self.held = first, batches
+        return {k: v[position - first] for k, v in batches.items()}
 
     def _start(self, position: int) -> None:
         import grain
+        from absl import flags
 
         self.close()
-        data = self.dataset[position:].to_iter_dataset(
-            grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch))
-        if self.workers:
-            from absl import flags
-
-            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (defaults)
-                flags.FLAGS.mark_as_parsed()
-            data = data.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (defaults)
+            flags.FLAGS.mark_as_parsed()
+        data = grain.MapDataset.range(position, sys.maxsize // self.batch_size).map(
+            self.read).to_iter_dataset(grain.ReadOptions(num_threads=self.threads,
+                                                         prefetch_buffer_size=self.prefetch))
+        data = data.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
         self.iterator = iter(data)
 
     def __call__(self, position: int) -> dict:
+        if not self.workers:  # read in this thread, while the last step runs
+            return self._from_group(position)
         if position != self.expected:
             self._start(position)
         self.expected = position + 1
         return next(self.iterator)
 
+    def many(self, position: int, count: int) -> dict:
+        """The batches of `count` positions from `position`, stacked on a new leading
+        axis (for `steps_per_call`): without workers, read in one call."""
+        if not self.workers:
+            return self.read.many(position, count)
+        batches = [self(position + i) for i in range(count)]
+        return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
     def close(self) -> None:
         """Stop the Grain iterator (its read threads, worker processes, buffer)."""
         if self.iterator is not None:
             self.iterator.close()
-        self.iterator, self.expected = None, None
+        self.iterator, self.expected, self.held = None, None, None
 
 
 class Records:
@@ -357,17 +399,40 @@ class Records:
     def loader(self, batch_size: int, seed: int, **hosts) -> Loader:
         """A Loader of these records; the same one again for the same batch size, seed
         and hosts, so a `fit` that continues where the last one stopped continues its
-        Grain iterator (prefetched batches, threads, workers) instead of starting anew."""
+        shuffle and, with `workers`, its Grain iterator (prefetched batches, worker
+        processes) instead of starting anew; the Loader it replaces is closed."""
         key = (batch_size, seed, tuple(sorted(hosts.items())))
         if self.last is None or self.last[0] != key:
+            self.close()
             self.last = key, Loader(self.source, batch_size, seed, self.workers,
                                     self.threads, self.prefetch, **hosts)
         return self.last[1]
+
+    def close(self) -> None:
+        """Close the last Loader given (its worker processes and read-ahead); the run that
+        loaded these records calls it when it ends (`closing`)."""
+        if self.last is not None:
+            self.last[1].close()
+        self.last = None
 
     def arrays(self, limit: int, seed: int = 0) -> dict:
         """The first `limit` examples of epoch 0 of the seeded shuffle, stacked."""
         n = len(self.source)
         return self.source.take(shuffle_in_epoch(np.arange(min(limit, n)), n, seed))
+
+
+@contextlib.contextmanager
+def closing(data: dict):
+    """A `with` block over a loaded data set (`{'train': ..., 'valid': ...}`) whose end,
+    however it ends, closes the prepared records among its splits (`Records.close`): a
+    run that fails or returns leaves no worker processes behind, whoever still holds
+    the data."""
+    try:
+        yield data
+    finally:
+        for split in data.values():
+            if isinstance(split, Records):
+                split.close()
 
 
 def data_identity(path: str | Path, manifest: dict) -> dict:

@@ -19,6 +19,7 @@ from flax import nnx
 from .. import sharding
 from ..checkpoint import Manager, model_signature
 from ..config import load, read_yaml, set_key, to_dict
+from ..data.records import closing
 from ..errors import JaxtrainError
 from ..models import registry as model_registry
 from ..models.lora import apply_lora, merge_lora
@@ -83,9 +84,16 @@ def run_finetune(cfg: FinetuneRunConfig, resume: bool = False) -> dict:
         if getattr(cfg, key) is not None:
             raise JaxtrainError(f"config key {key!r} is not supported by jaxtrain finetune "
                                 "(train with it: jaxtrain train)")
-    seed, train, out = cfg.seed, cfg.train, Path(cfg.out)
     task = get_task(cfg.task)
     data, name, kwargs = data_and_model(cfg)
+    with closing(data):  # the records' worker processes end with the run, however it ends
+        return _finetune(cfg, task, data, name, kwargs)
+
+
+def _finetune(cfg: FinetuneRunConfig, task, data: dict, name: str, kwargs: dict) -> dict:
+    """`run_finetune` once its data and model are known."""
+    ft, pretrained = cfg.finetune, cfg.finetune.from_
+    seed, train, out = cfg.seed, cfg.train, Path(cfg.out)
     model = model_registry.build(name, seed, **kwargs)
     paths = path_list(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     modules = sorted({p.rsplit("/", 1)[0] for p in paths if "/" in p})

@@ -19,6 +19,7 @@ from ..checkpoint import Manager
 from ..config import load, to_dict
 from ..data import registry as data_registry
 from ..data.augment import check_augment, with_augmentation
+from ..data.records import closing
 from ..errors import JaxtrainError
 from ..models import registry as model_registry
 from ..strategies.distill import make_distill_loss, teacher_from_checkpoint, with_transfer_set
@@ -259,11 +260,17 @@ def run_config(cfg: RunConfig, resume: bool = False, callbacks=()) -> dict:
     `Trainer`'s besides the config's (a `local_sgd` run, which has its own loop, takes
     none)."""
     cfg = rerun_config(cfg, resume)
-    seed, train = cfg.seed, cfg.train
-    if train.compilation_cache is not None:  # from the start: the model's init compiles too
-        sharding.use_compilation_cache(train.compilation_cache)
+    if cfg.train.compilation_cache is not None:  # from the start: the model's init compiles
+        sharding.use_compilation_cache(cfg.train.compilation_cache)
     task = get_task(cfg.task)
     data, name, kwargs = data_and_model(cfg)
+    with closing(data):  # the records' worker processes end with the run, however it ends
+        return _train(cfg, task, data, name, kwargs, callbacks)
+
+
+def _train(cfg: RunConfig, task, data: dict, name: str, kwargs: dict, callbacks) -> dict:
+    """`run_config` once its data and model are known."""
+    seed, train = cfg.seed, cfg.train
     if cfg.distill is not None:
         task, data = distill_setup(cfg, task, data)
     model = model_registry.build(name, seed, **kwargs)
