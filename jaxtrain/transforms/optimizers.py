@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from ..errors import JaxtrainError
+from . import elementwise
 from .compact_state import check_format, scale_by_adam_compact
 from .find import find_states
 from .inject import hyperparam_dtype, injected
@@ -260,7 +261,8 @@ def _adam_family(name, learning_rate, b1, b2, eps, weight_decay, mask, mu_dtype,
     hyper = dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
     decayed = {} if weight_decay is None else dict(weight_decay=weight_decay, mask=mask)
     if mu_dtype == nu_dtype == "float32":
-        return (optax.adam if weight_decay is None else optax.adamw), {**hyper, **decayed}
+        return (elementwise.adam if weight_decay is None else elementwise.adamw), {**hyper,
+                                                                              **decayed}
     return _adam_compact, dict(**hyper, weight_decay=weight_decay, mask=mask,
                                mu_dtype=mu_dtype, nu_dtype=nu_dtype, block_size=block_size,
                                min_8bit_size=min_8bit_size)
@@ -439,7 +441,7 @@ def lion(learning_rate, b1: float = 0.9, b2: float = 0.99, weight_decay: float =
     check_learning_rate(learning_rate)
     _betas("lion", b1=b1, b2=b2)
     check_nonnegative("lion", weight_decay=weight_decay)
-    tx = injected(optax.lion, _STATIC, learning_rate=learning_rate, b1=b1, b2=b2,
+    tx = injected(elementwise.lion, _STATIC, learning_rate=learning_rate, b1=b1, b2=b2,
                   weight_decay=weight_decay, mask=mask)
     return with_mask_check(tx, mask, "lion: mask")
 
