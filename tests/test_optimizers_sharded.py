@@ -132,6 +132,43 @@ def test_update_gathers_no_whole_matrix_and_equals_one_device(devices, name):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
 
 
+def test_8bit_state_of_params_sharded_on_a_later_axis_gathers_nothing(devices):
+    """8-bit AdamW on kernels sharded on their second axis (`mlp` over `fsdp`: the MLP's
+    up kernels are (32, 128) split by columns): with `num_devices=8` the quantization
+    blocks stay within each device's columns, so the update has no collective at all (with
+    bitsandbytes' row-major blocks, `num_devices=1`, it all-gathered each whole kernel), the
+    MLP kernels' state per device is within 1/8 + 10%, and the updates equal one device's
+    to 1e-6."""
+    tx = transforms.adamw_8bit(1e-3, num_devices=8)
+    state, axes = build("gpt", tx)
+    mesh = sharding.make_mesh(**FSDP, devices=devices)
+    sh = sharding.state_shardings(state, mesh, {"mlp": "fsdp"}, axes)
+    later = [s.spec for x, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(sh.params),
+                                    strict=True) if x.size >= 4096]
+    assert ("fsdp", None) in [tuple(p) for p in later] and (None, "fsdp") in [
+        tuple(p) for p in later], later
+    mlp = [(x, s) for (path, x), s in zip(
+        jax.tree_util.tree_flatten_with_path(state.opt_state)[0],
+        jax.tree.leaves(sh.opt_state), strict=True) if "'mlp'" in jax.tree_util.keystr(path)]
+    mine = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in mlp)
+    full = sum(x.nbytes for x, _ in mlp)  # the MLP's state: the rest is not sharded here
+    update = _jit_update(tx, sh)
+    with jax.set_mesh(mesh):
+        hlo = update.lower(state.params, state.opt_state, state.params).compile().as_text()
+    assert largest_all_gather(hlo) == 0, f"all-gathers {largest_all_gather(hlo)} values"
+    assert mine <= full * (1 / 8 + 0.10), f"{mine} of {full} state bytes per device"
+
+    rng = np.random.default_rng(0)
+    grads = [jax.tree.map(lambda p: 0.01 * rng.normal(size=p.shape).astype(np.float32),
+                          state.params) for _ in range(3)]
+    eight = _updates(update, state, sh, mesh, grads)
+    mesh1 = sharding.make_mesh(data=1, fsdp=1, devices=devices[:1])
+    sh1 = sharding.state_shardings(state, mesh1, {"mlp": "fsdp"}, axes)
+    one = _updates(_jit_update(tx, sh1), state, sh1, mesh1, grads)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape,merged,block", [((6, 6), (6, 6), 4), ((3, 4, 5), (12, 5), 4),
                                                 ((32, 128), (32, 128), 32), ((7,), (7,), 3)])
 def test_grid_blocks_are_the_leafs_sub_blocks(shape, merged, block):
