@@ -17,8 +17,9 @@ device and not host dispatch.
 `--compile` measures instead the time to trace, lower and compile that jitted step on a
 pytree of `--leaves` small (64, 8) leaves (issue 20, point 5: a 1,000-leaf update must
 compile in at most 1.2x Optax's time): each run a fresh `jax.jit` after
-`jax.clear_caches()`, ours and Optax alternating, medians and the median ratio
-(`COMPILE_PAIRS`: the optimizers with an Optax twin of the same algorithm).
+`jax.clear_caches()`, ours and Optax alternating, medians and the median ratio, of the
+wall time and of the process's CPU time (`COMPILE_PAIRS`: the optimizers with an Optax
+twin of the same algorithm).
 
 Prints one JSON line per measurement, then a table.
 """
@@ -139,31 +140,33 @@ def compare(name, ours, theirs, leaves, runs, inner=1, warmup=2):
     return statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios)
 
 
-def compile_seconds(tx, leaves: int) -> tuple[float, float]:
+def compile_seconds(tx, leaves: int) -> tuple[float, float, float]:
     """Seconds to trace + lower, and to compile, a fresh jitted donated step of `tx` on
-    `leaves` (64, 8) float32 leaves (shapes only: nothing runs)."""
+    `leaves` (64, 8) float32 leaves (shapes only: nothing runs), and the CPU seconds of
+    this process for both (all its threads; less moved by other processes' load)."""
     params = {f"p{i:04d}": jax.ShapeDtypeStruct((64, 8), jnp.float32) for i in range(leaves)}
     carry = (params, jax.eval_shape(tx.init, params))
     jax.clear_caches()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     lowered = make_step(tx).lower(carry, params)
     traced = time.perf_counter()
     lowered.compile()
-    return traced - start, time.perf_counter() - traced
+    return traced - start, time.perf_counter() - traced, time.process_time() - cpu
 
 
 def compare_compile(ours, theirs, leaves, runs, warmup=1):
-    """Median seconds (trace + lower, compile, total) of each side, alternating, and the
-    median of per-round total ratios."""
+    """Median seconds (trace + lower, compile, total, CPU) of each side, alternating, and
+    the medians of per-round ratios of the totals and of the CPU seconds."""
     times = ([], [])
     for r in range(warmup + runs):
         for i, tx in enumerate((ours, theirs)):
-            trace, comp = compile_seconds(tx, leaves)
+            trace, comp, cpu = compile_seconds(tx, leaves)
             if r >= warmup:
-                times[i].append((trace, comp, trace + comp))
-    med = [[statistics.median(t[k] for t in side) for k in range(3)] for side in times]
-    ratio = statistics.median(a[2] / b[2] for a, b in zip(*times, strict=True))
-    return med[0], med[1], ratio
+                times[i].append((trace, comp, trace + comp, cpu))
+    med = [[statistics.median(t[k] for t in side) for k in range(4)] for side in times]
+    ratios = [statistics.median(a[k] / b[k] for a, b in zip(*times, strict=True))
+              for k in (2, 3)]
+    return med[0], med[1], *ratios
 
 
 def main_compile(args, names) -> None:
@@ -175,21 +178,23 @@ def main_compile(args, names) -> None:
     rows = []
     for name in names:
         ours, theirs = COMPILE_PAIRS[name]
-        mine, optax_s, ratio = compare_compile(ours, theirs, args.leaves, args.runs)
+        mine, optax_s, ratio, cpu_ratio = compare_compile(ours, theirs, args.leaves, args.runs)
         rec = {"bench": "optimizer_compile", "optimizer": name, "leaves": args.leaves,
                "runs": args.runs, "ours_trace_s": round(mine[0], 3),
                "ours_compile_s": round(mine[1], 3), "ours_s": round(mine[2], 3),
                "optax_trace_s": round(optax_s[0], 3), "optax_compile_s": round(optax_s[1], 3),
                "optax_s": round(optax_s[2], 3), "ratio": round(ratio, 3),
+               "ours_cpu_s": round(mine[3], 3), "optax_cpu_s": round(optax_s[3], 3),
+               "cpu_ratio": round(cpu_ratio, 3),
                "load_average": os.getloadavg()[0]}
         print(json.dumps(rec), flush=True)
         rows.append(rec)
     print(f"\n{'optimizer':14s} {'ours s (trace + compile)':>26s} "
-          f"{'optax s (trace + compile)':>26s} {'ratio':>6s}")
+          f"{'optax s (trace + compile)':>26s} {'ratio':>6s} {'cpu ratio':>9s}")
     for r in rows:
         print(f"{r['optimizer']:14s} {r['ours_s']:8.2f} ({r['ours_trace_s']:.2f} + "
               f"{r['ours_compile_s']:.2f}) {r['optax_s']:9.2f} ({r['optax_trace_s']:.2f} + "
-              f"{r['optax_compile_s']:.2f}) {r['ratio']:6.3f}")
+              f"{r['optax_compile_s']:.2f}) {r['ratio']:6.3f} {r['cpu_ratio']:9.3f}")
 
 
 def bandwidth(runs, leaves=1, warmup=2):

@@ -68,6 +68,30 @@ def test_blockwise_round_trip_is_bitsandbytes_and_within_half_a_map_gap(bnb_exac
         assert np.all(back[:256] == 0)
 
 
+def test_blocks_within_each_devices_piece_are_bitsandbytes_blocks(bnb_exact):
+    """With `num_devices=8` a (32, 128) leaf is cut in 8 x 8 pieces of 4 x 16 values (an
+    axis that 8 does not divide stays whole); each piece's values, row-major, are
+    bitsandbytes' blocks (here of 64: one per piece), the scales shaped (8, 8, blocks)."""
+    torch, bnb = bnb_exact
+    assert C.pieces_for((32, 128), 8) == (8, 8) and C.pieces_for((30, 128), 8) == (1, 8)
+    assert C.pieces_for((32, 128), 1) == (1, 1)
+    x = np.random.default_rng(1).standard_normal((32, 128)).astype(np.float32)
+
+    def by_piece(a):  # numpy: the pieces' values one after the other
+        return a.reshape(8, 4, 8, 16).transpose(0, 2, 1, 3).reshape(-1)
+
+    table = bnb.functional.create_dynamic_map(signed=True)
+    codes, state = bnb.functional.quantize_blockwise(torch.tensor(by_piece(x)), code=table,
+                                                     blocksize=64)
+    q = C.quantize_blockwise(jnp.asarray(x), True, 64, C.pieces_for(x.shape, 8))
+    assert q.codes.shape == (32, 128) and q.absmax.shape == (8, 8, 1)
+    np.testing.assert_array_equal(by_piece(np.asarray(q.codes)), codes.numpy())
+    np.testing.assert_array_equal(np.asarray(q.absmax).ravel(), state.absmax.numpy())
+    np.testing.assert_allclose(by_piece(np.asarray(C.dequantize_blockwise(q, True, 64))),
+                               bnb.functional.dequantize_blockwise(codes, state), rtol=1e-6,
+                               atol=0)
+
+
 def test_adamw_8bit_follows_bitsandbytes_adamw8bit(bnb_exact):
     """20 steps on the same gradients: the same 8-bit codes but where a value sits on the
     midpoint of two map entries (float32 rounding order decides: 1 code in 6144 differs

@@ -176,14 +176,17 @@ def state_shardings(state, mesh, rules="dp", logical_axes=None, params=None):
         if isinstance(leaf, Stacks):
             return jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(
                 spread_axes(dict(mesh.shape), _shape(x)[0]))), leaf)
-        return NamedSharding(mesh, _follow(path_str(kp), tuple(_shape(leaf)), specs))
+        return NamedSharding(mesh, _follow(path_str(kp), tuple(_shape(leaf)), specs,
+                                           dict(mesh.shape)))
 
     return jax.tree_util.tree_map_with_path(leaf_sharding, state,
                                             is_leaf=lambda x: isinstance(x, Stacks))
 
 
-def _follow(path: str, shape: tuple, specs: dict) -> PartitionSpec:
-    """The spec of a state leaf from the param whose path is the longest suffix of its own."""
+def _follow(path: str, shape: tuple, specs: dict, sizes: dict) -> PartitionSpec:
+    """The spec of a state leaf from the param whose path is the longest suffix of its own;
+    a leaf of one dimension more whose leading sizes each the param's shards divide (8-bit
+    moments' per-piece scales, `transforms.compact_state.pieces_for`) follows it on those."""
     parts = path.split("/")
     for start in range(len(parts)):
         found = specs.get("/".join(parts[start:]))
@@ -196,8 +199,19 @@ def _follow(path: str, shape: tuple, specs: dict) -> PartitionSpec:
         for dim in range(len(pshape)):
             if pshape[:dim] + pshape[dim + 1:] == shape:
                 return PartitionSpec(*(entries[:dim] + entries[dim + 1:]))
+        if len(shape) == len(pshape) + 1 and all(
+                n % _ways(e, sizes) == 0 for n, e in zip(shape, entries, strict=False)):
+            return PartitionSpec(*entries, None)
         return PartitionSpec()
     return PartitionSpec()
+
+
+def _ways(entry, sizes: dict) -> int:
+    """Devices a spec entry splits a dimension over."""
+    ways = 1
+    for a in _axes_of(entry):
+        ways *= sizes[a]
+    return ways
 
 
 def replicated(mesh) -> NamedSharding:

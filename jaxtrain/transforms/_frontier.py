@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from ..errors import JaxtrainError
+from . import elementwise
 from .inject import injected
 from .low_precision import stochastic_round_bf16
 
@@ -40,11 +41,7 @@ def inject(factory, static=(), **hyperparams):
 def finish(scale, learning_rate, weight_decay=0.0, mask=None):
     """`scale`, then AdamW-style decoupled decay (`-lr * wd * param`, where `mask` says),
     then `-learning_rate`; the output cast back to the gradients' dtypes."""
-    tx = optax.chain(
-        scale,
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
+    tx = elementwise.finish(scale, learning_rate, weight_decay, mask)
 
     def update(updates, state, params=None):
         out, state = tx.update(updates, state, params)

@@ -16,9 +16,13 @@ Formats of a stored moment (`scale_by_adam_compact(mu=..., nu=...)`):
   the second (`dynamic_map`, bitsandbytes' `create_dynamic_map`). Leaves of fewer than
   `min_8bit_size` values (4096 as bitsandbytes) stay float32. Such a moment is one
   `Blockwise8bit` of two trees shaped like the params (`codes`, `absmax`), so that
-  `sharding.state_shardings` shards each leaf's codes like the param (found by its path);
-  on params sharded along their first axis, in pieces of whole blocks, the update
-  quantizes each device's own blocks and gathers only the per-block scales.
+  `sharding.state_shardings` shards each leaf's codes like the param (found by its path).
+  With `num_devices` > 1 the blocks stay within pieces: every axis that `num_devices`
+  divides is cut in that many, and the values of each piece are blocked row-major
+  (`pieces_for`); `absmax` is then (*pieces, blocks) and sharded like the param, so a
+  param sharded on any axes over up to `num_devices` devices is quantized where it lies,
+  with no all-gather. (Row-major blocks over the whole leaf, as bitsandbytes, span the
+  devices of a param sharded on a later axis: each update gathered the whole param.)
 The moments are always computed in float32: each step decodes them, updates them, takes
 the Adam step from the float32 values and encodes them again for storage.
 """
@@ -66,30 +70,72 @@ class Blockwise8bit(NamedTuple):
     absmax: jax.Array
 
 
-def quantize_blockwise(x, signed: bool, block_size: int = 256) -> Blockwise8bit:
-    """`x` to 8 bits: per block of `block_size` values (row-major, the last block short),
-    x / absmax rounded to the nearest entry of `dynamic_map(signed)`."""
+def pieces_for(shape, num_devices: int) -> tuple:
+    """Per axis of a leaf of `shape`, the pieces that its quantization blocks keep within:
+    `num_devices` where that divides the axis, else 1. A param sharded on any axes over
+    up to `num_devices` devices then holds whole pieces, so each device quantizes its
+    own values (all 1: one piece, bitsandbytes' row-major blocks of the whole leaf)."""
+    return tuple(num_devices if num_devices > 1 and s % num_devices == 0 else 1
+                 for s in shape)
+
+
+def _to_tiles(x, pieces):
+    """`x` as (*pieces, values of one piece): tile (i, j, ...) holds piece i of axis 0,
+    piece j of axis 1, ..., its values row-major. Reshapes and a transpose that keep a
+    sharded axis' pieces on their devices."""
+    d = x.ndim
+    local = [s // p for s, p in zip(x.shape, pieces, strict=True)]
+    y = x.reshape([v for pair in zip(pieces, local, strict=True) for v in pair])
+    return y.transpose([*range(0, 2 * d, 2), *range(1, 2 * d, 2)]).reshape(*pieces, -1)
+
+
+def _from_tiles(tiles, shape, pieces):
+    """`_to_tiles`' inverse."""
+    d = len(shape)
+    local = [s // p for s, p in zip(shape, pieces, strict=True)]
+    y = tiles.reshape(*pieces, *local)
+    return y.transpose([k for i in range(d) for k in (i, d + i)]).reshape(shape)
+
+
+def _pieces_of(q: Blockwise8bit) -> tuple:
+    """The pieces `q` was quantized in: `absmax` is (*pieces, blocks) when any axis has
+    more than one piece, else (blocks,)."""
+    if q.absmax.ndim == q.codes.ndim + 1:
+        return q.absmax.shape[:-1]
+    return (1,) * q.codes.ndim
+
+
+def quantize_blockwise(x, signed: bool, block_size: int = 256, pieces=None) -> Blockwise8bit:
+    """`x` to 8 bits: per block of `block_size` values (row-major within each of `pieces`,
+    see `pieces_for`; the last block of a piece short), x / absmax rounded to the nearest
+    entry of `dynamic_map(signed)`."""
     table = jnp.asarray(dynamic_map(signed))
-    flat = jnp.ravel(x).astype(F32)
-    n = flat.size
+    pieces = tuple(pieces or (1,) * jnp.ndim(x))
+    tiles = _to_tiles(jnp.asarray(x).astype(F32), pieces)
+    n = tiles.shape[-1]
     blocks = -(-n // block_size)
-    padded = jnp.pad(flat, (0, blocks * block_size - n)).reshape(blocks, block_size)
-    absmax = jnp.max(jnp.abs(padded), axis=1)
+    padded = jnp.pad(tiles, [(0, 0)] * len(pieces) + [(0, blocks * block_size - n)])
+    padded = padded.reshape(*pieces, blocks, block_size)
+    absmax = jnp.max(jnp.abs(padded), axis=-1)
     inverse = jnp.where(absmax > 0, 1.0 / jnp.where(absmax > 0, absmax, 1.0), 0.0)
-    scaled = jnp.clip(padded * inverse[:, None], -1.0, 1.0).reshape(-1)[:n]
+    scaled = jnp.clip(padded * inverse[..., None], -1.0, 1.0)
+    scaled = scaled.reshape(*pieces, blocks * block_size)[..., :n]
     middles = (table[:-1] + table[1:]) / 2
     codes = jnp.searchsorted(middles, scaled, side="left", method="scan")
-    return Blockwise8bit(codes.astype(jnp.uint8).reshape(jnp.shape(x)), absmax)
+    codes = _from_tiles(codes.astype(jnp.uint8), jnp.shape(x), pieces)
+    return Blockwise8bit(codes, absmax if max(pieces, default=1) > 1 else absmax.reshape(-1))
 
 
 def dequantize_blockwise(q: Blockwise8bit, signed: bool, block_size: int = 256) -> jax.Array:
     """The float32 values `q` stands for: map[codes] * absmax of each value's block."""
     table = jnp.asarray(dynamic_map(signed))
-    flat = table[jnp.ravel(q.codes).astype(jnp.int32)]
-    n = flat.size
-    padded = jnp.pad(flat, (0, q.absmax.size * block_size - n))
-    out = (padded.reshape(-1, block_size) * q.absmax[:, None]).reshape(-1)[:n]
-    return out.reshape(q.codes.shape)
+    pieces = _pieces_of(q)
+    tiles = _to_tiles(table[q.codes.astype(jnp.int32)], pieces)
+    n = tiles.shape[-1]
+    absmax = q.absmax.reshape(*pieces, -1)
+    padded = jnp.pad(tiles, [(0, 0)] * len(pieces) + [(0, absmax.shape[-1] * block_size - n)])
+    out = padded.reshape(*absmax.shape, block_size) * absmax[..., None]
+    return _from_tiles(out.reshape(*pieces, -1)[..., :n], q.codes.shape, pieces)
 
 
 def check_format(owner: str, name: str, value, valid=("float32", "bfloat16")) -> str:
@@ -136,7 +182,7 @@ def _encode(x, stored, signed, block_size, key):
     if fmt == "bfloat16":
         return stochastic_round_bf16(x, key)
     if fmt == "8bit":
-        return quantize_blockwise(x, signed, block_size)
+        return quantize_blockwise(x, signed, block_size, _pieces_of(stored))
     return Blockwise8bit(x, stored.absmax) if isinstance(stored, Blockwise8bit) else x
 
 
@@ -148,12 +194,13 @@ def _decode(stored, signed, block_size):
 
 def scale_by_adam_compact(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu="float32",
                           nu="float32", block_size: int = 256, min_8bit_size: int = 4096,
-                          seed: int = 0) -> optax.GradientTransformation:
+                          seed: int = 0, num_devices: int = 1) -> optax.GradientTransformation:
     """`optax.scale_by_adam` with the first moment stored as `mu` and the second as `nu`
     (each "float32", "bfloat16" or "8bit", see the module docstring). The stochastic
     rounding's bits come from `fold_in(PRNGKey(seed), step)`: no key in the state, and a
     run with a seed is reproducible. The state is Optax's `ScaleByAdamState`, its
-    `mu`/`nu` trees of arrays, or in 8 bits `Blockwise8bit` pairs of trees."""
+    `mu`/`nu` trees of arrays, or in 8 bits `Blockwise8bit` pairs of trees, their blocks
+    within the pieces of `pieces_for(shape, num_devices)`."""
 
     def fmt_of(fmt, p):
         return "float32" if fmt == "8bit" and p.size < min_8bit_size else fmt
@@ -163,7 +210,8 @@ def scale_by_adam_compact(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu="float32"
             def one(p):
                 f = fmt_of(fmt, p)
                 if f == "8bit":
-                    return quantize_blockwise(jnp.zeros_like(p, dtype=F32), signed, block_size)
+                    return quantize_blockwise(jnp.zeros_like(p, dtype=F32), signed, block_size,
+                                              pieces_for(p.shape, num_devices))
                 if fmt == "8bit":  # a small leaf of an 8-bit moment: float32, no scales
                     return Blockwise8bit(jnp.zeros_like(p, dtype=F32), jnp.zeros((0,), F32))
                 return jnp.zeros_like(p, dtype=jnp.bfloat16 if f == "bfloat16" else F32)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from ..errors import JaxtrainError
+from . import elementwise
 from .compact_state import check_format, scale_by_adam_compact
 from .find import find_states
 from .inject import hyperparam_dtype, injected
@@ -34,6 +35,7 @@ _STATIC = {
     "nu_dtype",
     "block_size",
     "min_8bit_size",
+    "num_devices",
     "mask",
     "weight_decay_mask",
     "trust_ratio_mask",
@@ -230,19 +232,19 @@ def rmsprop(learning_rate, decay: float = 0.9, eps: float = 1e-8, eps_in_sqrt: b
 
 
 def _adam_compact(learning_rate, b1, b2, eps, weight_decay, mask, mu_dtype, nu_dtype,
-                  block_size, min_8bit_size):
+                  block_size, min_8bit_size, num_devices):
     """Adam's step with its moments stored as `mu_dtype` / `nu_dtype` (compact_state.py),
     then decoupled decay where `weight_decay` is not None (AdamW), then -learning_rate."""
     return optax.chain(
         scale_by_adam_compact(b1, b2, eps, mu=mu_dtype, nu=nu_dtype, block_size=block_size,
-                              min_8bit_size=min_8bit_size),
+                              min_8bit_size=min_8bit_size, num_devices=num_devices),
         *(() if weight_decay is None else (optax.add_decayed_weights(weight_decay, mask),)),
         optax.scale_by_learning_rate(learning_rate),
     )
 
 
 def _adam_family(name, learning_rate, b1, b2, eps, weight_decay, mask, mu_dtype, nu_dtype,
-                 block_size=256, min_8bit_size=4096):
+                 block_size=256, min_8bit_size=4096, num_devices=1):
     """The factory to inject and its arguments, checked, for Adam (`weight_decay=None`) or
     AdamW: Optax's own adam/adamw when both moments are float32, else `_adam_compact`.
     The callers inject it themselves (one call fewer between a config's learning rate and
@@ -254,16 +256,18 @@ def _adam_family(name, learning_rate, b1, b2, eps, weight_decay, mask, mu_dtype,
     if mu_dtype == nu_dtype == "8bit":
         check_positive(name, block_size=block_size)
         check_nonnegative(name, min_8bit_size=min_8bit_size)
+        check_positive(name, num_devices=num_devices)
     else:
         mu_dtype = check_format(name, "mu_dtype", mu_dtype)
         nu_dtype = check_format(name, "nu_dtype", nu_dtype)
     hyper = dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
     decayed = {} if weight_decay is None else dict(weight_decay=weight_decay, mask=mask)
     if mu_dtype == nu_dtype == "float32":
-        return (optax.adam if weight_decay is None else optax.adamw), {**hyper, **decayed}
+        return (elementwise.adam if weight_decay is None else elementwise.adamw), {**hyper,
+                                                                              **decayed}
     return _adam_compact, dict(**hyper, weight_decay=weight_decay, mask=mask,
                                mu_dtype=mu_dtype, nu_dtype=nu_dtype, block_size=block_size,
-                               min_8bit_size=min_8bit_size)
+                               min_8bit_size=min_8bit_size, num_devices=num_devices)
 
 
 def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -277,12 +281,14 @@ def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
 
 def adam_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-              block_size: int = 256, min_8bit_size: int = 4096):
+              block_size: int = 256, min_8bit_size: int = 4096, num_devices: int = 1):
     """Adam with both moments blockwise quantized to 8 bits (bitsandbytes' `Adam8bit`):
     blocks of `block_size` values scaled by their absmax, dynamic maps (signed for the
-    first moment, unsigned for the second); leaves under `min_8bit_size` values float32."""
+    first moment, unsigned for the second); leaves under `min_8bit_size` values float32.
+    `num_devices` (a config run: the mesh's) keeps the blocks within each device's share
+    of a param sharded on any axis (`compact_state.pieces_for`)."""
     factory, args = _adam_family("adam_8bit", learning_rate, b1, b2, eps, None, None, "8bit",
-                                 "8bit", block_size, min_8bit_size)
+                                 "8bit", block_size, min_8bit_size, num_devices)
     return injected(factory, _STATIC, **args)
 
 
@@ -310,11 +316,11 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
 def adamw_8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                weight_decay: float = 1e-2, mask=None, block_size: int = 256,
-               min_8bit_size: int = 4096):
+               min_8bit_size: int = 4096, num_devices: int = 1):
     """AdamW with both moments blockwise quantized to 8 bits (bitsandbytes' `AdamW8bit`;
     see `adam_8bit`)."""
     factory, args = _adam_family("adamw_8bit", learning_rate, b1, b2, eps, weight_decay,
-                                 mask, "8bit", "8bit", block_size, min_8bit_size)
+                                 mask, "8bit", "8bit", block_size, min_8bit_size, num_devices)
     return with_mask_check(injected(factory, _STATIC, **args), mask, "adamw_8bit: mask")
 
 
@@ -439,7 +445,7 @@ def lion(learning_rate, b1: float = 0.9, b2: float = 0.99, weight_decay: float =
     check_learning_rate(learning_rate)
     _betas("lion", b1=b1, b2=b2)
     check_nonnegative("lion", weight_decay=weight_decay)
-    tx = injected(optax.lion, _STATIC, learning_rate=learning_rate, b1=b1, b2=b2,
+    tx = injected(elementwise.lion, _STATIC, learning_rate=learning_rate, b1=b1, b2=b2,
                   weight_decay=weight_decay, mask=mask)
     return with_mask_check(tx, mask, "lion: mask")
 

@@ -252,7 +252,8 @@ def _nonnegative(where: str, schedule):
 
 def _devices(where: str, factory, kwargs: dict, num_devices: int | None) -> dict:
     """`{'num_devices': n}` for an optimizer that pads its per-block stacks to a multiple
-    of its `num_devices` (shampoo, soap): the mesh's device count when the entry does not
+    of its `num_devices` (shampoo, soap) or keeps its 8-bit blocks within that many pieces
+    of each axis (adam_8bit, adamw_8bit): the mesh's device count when the entry does not
     set it; an entry's own must be a multiple of the device count, or the stacks do not
     split evenly over the devices (and stay whole on each)."""
     if num_devices is None or "num_devices" not in inspect.signature(factory).parameters:
