@@ -61,6 +61,11 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_floats(text: str) -> list[float]:
+    """`0.333,1,3` -> [0.333, 1.0, 3.0]: comma-separated numbers, each finite and > 0."""
+    return [positive_float(t) for t in text.split(",")]
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0 (a learning rate, a memory limit)."""
     value = finite_float(text)
@@ -87,14 +92,14 @@ def _config(args):
     return cfg
 
 
-def _problem(args, one_device_runs: bool = True):
+def _problem(args, one_device_runs: bool = True, **kwargs):
     from .tune.setup import check_one_device_runs, problem_from_config
 
     cfg = _config(args)
     if one_device_runs:
         check_one_device_runs(cfg, args.command)
     out = Path(args.out or Path(cfg.out) / args.command)
-    problem = problem_from_config(cfg)
+    problem = problem_from_config(cfg, **kwargs)
     out.mkdir(parents=True, exist_ok=True)
     return problem, cfg, out
 
@@ -141,19 +146,27 @@ def parse_strategies(names: str, specs: list[str]) -> dict:
 
 
 def cmd_compare(args) -> int:
+    from .config import to_dict
     from .tune.compare import compare
 
     strategies = parse_strategies(args.strategies, args.strategy or [])
     seeds = args.seeds
-    problem, cfg, out = _problem(args)
+    problem, cfg, out = _problem(args, max_eval_examples=args.eval_examples)
+    # the runs a saved sweep must match besides its strategy: the config minus its optimizer
+    key = {"config": {k: v for k, v in to_dict(cfg).items() if k != "optimizer"},
+           "eval_examples": args.eval_examples}
     result = compare(problem.spec, strategies, problem.train, problem.valid,
                      cfg.train.steps, seeds=seeds, target=args.target,
-                     progress=not args.quiet, folds=args.folds, fold_seed=cfg.seed)
+                     progress=not args.quiet, folds=args.folds, fold_seed=cfg.seed,
+                     lr_scales=args.lr_scales, cache=out / "sweeps" if args.resume else None,
+                     problem_key=key)
     print(result.table())
     result.plot(out / "compare.png")
     rows = [{"strategy": r.name, "learning_rate": r.learning_rate,
              "final_mean": float(r.final.mean()), "final_std": float(r.final.std()),
-             "best_mean": float(r.best.mean()), "steps_to_target": r.steps_to_target,
+             "final": r.final.tolist(), "best_mean": float(r.best.mean()),
+             "steps_to_target": r.steps_to_target,
+             "steps_per_seed": r.steps_per_seed.tolist(),
              "seconds_to_target": r.seconds_to_target} for r in result.results]
     (out / "compare.json").write_text(json.dumps({"target": result.target, "seeds": seeds,
                                                   "folds": args.folds, "results": rows},
@@ -270,6 +283,15 @@ def add_commands(sub, positive_int) -> None:
                    help="comma-separated seeds (default 0,1)")
     p.add_argument("--target", type=finite_float,
                    help="held-out target of the monitored metric")
+    p.add_argument("--lr-scales", type=positive_floats, metavar="S1,S2,...",
+                   help="each strategy's learning rates: these multiples of its own rate "
+                        "(its spec's learning_rate, else its optimizer's default), e.g. "
+                        "0.333,1,3 (default: a fixed grid per family)")
+    p.add_argument("--eval-examples", type=positive_int, default=1024,
+                   help="held-out examples per evaluation (default 1024)")
+    p.add_argument("--resume", action="store_true",
+                   help="save each strategy's runs under <out>/sweeps as they finish and "
+                        "reuse those made with the same config, spec, rates, seeds and steps")
     folds(p, "each learning rate and seed trained on K folds, tuned by the mean over "
              "seeds and folds, reported on the folds' held-out rows")
     p.set_defaults(func=cmd_compare)

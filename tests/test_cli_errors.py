@@ -135,6 +135,7 @@ def test_an_unforeseen_fault_is_one_line_with_exit_code_1(monkeypatch, capsys):
     (["compare", CONFIG, "--seeds", "0,x"], "--seeds: must be comma-separated integers"),
     (["compare", CONFIG, "--seeds", "0,-1"], "--seeds: seeds must be >= 0"),
     (["compare", CONFIG, "--target", "nan"], "--target: must be a finite number, got 'nan'"),
+    (["compare", CONFIG, "--lr-scales", "0.3,0"], "--lr-scales: must be > 0, got '0'"),
     (["lr-find", CONFIG, "--min-lr", "-1"], "--min-lr: must be > 0"),
     (["batch-size", CONFIG, "--limit-mb", "inf"], "--limit-mb: must be a finite number"),
 ])

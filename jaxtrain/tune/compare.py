@@ -10,12 +10,19 @@ wall time to the target: the sweep's measured time per step per run times those 
 With `folds` (`jaxtrain compare --folds K`) every learning rate and seed is trained on K
 folds of the training split (`jaxtrain.tune.crossval`): the tuned rate is the one with the
 best mean over seeds and folds, and the figures are the folds' held-out ones.
+With `lr_scales` every strategy's grid is the same relative grid around its own learning
+rate (the spec's, else its optimizer's default), since rates of different optimizers live
+on different scales (Muon's ~0.02, AdamW's ~1e-3). With `cache` each strategy's sweep is
+saved as it finishes and reused when asked again for the same runs, so an interrupted
+comparison resumes and a cut-off one still gives the table of what finished.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import dataclasses as dc
+import inspect
+import json
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +61,7 @@ class StrategyResult:
     final: np.ndarray  # per seed
     best: np.ndarray  # per seed
     steps_to_target: float  # median over seeds; inf if not reached
+    steps_per_seed: np.ndarray  # first evaluation step at the target per seed; inf: never
     seconds_to_target: float
     curve: list[tuple[int, float]]  # mean held-out monitored metric over seeds
     sweep: SweepResult
@@ -70,22 +78,26 @@ class Comparison:
     folds: int | None = None  # cross-validated: the held-out figures are the folds'
 
     def table(self) -> str:
+        """Per strategy at its tuned rate: the final and best held-out metric and the steps
+        to the target, each the median [min, max] over seeds (a seed that never reached
+        the target counts as infinitely many steps)."""
         head = ["strategy", "lr", f"final {self.monitor}", f"best {self.monitor}",
                 "steps to target", "s to target"]
+        spread = lambda v, f: f"{np.median(v):{f}} [{np.min(v):{f}}, {np.max(v):{f}}]"
         rows = []
         for r in self.results:
             reached = np.isfinite(r.steps_to_target)
-            rows.append([r.name, f"{r.learning_rate:.3g}",
-                         f"{r.final.mean():.4f} ± {r.final.std():.4f}",
-                         f"{r.best.mean():.4f} ± {r.best.std():.4f}",
-                         f"{r.steps_to_target:.0f}" if reached else "not reached",
+            rows.append([r.name, f"{r.learning_rate:.3g}", spread(r.final, ".4f"),
+                         spread(r.best, ".4f"),
+                         spread(r.steps_per_seed, ".0f") if reached else "not reached",
                          f"{r.seconds_to_target:.2f}" if reached else "-"])
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
         fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
         lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]
         folds = f"; {self.folds} folds of the training split" if self.folds else ""
         lines.append(f"target {self.monitor} = {self.target:.4f}; seeds {self.seeds}{folds}; "
-                     f"{self.steps} steps; learning rate tuned per strategy")
+                     f"{self.steps} steps; learning rate tuned per strategy; "
+                     "median [min, max] over seeds")
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
@@ -150,6 +162,53 @@ def strategy_spec(strategy) -> dict:
                         f"({', '.join(sorted(OPTIMIZERS))}) or a spec mapping")
 
 
+def lr_grid(name: str, spec: dict, scales) -> list[float]:
+    """`scales` times the strategy's own learning rate: its spec's `learning_rate`, else
+    the default of its optimizer's factory (e.g. soap's 3e-3)."""
+    center = spec.get("learning_rate")
+    if center is None:
+        opt = spec["optimizer"]
+        factory = OPTIMIZERS.get(opt if isinstance(opt, str) else opt.get("name"))
+        if factory is not None:
+            center = inspect.signature(factory).parameters["learning_rate"].default
+    if isinstance(center, bool) or not isinstance(center, int | float) or center <= 0:
+        raise JaxtrainError(f"strategy {name!r}: learning-rate scales need a rate to scale "
+                            "and its optimizer has no default one; give its spec one, e.g. "
+                            f"{name}={{optimizer: ..., learning_rate: 1e-3}}")
+    return [float(center) * float(s) for s in scales]
+
+
+def _save_sweep(path: Path, key: str, result: SweepResult) -> None:
+    """`result`'s curves and timings (not its params) with the `key` of the runs."""
+    arrays = {f"evals/{k}": v for k, v in result.evals.items()}
+    arrays.update({f"test/{k}": v for k, v in (result.test or {}).items()})
+    meta = {"key": key, "points": result.points, "monitor": result.monitor,
+            "mode": result.mode, "compile_seconds": result.compile_seconds,
+            "run_seconds": result.run_seconds}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")  # never a half-written file under the final name
+    np.savez(tmp, meta=json.dumps(meta), train_loss=result.train_loss,
+             eval_steps=result.eval_steps, **arrays)
+    tmp.replace(path)
+
+
+def _load_sweep(path: Path, key: str) -> SweepResult | None:
+    """The sweep saved at `path` if it was run with `key`, else None."""
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        meta = json.loads(str(saved["meta"]))
+        if meta["key"] != key:
+            return None
+        part = lambda prefix: {k[len(prefix):]: saved[k] for k in saved.files
+                               if k.startswith(prefix)}
+        return SweepResult(points=meta["points"], train_loss=saved["train_loss"],
+                           evals=part("evals/"), eval_steps=saved["eval_steps"],
+                           monitor=meta["monitor"], mode=meta["mode"],
+                           compile_seconds=meta["compile_seconds"],
+                           run_seconds=meta["run_seconds"], test=part("test/") or None)
+
+
 def _first_reaching(values: np.ndarray, steps: np.ndarray, target: float, mode: str) -> float:
     hit = values >= target if mode == "max" else values <= target
     return float(steps[np.argmax(hit)]) if hit.any() else float("inf")
@@ -158,11 +217,16 @@ def _first_reaching(values: np.ndarray, steps: np.ndarray, target: float, mode: 
 def compare(spec: RunSpec, strategies, train: dict, valid: dict, steps: int,
             seeds=(0, 1), lr_grids: dict | None = None, target: float | None = None,
             devices=None, progress: bool = True, folds: int | None = None,
-            fold_seed: int = 0) -> Comparison:
+            fold_seed: int = 0, lr_scales=None, cache: str | Path | None = None,
+            problem_key=None) -> Comparison:
     """Tune and run every strategy on the problem of `spec` (see the module docstring).
     `strategies`: names (see `strategy_spec`), or {label: name or spec}; `folds`: K-fold
     cross-validation on `train` (`fold_sets(train, folds, fold_seed)`) instead of
-    `valid`."""
+    `valid`. A strategy's rates: `lr_grids[label]`, else `lr_scales` (see `lr_grid`), else
+    `LR_GRIDS` by label, else `DEFAULT_LR_GRID`. `cache`: a folder where each strategy's
+    sweep is saved (`<label>.npz`) and reused if it was run with the same spec, rates,
+    seeds, steps, folds and `problem_key` (JSON text naming the problem: model, data,
+    batch size...; the caller's, since `spec` holds functions)."""
     if not strategies:
         raise JaxtrainError("give at least one strategy")
     if not isinstance(strategies, dict):
@@ -171,18 +235,25 @@ def compare(spec: RunSpec, strategies, train: dict, valid: dict, steps: int,
     sets = None if folds is None else fold_sets(train, folds, fold_seed)
     sweeps = {}
     for name, opt in specs.items():
-        grid = {"learning_rate": list((lr_grids or {}).get(name)
-                                      or LR_GRIDS.get(name, DEFAULT_LR_GRID)),
-                "seed": list(seeds)}
+        rates = (lr_grids or {}).get(name) or (lr_grid(name, opt, lr_scales) if lr_scales
+                                                else LR_GRIDS.get(name, DEFAULT_LR_GRID))
+        grid = {"learning_rate": [float(r) for r in rates], "seed": [int(s) for s in seeds]}
         try:
             tx = build_spec({**opt, "learning_rate": grid["learning_rate"][0]})
         except JaxtrainError as err:
             raise JaxtrainError(f"strategy {name!r}: {err}") from None
+        key = json.dumps({"spec": opt, "grid": grid, "steps": steps, "folds": folds,
+                          "fold_seed": fold_seed, "problem": problem_key},
+                         sort_keys=True, default=str)
+        path = None if cache is None else Path(cache) / f"{name}.npz"
+        saved = None if path is None else _load_sweep(path, key)
         if progress:
             print(f"compare: {name}: {len(grid['learning_rate'])} learning rates x "
-                  f"{len(seeds)} seeds", flush=True)
-        sweeps[name] = sweep(dc.replace(spec, tx=tx), grid, train, valid, steps,
-                             devices=devices, progress=progress, folds=sets)
+                  f"{len(seeds)} seeds{' (saved runs)' if saved else ''}", flush=True)
+        sweeps[name] = saved or sweep(dc.replace(spec, tx=tx), grid, train, valid, steps,
+                                      devices=devices, progress=progress, folds=sets)
+        if path is not None and saved is None:
+            _save_sweep(path, key, sweeps[name])
     mode, monitor = spec.task.mode, spec.task.monitor
     pick = np.argmax if mode == "max" else np.argmin
     tuned = {}
@@ -205,13 +276,14 @@ def compare(spec: RunSpec, strategies, train: dict, valid: dict, steps: int,
     for name, result in sweeps.items():
         rows = np.array([p["learning_rate"] == tuned[name] for p in result.points])
         values = result.evals[monitor][rows]
-        hits = [_first_reaching(v, result.eval_steps, target, mode) for v in values]
+        hits = np.array([_first_reaching(v, result.eval_steps, target, mode) for v in values])
         steps_to = float(np.median(hits))
         per_step_run = result.run_seconds / steps / len(result.points)
         results.append(StrategyResult(
             name=name, learning_rate=tuned[name], final=values[:, -1],
             best=values.max(1) if mode == "max" else values.min(1),
-            steps_to_target=steps_to, seconds_to_target=steps_to * per_step_run,
+            steps_to_target=steps_to, steps_per_seed=hits,
+            seconds_to_target=steps_to * per_step_run,
             curve=list(zip(result.eval_steps.tolist(), values.mean(0).tolist(), strict=True)),
             sweep=result))
     return Comparison(results, monitor, mode, target, list(seeds), steps, folds)
