@@ -265,40 +265,35 @@ def run_config(cfg: RunConfig, resume: bool = False, callbacks=()) -> dict:
     task = get_task(cfg.task)
     data, name, kwargs = data_and_model(cfg)
     with closing(data):  # the records' worker processes end with the run, however it ends
-        return _train(cfg, task, data, name, kwargs, callbacks)
-
-
-def _train(cfg: RunConfig, task, data: dict, name: str, kwargs: dict, callbacks) -> dict:
-    """`run_config` once its data and model are known."""
-    seed, train = cfg.seed, cfg.train
-    if cfg.distill is not None:
-        task, data = distill_setup(cfg, task, data)
-    model = model_registry.build(name, seed, **kwargs)
-    mesh = sharding.make_mesh(**to_dict(cfg.sharding.mesh))
-    # Shampoo's and SOAP's per-block state is padded to split evenly over the mesh.
-    tx = build_spec(cfg.optimizer, "config key 'optimizer': ", num_devices=mesh.size)
-    train_data, privacy = data["train"], cfg.privacy
-    if privacy is not None:  # DP-SGD on Poisson batches of expected size train.batch_size
-        tx, train_data, rate = dp_from_config(privacy, tx, train_data, train,
-                                              seed, sharding.batch_parallelism(mesh))
-    check_patterns(config_patterns(cfg), path_list(nnx.to_pure_dict(nnx.state(model,
-                                                                            nnx.Param))))
-    state = TrainState.create(model, tx, jax.random.PRNGKey(seed), ema_decay=train.ema_decay)
-    if cfg.local_sgd is not None:  # its own loop: replicas with their own params
-        if callbacks:
-            raise JaxtrainError("config key 'local_sgd': its rounds run their own loop, "
-                                "which takes no Trainer callbacks (nor Ray's reports)")
-        return run_local_sgd(cfg, state, task, data, {"name": name, **kwargs},
-                             checkpoint_folder(cfg), mesh)
-    trainer = config_trainer(cfg, state, model, task, {"name": name, **kwargs},
-                             callbacks=callbacks)
-    state = trainer.fit(train_data, train.steps, eval_data=data.get("valid"),
-                        eval_every=train.eval_every)
-    summary = fit_summary(trainer, state, cfg.out)
-    if privacy is not None:  # what the accountant says of the steps taken, all resumes in
-        summary["privacy"] = {"epsilon": dp_epsilon(
-            privacy.noise_multiplier, rate, int(state.step), privacy.delta,
-            privacy.accountant), "delta": privacy.delta, "sampling_rate": rate}
-    if task.after_fit is not None and trainer.interrupted is None:
-        summary["after_fit"] = task.after_fit(state.model(train=False), data)
-    return summary
+        seed, train = cfg.seed, cfg.train
+        if cfg.distill is not None:
+            task, data = distill_setup(cfg, task, data)
+        model = model_registry.build(name, seed, **kwargs)
+        mesh = sharding.make_mesh(**to_dict(cfg.sharding.mesh))
+        # Shampoo's and SOAP's per-block state is padded to split evenly over the mesh.
+        tx = build_spec(cfg.optimizer, "config key 'optimizer': ", num_devices=mesh.size)
+        train_data, privacy = data["train"], cfg.privacy
+        if privacy is not None:  # DP-SGD on Poisson batches of expected size train.batch_size
+            tx, train_data, rate = dp_from_config(privacy, tx, train_data, train,
+                                                  seed, sharding.batch_parallelism(mesh))
+        check_patterns(config_patterns(cfg), path_list(nnx.to_pure_dict(nnx.state(model,
+                                                                                nnx.Param))))
+        state = TrainState.create(model, tx, jax.random.PRNGKey(seed), ema_decay=train.ema_decay)
+        if cfg.local_sgd is not None:  # its own loop: replicas with their own params
+            if callbacks:
+                raise JaxtrainError("config key 'local_sgd': its rounds run their own loop, "
+                                    "which takes no Trainer callbacks (nor Ray's reports)")
+            return run_local_sgd(cfg, state, task, data, {"name": name, **kwargs},
+                                 checkpoint_folder(cfg), mesh)
+        trainer = config_trainer(cfg, state, model, task, {"name": name, **kwargs},
+                                 callbacks=callbacks)
+        state = trainer.fit(train_data, train.steps, eval_data=data.get("valid"),
+                            eval_every=train.eval_every)
+        summary = fit_summary(trainer, state, cfg.out)
+        if privacy is not None:  # what the accountant says of the steps taken, all resumes in
+            summary["privacy"] = {"epsilon": dp_epsilon(
+                privacy.noise_multiplier, rate, int(state.step), privacy.delta,
+                privacy.accountant), "delta": privacy.delta, "sampling_rate": rate}
+        if task.after_fit is not None and trainer.interrupted is None:
+            summary["after_fit"] = task.after_fit(state.model(train=False), data)
+        return summary
