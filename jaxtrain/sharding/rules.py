@@ -12,6 +12,8 @@ Params without annotations fall back to: shard the largest dimension divisible b
 
 from __future__ import annotations
 
+import math
+
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -117,9 +119,7 @@ def param_spec(path: str, shape, logical, mesh, rules: dict) -> PartitionSpec:
                 f"param {path}: rule for {logical[dim]!r} names mesh axis {missing[0]!r}, "
                 f"which the mesh {sizes} does not have"
             )
-        ways = 1
-        for a in axes:
-            ways *= sizes[a]
+        ways = _ways(entry, sizes)
         if size % ways:
             raise JaxtrainError(
                 f"param {path}: dimension {dim} ({logical[dim]!r}, size {size}) is not "
@@ -208,10 +208,7 @@ def _follow(path: str, shape: tuple, specs: dict, sizes: dict) -> PartitionSpec:
 
 def _ways(entry, sizes: dict) -> int:
     """Devices a spec entry splits a dimension over."""
-    ways = 1
-    for a in _axes_of(entry):
-        ways *= sizes[a]
-    return ways
+    return math.prod(sizes[a] for a in _axes_of(entry))
 
 
 def replicated(mesh) -> NamedSharding:

@@ -7,7 +7,7 @@ instructions per leaf than with constant hyperparameters, and every XLA pass pay
 (lion on 1,000 leaves: 22 instructions per leaf against 14, compile 1.5x the CPU time of
 `optax.lion`, benchmarks/RESULTS.md). Here the scalars are computed once per step and
 broadcast once per distinct leaf shape. The operations and their order are Optax's, so
-the values are the same bit for bit (tests/test_optimizers_reference.py); the states are
+the values are the same bit for bit (tests/test_optimizers_elementwise.py); the states are
 Optax's too. A mask or a schedule (not a number) takes Optax's own update.
 """
 
@@ -51,21 +51,23 @@ def _decay_and_scale(updates, params, learning_rate, weight_decay=None):
 
 def finish(scale, learning_rate, weight_decay, mask=None):
     """`chain(scale, add_decayed_weights(weight_decay, mask), scale_by_learning_rate(
-    learning_rate))` (Optax's state), the last two sharing their broadcasts."""
-    tx = optax.chain(scale, optax.add_decayed_weights(weight_decay, mask),
-                     optax.scale_by_learning_rate(learning_rate))
+    learning_rate))` (Optax's state; `weight_decay=None`: no decay step, as `optax.adam`),
+    the last two sharing their broadcasts."""
+    decayed = () if weight_decay is None else (optax.add_decayed_weights(weight_decay, mask),)
+    tx = optax.chain(scale, *decayed, optax.scale_by_learning_rate(learning_rate))
     if mask is not None or not _plain(learning_rate, weight_decay):
         return tx
     # a constant zero: no decay (as Optax skips it)
     decay = None if isinstance(weight_decay, int | float) and weight_decay == 0 else weight_decay
 
     def update(updates, state, params=None):
-        if params is None:
+        if params is None and decay is not None:
             return tx.update(updates, state, params)  # Optax's error
         out, inner = scale.update(updates, state[0], params)
         flat, treedef = jax.tree.flatten(out)
-        flat = _decay_and_scale(flat, treedef.flatten_up_to(params), learning_rate, decay)
-        return treedef.unflatten(flat), (inner, *state[1:])
+        ps = None if decay is None else treedef.flatten_up_to(params)
+        return treedef.unflatten(_decay_and_scale(flat, ps, learning_rate, decay)), (
+            inner, *state[1:])
 
     return optax.GradientTransformation(tx.init, update)
 
@@ -121,18 +123,8 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, neste
 def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
          nesterov=False):
     """`optax.adam`."""
-    scale = scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov)
-    tx = optax.chain(scale, optax.scale_by_learning_rate(learning_rate))
-    if not _plain(learning_rate):
-        return tx
-
-    def update(updates, state, params=None):
-        out, inner = scale.update(updates, state[0], params)
-        flat, treedef = jax.tree.flatten(out)
-        return treedef.unflatten(_decay_and_scale(flat, None, learning_rate)), (inner,
-                                                                                 state[1])
-
-    return optax.GradientTransformation(tx.init, update)
+    return finish(scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov), learning_rate,
+                  None)
 
 
 def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
