@@ -5,8 +5,11 @@ Same model, optimizer, data and batch feed on both sides (one device). The bare 
 nothing else. `Trainer.fit` runs with its defaults (nan_policy='raise', metrics every 10
 steps, progress off, no logs or checkpoints), at steps_per_call=1 and =8. Sides alternate
 within one process; the ratio is taken per repetition and its median reported.
+`--optax` gives both sides Optax's own Adam instead of jaxtrain's, so that the ratio
+measures the Trainer alone when two trees whose optimizers differ are compared.
 
-    python benchmarks/loop_overhead.py [--reps 7] [--steps 320]   (the GPT runs steps / 5)
+    python benchmarks/loop_overhead.py [--reps 7] [--steps 320] [--optax] [--only mlp]
+    (the GPT runs steps / 5)
 """
 
 from __future__ import annotations
@@ -99,11 +102,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--steps", type=int, default=320)
+    parser.add_argument("--optax", action="store_true",
+                        help="optax.adam on both sides instead of jaxtrain's transforms.adam")
+    parser.add_argument("--only", choices=("mlp", "gpt"), help="one model only")
     args = parser.parse_args()
     rows = []
     for name, build, loss_fn, data, batch_size, spcs, fewer in cases():
+        if args.only not in (None, name):
+            continue
         steps = args.steps // fewer
-        tx = transforms.adam(1e-3)
+        tx = optax.adam(1e-3) if args.optax else transforms.adam(1e-3)
         sides = {"bare": bare_runner(build(), tx, loss_fn, Batches(data, batch_size, 0))}
         for k in spcs:
             sides[f"fit k={k}"] = trainer_runner(build(), tx, loss_fn, data, batch_size, k)

@@ -1,14 +1,16 @@
 """jaxtrain against PyTorch on the same machine: (a) the optimizer step.
 
 (a) One update of ~10M float32 params laid out as 1 leaf and as 200 leaves, for AdamW,
-Adam, SGD with momentum, Adagrad, RMSprop and Muon: jaxtrain's transform (jitted, params
-and state donated, as the Trainer runs it) against every implementation torch 2.13 has of
-the same algorithm: `fused=True`, `foreach=True` (multi-tensor) and `foreach=False`
-(single-tensor). Before anything is timed each torch variant takes one step from the same
-params and gradients as jaxtrain and the results must agree (float32 rounding; Muon within
-2% of the distance moved, since torch runs Newton-Schulz in bfloat16). Then all sides of
-one optimizer and layout run alternately, one step each per round, and the median, min
-and max per side are reported, with jaxtrain's speed relative to the fastest torch side.
+Adam, SGD (plain, one pass on both sides: the yardstick of equal bytes) and with momentum,
+Adagrad, RMSprop and Muon: jaxtrain's transform (jitted, params and state donated, as the
+Trainer runs it) against every implementation torch 2.13 has of the same algorithm:
+`fused=True`, `foreach=True` (multi-tensor) and `foreach=False` (single-tensor). Before
+anything is timed each torch variant takes one step from the same params and gradients as
+jaxtrain and the results must agree (float32 rounding; Muon within 2% of the distance
+moved, since torch runs Newton-Schulz in bfloat16). Then all sides of one optimizer and
+layout run alternately, one step each per round (the order rotating, each step after
+`--settle-ms` of idle time), and the median, min and max per side are reported, with
+jaxtrain's speed relative to the fastest torch side.
 
     nice -n 0 python benchmarks/vs_torch.py [--runs 15] [--only adamw,muon] [--leaves 1,200]
     python benchmarks/vs_torch.py --passes   # loops and bytes per param of jaxtrain's steps
@@ -56,6 +58,10 @@ CASES = {
                                                                  **kw)), 1000, 1e-4),
     "adam": (T.adam(LR),
              _torch_variants(lambda ps, **kw: torch.optim.Adam(ps, lr=LR, **kw)), 1000, 1e-4),
+    # plain SGD: one pass over p and g on both sides (12 bytes per param), so its ratio is
+    # the two frameworks' streaming rates alone, the yardstick for the others' passes
+    "sgd": (T.sgd(LR), _torch_variants(lambda ps, **kw: torch.optim.SGD(ps, lr=LR, **kw)),
+            1000, 1e-5),
     "sgd_momentum": (T.sgd(LR, momentum=0.9),
                      _torch_variants(lambda ps, **kw: torch.optim.SGD(ps, lr=LR, momentum=0.9,
                                                                       **kw)), 1000, 1e-5),
@@ -131,7 +137,7 @@ def _check_agree(name, sides, params, tol):
     return moved
 
 
-def optimizer_step(name, leaves, runs, warmup=3):
+def optimizer_step(name, leaves, runs, settle, warmup=3):
     tx, variants, width, tol = CASES[name]
     params, grads = _problem(leaves, width)
     sides = {"jaxtrain": _jax_side(tx, params, grads)}
@@ -147,11 +153,13 @@ def optimizer_step(name, leaves, runs, warmup=3):
     compile_s = time.perf_counter() - t0
     sides["jaxtrain"] = _jax_side(tx, params, grads)  # fresh state; the step is cached
     _check_agree(name, sides, params, tol)
-    times = {side: [] for side in sides}
+    times, order = {side: [] for side in sides}, list(sides)
     for r in range(warmup + runs):
-        for side, (run, _) in sides.items():
+        order = order[1:] + order[:1]  # each side goes first in turn
+        for side in order:
+            time.sleep(settle)  # the previous side's threads (torch's OpenMP spin) go idle
             t0 = time.perf_counter()
-            run()
+            sides[side][0]()
             if r >= warmup:
                 times[side].append(time.perf_counter() - t0)
     best_torch = min(statistics.median(ts) for s, ts in times.items() if s != "jaxtrain")
@@ -220,6 +228,10 @@ def main() -> None:
     parser.add_argument("--only", default="", help=f"comma-separated: {', '.join(CASES)}")
     parser.add_argument("--leaves", default="1,200")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--settle-ms", type=float, default=20.0,
+                        help="idle time before each timed step: after a torch step its "
+                             "OpenMP threads spin on the cores for a while, and a jaxtrain "
+                             "step started at once ran ~1.3x slower (0 to see it)")
     parser.add_argument("--passes", action="store_true",
                         help="only read the loops and bytes per param off jaxtrain's "
                              "compiled steps (no timing)")
@@ -238,7 +250,7 @@ def main() -> None:
     rows = []
     for leaves in (int(x) for x in args.leaves.split(",")):
         for name in names:
-            for row in optimizer_step(name, leaves, args.runs):
+            for row in optimizer_step(name, leaves, args.runs, args.settle_ms / 1e3):
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     print(f"\n# load average at the end: {os.getloadavg()}")

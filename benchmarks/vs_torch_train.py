@@ -72,6 +72,10 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MODELS = {"cnn": "digits_cnn", "gpt": "char_gpt"}
 # steps per side per round in part b (a round of each takes ~1-3 s on a quiet 2-core CPU)
 STEPS = {"cnn": 200, "gpt": 10}
+# Idle time before each timed segment: torch's OpenMP threads spin on both cores for a
+# while after its last parallel region, and XLA work started at once ran ~1.3x slower
+# (vs_torch.py, --settle-ms; RESULTS.md).
+SETTLE_S = 0.02
 
 
 @dataclasses.dataclass
@@ -282,6 +286,7 @@ def part_b(case: Case, sides: dict, rounds: int, steps: int) -> list[dict]:
     loads = []
     for r in range(rounds + 1):
         for name, side in sides.items():
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             side.run(steps)
             if r:
@@ -321,6 +326,7 @@ def part_c(case: Case, sides: dict, target: float, every: int, examples: int,
         for name, side in sides.items():
             if name in reached:
                 continue
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             side.run(step - side.step)
             clock[name] += time.perf_counter() - t0
@@ -406,6 +412,7 @@ def part_kernels(case: Case, rounds: int, threads: list[int]) -> list[dict]:
             for side, fn in sides.items():
                 if side.startswith("torch@"):
                     torch.set_num_threads(int(side[6:]))
+                time.sleep(SETTLE_S)
                 t0 = time.perf_counter()
                 for _ in range(5):
                     fn()
