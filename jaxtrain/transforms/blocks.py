@@ -66,13 +66,17 @@ def spread(x):
 
 def per_block(fn):
     """`fn` of one block mapped over stacks of blocks, for the linear algebra (eigh, QR):
-    `jax.vmap` (one batched call), except on XLA:CPU, where a batched eigh run at once by
-    several simulated devices hung in LAPACK's parallel batch loop (seen with 8 devices):
-    there each device runs its own blocks one after another (a `lax.map` inside a `vmap`
-    over the devices, so the loop never walks the split axis, which would gather it)."""
+    `jax.vmap` (one batched call), except on XLA:CPU. There a batched eigh splits its
+    batch over the thread pool and blocks a pool thread until the pieces are done; two at
+    once (two stacks, or several simulated devices) left no thread to run the pieces, and
+    the step hung with every thread idle (jaxlib 0.10.2, `ParallelBatchMap`). So on CPU
+    each device runs its own blocks one after another (a `lax.map` inside a `vmap` over
+    the devices, so the loop never walks the split axis, which would gather it), and an
+    outer `vmap` (a sweep's runs) becomes a loop as well: no eigh is ever batched."""
     if jax.default_backend() != "cpu":
         return jax.vmap(fn)
 
+    @jax.custom_batching.custom_vmap
     def mapped(*stacks):
         n = jax.tree.leaves(stacks)[0].shape[0]
         axes = spread_axes(_mesh_axes(), n)
@@ -83,6 +87,14 @@ def per_block(fn):
                 x, PartitionSpec(axes)), split)
         out = jax.vmap(lambda *xs: jax.lax.map(lambda a: fn(*a), xs))(*split)
         return jax.tree.map(lambda x: spread(x.reshape((n,) + x.shape[2:])), out)
+
+    @mapped.def_vmap
+    def _one_run_at_a_time(axis_size, in_batched, *stacks):
+        stacks = jax.tree.map(
+            lambda x, batched: x if batched else jnp.broadcast_to(x, (axis_size, *x.shape)),
+            stacks, tuple(in_batched))
+        out = jax.lax.map(lambda xs: mapped(*xs), stacks)
+        return out, jax.tree.map(lambda _: True, out)
 
     return mapped
 

@@ -31,6 +31,7 @@ import optax
 
 from ..errors import JaxtrainError
 from ._frontier import check_mu_dtype, f32, finish, inject, store_moments, zeros_f32
+from .branch import vmappable_cond
 from .validate import check_learning_rate, check_nonnegative, check_unit_interval, with_mask_check
 
 MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "all_diag")
@@ -185,10 +186,10 @@ def scale_by_kron(b1=0.9, precond_lr=0.1, precond_init_scale=1.0, update_prob=No
             g32 = f32(g).reshape(g.shape or (1,))
             m32 = f32(b1) * f32(m).reshape(g32.shape) + (1 - f32(b1)) * g32
             m_hat = m32 / bc1
-            qs = jax.lax.cond(balance & (g32.ndim > 1), _balance, lambda q: q, qs)
+            qs = vmappable_cond(balance & (g32.ndim > 1), _balance, lambda q: q, qs)
             v = kron_noise(state.key, state.count, i, g32.shape)
             target = m_hat if momentum_into_precond_update else g32
-            qs = jax.lax.cond(do_update, _update_factors, lambda q, t_, v_, lr_: q,
+            qs = vmappable_cond(do_update, _update_factors, lambda q, t_, v_, lr_: q,
                               qs, target, v, f32(precond_lr))
             u = _precondition(qs, m_hat)
             u = u * jnp.minimum(1.1 / (jnp.sqrt(jnp.mean(u * u)) + 1e-6), 1.0)

@@ -36,6 +36,7 @@ import optax
 from ..errors import JaxtrainError
 from ._frontier import check_mu_dtype, f32, finish, inject, store_moments, zeros_f32
 from .blocks import Grid, Plan, Stacks, per_block, spread
+from .branch import vmappable_cond
 from .validate import check_learning_rate, check_nonnegative, check_unit_interval, with_mask_check
 
 GRAFTS = ("sgd", "adagrad", "rmsprop", "sqrt_n", "none")
@@ -132,7 +133,7 @@ def scale_by_shampoo(b1=0.9, b2=0.999, block_size=128, graft="rmsprop", precondi
             power = exponent_override or 2 * rank
             stats[k] = tuple(spread(beta2 * s + w2 * jax.vmap(_statistic, (0, None))(blocks, a))
                              for a, s in enumerate(state.stats.arrays[k]))
-            roots[k] = tuple(spread(r) for r in jax.lax.cond(
+            roots[k] = tuple(spread(r) for r in vmappable_cond(
                 recompute,
                 lambda s, p_=power: tuple(per_block(lambda x_: _inverse_root(x_, p_))(x)
                                          for x in s),

@@ -32,6 +32,7 @@ import optax
 
 from ._frontier import check_mu_dtype, f32, finish, inject, store_moments, zeros_f32
 from .blocks import Grid, Plan, Stacks, per_block, spread
+from .branch import vmappable_cond
 from .shampoo import merge_small_dims
 from .validate import (
     check_learning_rate,
@@ -167,11 +168,11 @@ def scale_by_soap(b1=0.95, b2=0.95, shampoo_beta=None, eps=1e-8, precondition_fr
             def later(m, v, g, stats, bases):
                 u, v = jax.vmap(_direction, (0, 0, 0, 0, None, None))(m, v, bases, g, beta2,
                                                                       eps)
-                bases, v = jax.lax.cond(refresh_now, per_block(_refresh),
+                bases, v = vmappable_cond(refresh_now, per_block(_refresh),
                                         lambda s_, b_, v_: (b_, v_), stats, bases, v)
                 return step_size * u, v, bases
 
-            us[k], new_v[k], bases[k] = _spread(jax.lax.cond(
+            us[k], new_v[k], bases[k] = _spread(vmappable_cond(
                 first, starting, later, ms[k], vs[k], gs[k], stats[k], state.bases.arrays[k]))
         outs = [jnp.zeros_like(g) if u is None else u
                 for u, g in zip(p.unstack(us), grads, strict=True)]
