@@ -28,7 +28,8 @@ def _any_member_batched(axis_size, in_batched, pred):
 def vmappable_cond(pred, true_fn, false_fn, *operands):
     """`lax.cond(pred, true_fn, false_fn, *operands)`; under `vmap` `true_fn` runs (for
     the whole batch, then a select per member) only at calls where some member's `pred`
-    holds. `false_fn` should be cheap (it also runs inside the taken branch)."""
+    holds. `false_fn` also runs inside the taken branch: it should be cheap (keeping the
+    old value), or the branch rarely taken (SOAP's first step)."""
 
     def chosen(*ops):
         return jax.tree.map(lambda t, f: jnp.where(pred, t, f), true_fn(*ops), false_fn(*ops))

@@ -190,7 +190,7 @@ def scale_by_kron(b1=0.9, precond_lr=0.1, precond_init_scale=1.0, update_prob=No
             v = kron_noise(state.key, state.count, i, g32.shape)
             target = m_hat if momentum_into_precond_update else g32
             qs = vmappable_cond(do_update, _update_factors, lambda q, t_, v_, lr_: q,
-                              qs, target, v, f32(precond_lr))
+                                qs, target, v, f32(precond_lr))
             u = _precondition(qs, m_hat)
             u = u * jnp.minimum(1.1 / (jnp.sqrt(jnp.mean(u * u)) + 1e-6), 1.0)
             out.append(u.reshape(g.shape))

@@ -169,7 +169,7 @@ def scale_by_soap(b1=0.95, b2=0.95, shampoo_beta=None, eps=1e-8, precondition_fr
                 u, v = jax.vmap(_direction, (0, 0, 0, 0, None, None))(m, v, bases, g, beta2,
                                                                       eps)
                 bases, v = vmappable_cond(refresh_now, per_block(_refresh),
-                                        lambda s_, b_, v_: (b_, v_), stats, bases, v)
+                                          lambda s_, b_, v_: (b_, v_), stats, bases, v)
                 return step_size * u, v, bases
 
             us[k], new_v[k], bases[k] = _spread(vmappable_cond(
