@@ -6,7 +6,7 @@ Params of the char GPT (`configs/char_gpt.yaml`: d_model 128, 5 layers, 1.0M par
 fixed random gradients, `--points` learning rates; one jitted call runs `--steps`
 vmapped updates. Sides alternate; median seconds per step over `--reps`.
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/vmapped_refresh.py [--steps 20] [--reps 5]
+    OPENBLAS_NUM_THREADS=1 python benchmarks/vmapped_refresh.py [--steps 20] [--reps 5] [--only ...]
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--points", type=int, default=3)
-    parser.add_argument("--only", default=",".join(OPTIMIZERS))
+    parser.add_argument("--only", default="shampoo,soap",
+                        help=f"comma-separated: {', '.join(OPTIMIZERS)} (psgd_kron compiled "
+                             "for over 5 minutes here)")
     args = parser.parse_args()
     model = registry.build("gpt", 0, vocab_size=256, d_model=128, num_layers=5, num_heads=4,
                            max_len=128)
